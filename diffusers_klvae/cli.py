@@ -1,0 +1,441 @@
+"""`klvae`: one command for what people do with a VAE by hand.
+
+    klvae reconstruct --model M photo.jpg --out rec/           # images -> decode(encode(x)) PNGs (+ grid)
+    klvae encode      --model M a.jpg b.jpg -o latents.safetensors
+    klvae decode      --model M latents.safetensors --out dec/
+    klvae interpolate --model M a.jpg b.jpg --steps 8 -o lerp.png
+    klvae sample      --model M -n 8 --height 256 --width 256 -o samples.png
+    klvae preview     --model M photo.jpg --fit photos/*.jpg --store -o preview.png
+    klvae eval | stats | push ...                               # the evaluation / latent-statistics / Hub tools
+
+``--model`` is a diffusers folder (``save_pretrained``, or a pipeline folder with a ``vae/`` subfolder), a
+single checkpoint file (``.safetensors``/``.ckpt``, original LDM layout), a preset name (random weights) or a
+Hub id. Bad paths and shapes end with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2  # argparse's exit code for bad input; used for every user error
+FORWARDED = {  # subcommand -> (module, help); their own parsers handle the arguments
+    "eval": ("diffusers_klvae.evaluation", "evaluate a model (PSNR, SSIM, LPIPS, rFID, masked PSNR): klvae eval --help"),
+    "stats": ("diffusers_klvae.latent_stats", "latent statistics and scaling_factor fitting: klvae stats --help"),
+    "push": ("diffusers_klvae.hub", "write a model card and upload to the Hub: klvae push --help"),
+}
+LATENTS_KEY = "latents"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model and image loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
+    """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu). Uses
+    ``diffusers_klvae.evaluation.load_vae`` when it exists (one loader for the package), else
+    :func:`_load_vae_local`."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        from diffusers_klvae.evaluation import load_vae
+    except ImportError:
+        load_vae = _load_vae_local
+    vae = load_vae(spec)
+    return vae.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def _vae_class():
+    try:
+        from diffusers_klvae import KLVAE
+
+        return KLVAE
+    except ImportError:  # the package model is missing: diffusers' class reads the same folders and files
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL
+
+
+def _load_vae_local(spec: str):
+    """Folder (diffusers format; a pipeline folder's ``vae/``), single file, preset name or Hub id -> VAE."""
+    cls = _vae_class()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            return cls.from_pretrained(path, subfolder="vae")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {spec!r} has no config.json (nor vae/config.json)")
+        return cls.from_pretrained(path)
+    if path.is_file():
+        return cls.from_single_file(spec)
+    presets = cls.list_presets() if hasattr(cls, "list_presets") else ()
+    if spec in presets:
+        logger.warning("preset %r: randomly initialised weights", spec)
+        return cls.from_preset(spec)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.suffix:
+        return cls.from_pretrained(spec)  # a Hub repo id (needs network)
+    raise FileNotFoundError(f"model {spec!r} is not a folder, a file, a preset ({', '.join(presets) or 'none'}) or a Hub id")
+
+
+def _load_images(paths, resolution: int | None, factor: int):
+    """Paths -> list of [-1, 1] tensors (3, H, W); sizes must be multiples of ``factor`` unless resized."""
+    from .imaging import load_image, resize_and_crop, to_tensor
+
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such image: {path!r}")
+        img = load_image(path)
+        if resolution:
+            img = resize_and_crop(img, resolution)
+        elif img.width % factor or img.height % factor:
+            raise ValueError(f"image {path!r} is {img.width}x{img.height}, not a multiple of {factor}: pass --resolution")
+        images.append(to_tensor(img))
+    return images
+
+
+def _stack_same_size(images, paths):
+    import torch
+
+    sizes = {tuple(x.shape[-2:]) for x in images}
+    if len(sizes) > 1:
+        raise ValueError(f"images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): pass --resolution")
+    return torch.stack(images)
+
+
+def _generator(seed: int | None):
+    import torch
+
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def _output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _output_file(path: str, suffix: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"output {path!r} must end in {suffix}")
+    if out.is_dir():
+        raise ValueError(f"output {path!r} is a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_reconstruct(args) -> None:
+    import torch
+
+    from .imaging import reconstruction_grid, to_pil
+    from .latents import decode_latents, downsampling_factor, encode_images
+
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = _output_dir(args.out)
+    images = _load_images(args.images, args.resolution, downsampling_factor(vae))
+    generator = _generator(args.seed)
+    recs = []
+    for path, x in zip(args.images, images):  # one at a time: photos may differ in size
+        latents = encode_images(vae, x, sample=args.sample, generator=generator)
+        rec = decode_latents(vae, latents)[0].cpu()
+        to_pil(rec).save(out / f"{Path(path).stem}.png")
+        recs.append(rec)
+    logger.info("wrote %d reconstructions to %s", len(recs), out)
+    if args.grid:
+        x_all, rec_all = _stack_same_size(images, args.images), torch.stack(recs)
+        reconstruction_grid(x_all, [rec_all]).save(_output_file(args.grid, ".png"))
+        logger.info("wrote %s", args.grid)
+
+
+def cmd_encode(args) -> None:
+    from safetensors.torch import save_file
+
+    from .latents import downsampling_factor, encode_images, scale_latents
+
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = _output_file(args.output, ".safetensors")
+    x = _stack_same_size(_load_images(args.images, args.resolution, downsampling_factor(vae)), args.images)
+    latents = encode_images(vae, x, sample=args.sample, generator=_generator(args.seed))
+    if args.scaled:
+        latents = scale_latents(vae, latents)
+    metadata = {
+        "format": "klvae-latents",
+        "space": "diffusion" if args.scaled else "raw",
+        "scaling_factor": str(vae.config.scaling_factor),
+        "files": json.dumps([os.path.basename(p) for p in args.images]),
+    }
+    save_file({LATENTS_KEY: latents.cpu().contiguous()}, str(out), metadata=metadata)
+    logger.info("wrote latents %s (%s space) to %s", tuple(latents.shape), metadata["space"], out)
+
+
+def _read_latents(path: str, key: str):
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such latents file: {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"{path!r} has no tensor {key!r} (has: {', '.join(f.keys())})")
+            return f.get_tensor(key), f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for a non-safetensors file
+        if isinstance(err, ValueError) and "has no tensor" in str(err):
+            raise
+        raise ValueError(f"cannot read {path!r} as safetensors: {err}") from err
+
+
+def _raw_latents(vae, latents, metadata: dict, space: str | None):
+    from .latents import unscale_latents
+
+    space = space or metadata.get("space", "raw")
+    if latents.ndim == 3:
+        latents = latents[None]
+    channels = vae.config.latent_channels
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
+    return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
+
+
+def cmd_decode(args) -> None:
+    from .imaging import to_pil
+    from .latents import decode_latents
+
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    latents, metadata = _read_latents(args.latents, args.key)
+    out = _output_dir(args.out)
+    images = decode_latents(vae, _raw_latents(vae, latents, metadata, args.space)).cpu()
+    names = json.loads(metadata["files"]) if "files" in metadata else []
+    if len(names) != len(images):
+        names = [f"{i:04d}" for i in range(len(images))]
+    for name, image in zip(names, images):
+        to_pil(image).save(out / f"{Path(name).stem}.png")
+    logger.info("wrote %d images to %s", len(images), out)
+
+
+def cmd_interpolate(args) -> None:
+    from .latents import downsampling_factor, interpolate
+
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = _output_file(args.output, ".png")
+    a, b = _load_images([args.image_a, args.image_b], args.resolution, downsampling_factor(vae))
+    _stack_same_size([a, b], [args.image_a, args.image_b])
+    frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
+    if args.frames_dir:
+        frames_dir = _output_dir(args.frames_dir)
+        for i, frame in enumerate(frames):
+            frame.save(frames_dir / f"frame_{i:03d}.png")
+    logger.info("wrote %d frames to %s", len(frames), out)
+
+
+def cmd_sample(args) -> None:
+    from .latents import sample_prior
+
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = _output_file(args.output, ".png")
+    sample_prior(vae, args.num, args.height, args.width, generator=_generator(args.seed), temperature=args.temperature, grid_path=out)
+    logger.info("wrote %d prior samples to %s", args.num, out)
+
+
+def cmd_preview(args) -> None:
+    import torch.nn.functional as F
+
+    from .imaging import to_pil
+    from .latents import downsampling_factor, encode_images, latents_to_rgb, save_grid
+
+    if not args.images and not args.latents:
+        raise ValueError("give images to preview or --latents FILE")
+    if args.store and not Path(args.model).is_dir():
+        raise ValueError("--store needs --model to be a diffusers model folder")
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    out = _output_file(args.output, ".png")
+    factor = downsampling_factor(vae)
+    if args.fit:
+        fit_images = _load_images(args.fit, args.resolution, factor)
+        factors = _fit_on(vae, fit_images)
+        if args.store:
+            _store_factors(Path(args.model), factors)
+    else:
+        factors = vae  # the map the model carries in its config
+    rows = []
+    if args.latents:
+        latents, metadata = _read_latents(args.latents, args.key)
+        latents = _raw_latents(vae, latents, metadata, args.space)
+        rows += [[to_pil(F.interpolate(latents_to_rgb(z[None], factors), scale_factor=factor, mode="nearest")[0])] for z in latents.cpu()]
+    for x in _load_images(args.images, args.resolution, factor):
+        preview = latents_to_rgb(encode_images(vae, x).cpu(), factors)  # (1, 3, h, w)
+        rows.append([to_pil(x), to_pil(F.interpolate(preview, scale_factor=factor, mode="nearest")[0])])
+    save_grid(rows, out)
+    logger.info("wrote %d previews to %s", len(rows), out)
+
+
+def _fit_on(vae, images):
+    """Fit the preview map on images of any sizes (each encoded alone, all pixels pooled)."""
+    import torch
+
+    from .latents import encode_images, fit_latent_rgb_map
+
+    latents = [encode_images(vae, x).cpu() for x in images]
+    # one least-squares system over every latent pixel: flatten each image to a (1, C, 1, n) strip
+    strip_z = torch.cat([z.flatten(2)[..., None, :] for z in latents], dim=-1)
+    factor = images[0].shape[-1] // latents[0].shape[-1]
+    pooled = [torch.nn.functional.avg_pool2d(x[None].float(), factor) for x in images]
+    strip_x = torch.cat([p.flatten(2)[..., None, :] for p in pooled], dim=-1)
+    factors = fit_latent_rgb_map(strip_z, strip_x)
+    vae.register_to_config(latent_rgb_factors=factors.tolist())
+    return factors
+
+
+def _store_factors(folder: Path, factors) -> None:
+    """Write ``latent_rgb_factors`` into the model folder's config.json (weights untouched)."""
+    config_path = folder / "config.json" if (folder / "config.json").is_file() else folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["latent_rgb_factors"] = factors.tolist()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    logger.info("stored latent_rgb_factors in %s", config_path)
+
+
+def run_forwarded(name: str, argv: list[str]) -> int:
+    """``klvae eval|stats|push ARGS`` -> that module's ``main`` (imported only now)."""
+    import importlib
+
+    module_name = FORWARDED[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"'klvae {name}' is unavailable: cannot import {module_name} ({err})") from err
+    entry = module.main
+    if inspect.signature(entry).parameters:
+        result = entry(argv)
+    else:  # a main() that reads sys.argv itself
+        saved, sys.argv = sys.argv, [f"klvae {name}", *argv]
+        try:
+            result = entry()
+        finally:
+            sys.argv = saved
+    return int(result or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder, single checkpoint file, preset name or Hub id")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+
+
+def _add_resolution(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolution", type=int, default=None, help="resize the shorter side and center-crop to this square size (default: keep the size, which must be a multiple of the downsampling factor)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klvae", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reconstruct", help="encode and decode images; write PNGs and an optional comparison grid", description="decode(encode(x)) for each image (posterior mean unless --sample); writes OUT/<name>.png.")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--grid", default=None, help="also write original | reconstruction | amplified error rows to this .png (images of one size)")
+    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    _add_resolution(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("encode", help="encode images to a .safetensors file of latents", description="Writes tensor 'latents' (B, C, H/f, W/f): raw latents (VAE space) unless --scaled; metadata records the space, the scaling_factor and the file names.")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files (one size, or pass --resolution)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--scaled", action="store_true", help="store diffusion-space latents ((z - shift) * scaling_factor), what a diffusion model sees")
+    p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    _add_resolution(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a .safetensors file of latents to PNGs", description="Decodes tensor --key (B, C, h, w). The latent space comes from the file's metadata (written by 'klvae encode'), else raw; --space overrides it.")
+    _add_model_args(p)
+    p.add_argument("latents", help=".safetensors file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--key", default=LATENTS_KEY, help=f"tensor name (default: {LATENTS_KEY})")
+    p.add_argument("--space", choices=("raw", "diffusion"), default=None, help="latent space of the tensor (default: from metadata, else raw)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("interpolate", help="frames between two images' latents, as one PNG row", description="Interpolates the posterior means in diffusion space (slerp or lerp) and decodes each frame.")
+    _add_model_args(p)
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("-o", "--output", required=True, help="output .png (one row of frames)")
+    p.add_argument("--steps", type=int, default=8, help="frames, both ends included (default: 8)")
+    p.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default: slerp")
+    p.add_argument("--frames-dir", default=None, help="also write each frame to this folder")
+    _add_resolution(p)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("sample", help="decode samples of the N(0, I) prior", description="Draws z ~ N(0, temperature^2 I) in diffusion space and decodes z / scaling_factor + shift_factor. Meaningful once the model's scaling_factor is fitted (klvae stats).")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .png grid")
+    p.add_argument("-n", "--num", type=int, default=8, help="number of samples (default: 8)")
+    p.add_argument("--height", type=int, default=256, help="pixel height, a multiple of the downsampling factor (default: 256)")
+    p.add_argument("--width", type=int, default=256, help="pixel width (default: 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="std multiplier of z (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("preview", help="latents as RGB through the model's linear preview map (fit it with --fit)", description="Shows latents as the per-pixel linear RGB map UIs use during sampling. The map comes from the model config key latent_rgb_factors, or is fitted by least squares on --fit images (--store writes it into the model folder's config.json).")
+    _add_model_args(p)
+    p.add_argument("images", nargs="*", help="images to encode and preview (rows: original | preview)")
+    p.add_argument("--latents", default=None, help="a .safetensors latents file to preview instead of / besides images")
+    p.add_argument("--key", default=LATENTS_KEY, help=f"tensor name in --latents (default: {LATENTS_KEY})")
+    p.add_argument("--space", choices=("raw", "diffusion"), default=None, help="latent space of --latents (default: from metadata)")
+    p.add_argument("--fit", nargs="+", default=None, metavar="IMAGE", help="fit the preview map on these images")
+    p.add_argument("--store", action="store_true", help="write the fitted map into --model's config.json")
+    p.add_argument("-o", "--output", required=True, help="output .png grid")
+    _add_resolution(p)
+    p.set_defaults(func=cmd_preview)
+
+    for name, (_, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``klvae`` console script; returns the exit code (2 on user errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        if command in FORWARDED:
+            rest = argv[argv.index(command) + 1 :]
+            return run_forwarded(command, rest)
+        args = parser.parse_args(argv)
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        parser.exit(EXIT_USAGE, f"klvae {command}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

