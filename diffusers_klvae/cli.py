@@ -41,50 +41,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
-    """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu). Uses
-    ``diffusers_klvae.evaluation.load_vae`` when it exists (one loader for the package), else
-    :func:`_load_vae_local`."""
+    """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu), loaded by
+    ``evaluation.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
     import torch
 
+    from .evaluation import load_vae
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        from diffusers_klvae.evaluation import load_vae
-    except ImportError:
-        load_vae = _load_vae_local
-    vae = load_vae(spec)
-    return vae.to(device=device, dtype=getattr(torch, dtype)).eval()
-
-
-def _vae_class():
-    try:
-        from diffusers_klvae import KLVAE
-
-        return KLVAE
-    except ImportError:  # the package model is missing: diffusers' class reads the same folders and files
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL
-
-
-def _load_vae_local(spec: str):
-    """Folder (diffusers format; a pipeline folder's ``vae/``), single file, preset name or Hub id -> VAE."""
-    cls = _vae_class()
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-            return cls.from_pretrained(path, subfolder="vae")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {spec!r} has no config.json (nor vae/config.json)")
-        return cls.from_pretrained(path)
-    if path.is_file():
-        return cls.from_single_file(spec)
-    presets = cls.list_presets() if hasattr(cls, "list_presets") else ()
-    if spec in presets:
-        logger.warning("preset %r: randomly initialised weights", spec)
-        return cls.from_preset(spec)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not path.suffix:
-        return cls.from_pretrained(spec)  # a Hub repo id (needs network)
-    raise FileNotFoundError(f"model {spec!r} is not a folder, a file, a preset ({', '.join(presets) or 'none'}) or a Hub id")
+    return load_vae(spec).to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def _load_images(paths, resolution: int | None, factor: int):

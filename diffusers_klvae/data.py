@@ -251,8 +251,8 @@ def decode_image(data: bytes, *, name: str) -> Image.Image:
             return img.convert("RGB")  # forces the full decode, so truncation is caught here
     except Image.UnidentifiedImageError as err:  # its message names an anonymous BytesIO; say what it means
         raise ValueError(f"cannot decode image {name!r}: not an image format PIL recognises") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot decode image {name!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 -- untrusted bytes: PIL's plugins raise EOFError, struct.error, IndexError...
+        raise ValueError(f"cannot decode image {name!r}: {type(err).__name__}: {err}") from err
 
 
 def preprocess_image(
@@ -379,6 +379,9 @@ class _Position:
 class ImageStream:
     """Endless, exactly resumable stream of preprocessed training images; see ``make_train_stream``.
 
+    The stream holds its own position: use one iterator at a time; a new ``iter(stream)`` continues after the last
+    batch handed out.
+
     It is its own loader (no ``torch.utils.data.DataLoader``): a DataLoader's workers and prefetching read ahead of
     what the training loop consumed, so a saved position would not match the weights. Decoding may still use
     ``num_threads`` threads: results are consumed in order and the state only advances when a batch is handed out.
@@ -451,11 +454,12 @@ class ImageStream:
             raise ValueError(f"unknown data state version {state.get('version')!r} (expected {STATE_VERSION})")
         identity = ("seed", "process_index", "num_processes", "shuffle_buffer_size")
         changed = [k for k in identity if state[k] != getattr(self, k)]
-        self.seen, self.skipped, self.excluded = state["seen"], state["skipped"], state["excluded"]
         if changed:
             message = ", ".join(f"{k}: saved {state[k]} != now {getattr(self, k)}" for k in changed)
             if strict:
                 raise ValueError(f"data stream state does not match this stream ({message}); pass strict=False to restart epoch {state['epoch']}")
+        self.seen, self.skipped, self.excluded = state["seen"], state["skipped"], state["excluded"]
+        if changed:
             logger.warning("data stream changed (%s): restarting epoch %d from its beginning", message, state["epoch"])
             self._position = _Position(epoch=state["epoch"], block=0, block_start=None, offset=0)
             return

@@ -69,7 +69,7 @@ def as_mask_tensor(mask) -> torch.Tensor:
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        mask = torch.from_numpy(np.array(mask))  # a copy: PIL-backed arrays are read-only
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"expected a mask as PIL image, numpy array or tensor, got {type(mask).__name__}")
     if mask.dtype == torch.bool:

@@ -64,7 +64,7 @@ class TrainConfig:
     dataset_config_name: str | None = None
     train_data_dir: str | None = None  # local image folder (read as "imagefolder")
     data_files: tuple[str, ...] = ()  # parquet / webdataset shards or image globs
-    image_column: str = "image"
+    image_column: str | None = None  # None: auto-detect "image", "img", "jpg", "png", ... (data.check_image_column)
     streaming: bool | None = None  # None: stream Hub datasets, read local folders directly
     shuffle_buffer_size: int = 1000  # streamed shuffle; bigger mixes better, costs memory
     resolution: int = 256
@@ -127,7 +127,7 @@ class TrainConfig:
     report_to: str = "tensorboard"
     tracker_project_name: str = "train_autoencoder"
     seed: int | None = None
-    log_seen_images: bool = False  # debug: append each process's image ids to output_dir/seen_images-<rank>.txt
+    debug_process_logs: bool = False  # tests: each process logs its images' hashes and dumps its final weights
 
     # --- Hub (token only from the environment or `huggingface-cli login`, never an argument)
     push_to_hub: bool = False
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None)
     g.add_argument("--data_files", nargs="+", default=[])
-    g.add_argument("--image_column", default=d.image_column)
+    g.add_argument("--image_column", default=None, help='default: auto-detect ("image", "img", "jpg", "png", ...).')
     g.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="stream the dataset (default: on for Hub datasets, off for local folders).")
     g.add_argument("--shuffle_buffer_size", type=int, default=d.shuffle_buffer_size)
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default=d.report_to, choices=REPORT_TO)
     g.add_argument("--tracker_project_name", default=d.tracker_project_name)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--log_seen_images", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--debug_process_logs", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_private", action="store_true")
@@ -282,16 +282,16 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the model's downsampling factor {factor} "
                          f"(e.g. {max(factor, cfg.resolution // factor * factor)})")
     if check_data:
-        from .data import check_image_column  # opens the dataset's schema only (no images are decoded)
+        from .data import check_image_column, load_image_dataset
 
-        check_image_column(**data_source_kwargs(cfg))
+        # opens the dataset's schema (a streamed Hub dataset may read its first row); decodes no image
+        check_image_column(load_image_dataset(**data_source_kwargs(cfg)), cfg.image_column)
 
 
 def data_source_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The arguments that say where the images come from, as ``diffusers_klvae.data`` takes them."""
     return dict(dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-                train_data_dir=cfg.train_data_dir, data_files=list(cfg.data_files) or None,
-                image_column=cfg.image_column, streaming=cfg.streaming)
+                train_data_dir=cfg.train_data_dir, data_files=list(cfg.data_files) or None, streaming=cfg.streaming)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,6 +325,13 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
 def downsampling_factor_of(config: dict[str, Any]) -> int:
     """One 2x downsample between consecutive encoder levels."""
     return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def multi_cpu_launch() -> bool:
+    """True under ``torchrun``/``accelerate launch`` with several processes and no GPU: Accelerate only sets up
+    MULTI_CPU (gloo) when asked for the CPU explicitly, otherwise every process would think it is rank 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and not torch.cuda.is_available()
 
 
 def build_vae(*, pretrained_model_name_or_path: str | None = None, model_config_name_or_path: str | None = None,
@@ -396,22 +403,36 @@ def scaled_learning_rate(lr: float, *, batch_size: int, accumulation: int, num_p
 # ----------------------------------------------------------------------------------------------------------
 
 
-def draw_latent_masks(batch: int, height: int, width: int, *, factor: int, prob: float, kind: str,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Mask-aware training: per image with probability ``prob`` a random hole mask, else all ones.
+def mask_batch(x: torch.Tensor, *, factor: int, prob: float, kind: str = "boxes",
+               generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mask-aware training (``--latent_mask_prob``): each image gets a random hole mask with probability ``prob``.
 
-    Returns ``(latent_mask (B, 1, H/f, W/f), pixel_mask (B, 1, H, W))`` with 1 = keep, or `None` when no image
-    of the batch got a hole. Masks are drawn on the latent grid, so the pixel target and the decoder's hole
-    agree exactly.
+    Masks are drawn on the latent grid (``random_pixel_mask(grid=factor)``), so the decoder's latent hole and the
+    pixel hole of the target agree exactly; images without a mask keep an all-ones latent mask (multiplying by 1
+    is exact).
+
+    Args:
+        x (`torch.Tensor`): (B, 3, H, W) images in [-1, 1].
+        factor (`int`): the VAE's downsampling factor.
+        prob (`float`): probability per image; 0 returns ``(None, None)`` without drawing.
+        kind (`str`, *optional*, defaults to ``"boxes"``): ``"boxes"`` or ``"strokes"``.
+        generator (`torch.Generator`): CPU generator (checkpointed with the run).
+
+    Returns:
+        ``(latent_mask (B, 1, H/f, W/f), target (B, 3, H, W))`` with 1 = keep and holes mid-gray (0) in the
+        target, or ``(None, None)`` when no image of the batch got a hole.
     """
-    from .latents import mask_to_latent, random_pixel_mask
+    from .latents import apply_pixel_mask, mask_to_latent, random_pixel_mask
 
-    chosen = torch.rand(batch, generator=generator) < prob  # drawn every step: the RNG stream stays step-aligned
+    if prob <= 0:
+        return None, None
+    chosen = torch.rand(x.shape[0], generator=generator) < prob  # drawn every step: the RNG stream stays step-aligned
     if not bool(chosen.any()):
-        return None
-    pixel = random_pixel_mask(batch, height, width, kind, generator, grid=factor)
+        return None, None
+    pixel = random_pixel_mask(x.shape[0], x.shape[2], x.shape[3], kind, generator, grid=factor)
     pixel[~chosen] = 1.0
-    return mask_to_latent(pixel, factor), pixel
+    pixel = pixel.to(x.device)
+    return mask_to_latent(pixel, factor), apply_pixel_mask(x, pixel)
 
 
 def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor, step: int, *, generator: torch.Generator,
@@ -421,8 +442,8 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
 
     Args:
         accelerator: the ``Accelerator``; ``vae`` and ``disc`` are its prepared (maybe DDP) models.
-        loss_fn: :class:`diffusers_klvae.losses.KLVAELoss` (holds LPIPS and calls the unwrapped discriminator
-            for the generator term).
+        loss_fn: :class:`diffusers_klvae.losses.KLVAELoss` holding LPIPS and the prepared ``disc`` (it calls
+            the plain module with detached weights for the generator term, the DDP wrapper for the D loss).
         optimizers (`tuple`): ``(vae_optimizer, disc_optimizer)``, prepared.
         batch (`torch.Tensor`): (B, 3, H, W) images in [-1, 1].
         step (`int`): optimizer updates done so far (decides ``disc_start``).
@@ -440,7 +461,7 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
     opt_vae, opt_disc = optimizers
     sched_vae, sched_disc = schedulers if schedulers else (None, None)
     target = batch if target is None else target
-    raw_vae, raw_disc = accelerator.unwrap_model(vae), accelerator.unwrap_model(disc)
+    raw_vae = accelerator.unwrap_model(vae)
     gan_on = loss_fn.discriminator_active(step)
     update_g = not (gan_on and alternate_gan_steps and step % 2 == 1)
     update_d = gan_on and not (alternate_gan_steps and step % 2 == 0)
@@ -448,17 +469,16 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
 
     # one accumulate() for both updates: each call advances Accelerate's micro-step counter
     with accelerator.accumulate(vae, disc):
-        # 1) the ONE forward through the prepared model (DDP hooks see it); posterior kept for the KL term
-        out = vae(batch, sample_posterior=True, return_posterior=True, generator=generator, latent_mask=latent_mask)
+        # 1) the ONE forward through the prepared model (DDP hooks see it); posterior kept for the KL term.
+        #    A D-only step (alternate_gan_steps) needs no VAE graph.
+        with accelerator.autocast(), torch.set_grad_enabled(update_g):
+            out = vae(batch, sample_posterior=True, return_posterior=True, generator=generator, latent_mask=latent_mask)
         reconstructions = out.sample
         if update_g:
-            # 2) generator: the discriminator's weights are frozen so its .grad stays untouched
-            raw_disc.requires_grad_(False)
-            try:
+            # 2) generator: the loss calls the discriminator with detached weights, so D's .grad stays untouched
+            with accelerator.autocast():
                 g_loss, g_logs = loss_fn.generator_loss(target, reconstructions, out.latent_dist, step,
-                                                        raw_vae.decoder.conv_out.weight)
-            finally:
-                raw_disc.requires_grad_(True)
+                                                        last_layer=raw_vae.decoder.conv_out.weight)
             accelerator.backward(g_loss)
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], max_grad_norm)
@@ -469,7 +489,8 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
             logs.update(g_logs)
         if update_d:
             # 3) discriminator on detached reconstructions, through the prepared (DDP) discriminator
-            d_loss, d_logs = loss_fn.discriminator_loss(target, reconstructions.detach(), step, discriminator=disc)
+            with accelerator.autocast():
+                d_loss, d_logs = loss_fn.discriminator_loss(target, reconstructions.detach(), step)
             accelerator.backward(d_loss)
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_(disc.parameters(), max_grad_norm)
@@ -480,3 +501,459 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
             logs.update(d_logs)
     logs["lr"] = opt_vae.param_groups[0]["lr"]
     return {k: float(v) for k, v in logs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_ema(vae, *, decay: float):
+    """diffusers' ``EMAModel`` over all VAE parameters (frozen ones are copied, so they stay equal)."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(vae.parameters(), decay=decay, model_cls=type(vae), model_config=vae.config)
+
+
+class ema_weights:
+    """Context manager: the EMA weights are in ``model`` inside the block, the raw ones again after it."""
+
+    def __init__(self, ema, model):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG this process draws from, in types ``torch.load(weights_only=True)`` accepts."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """``.../checkpoint-1200`` -> 1200; anything else -> None."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint is complete when its marker (written last, before the atomic rename) is there."""
+    return checkpoint_step(path) is not None and (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary and incomplete folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest COMPLETE ``checkpoint-<step>`` folder, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """``--resume_from_checkpoint``: None -> None; "latest" -> newest complete one (None if none yet); else the folder."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        return find_latest_checkpoint(output_dir)
+    path = Path(resume_from_checkpoint)
+    if not is_complete_checkpoint(path):
+        raise ValueError(f"{path} is not a complete checkpoint-<step> folder (no {CHECKPOINT_MARKER})")
+    return path
+
+
+def _prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    for stale in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep is None:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - keep)]:
+        logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, keep)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, vae, disc, ema, optimizers, schedulers,
+                    generator: torch.Generator, data_state: dict, training_state: dict | None = None,
+                    total_limit: int | None = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>/`` atomically and return its path.
+
+    Every process writes its RNG states and its data stream position; the main process writes the VAE, EMA and
+    discriminator (``save_pretrained`` folders, safetensors), both optimizers, both schedulers, the grad scaler
+    and ``training_state.json`` (last). All of it goes to ``.tmp-checkpoint-<step>`` first; the main process
+    renames it once everyone is done, so a kill at any moment leaves either the whole checkpoint or none.
+    ``output_dir`` must be visible to every process (a shared filesystem on multi-node runs).
+
+    Args:
+        accelerator: the ``Accelerator``; vae, disc, optimizers, schedulers are its prepared objects.
+        output_dir (`str`): the run's folder.
+        step (`int`): optimizer updates done.
+        ema (`EMAModel`, *optional*): the EMA of the VAE weights.
+        generator (`torch.Generator`): the posterior sampling generator of this process.
+        data_state (`dict`): this process's ``ImageStream.state_dict()``.
+        training_state (`dict`, *optional*): JSON-serialisable extras (loss history, ...).
+        total_limit (`int`, *optional*): keep at most this many checkpoints (oldest removed).
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    torch.save(_rng_state(generator), tmp / f"rng_state_{rank}.pt")
+    (tmp / f"data_state_{rank}.json").write_text(json.dumps(data_state))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(vae).save_pretrained(tmp / "vae")
+        accelerator.unwrap_model(disc).save_pretrained(tmp / "discriminator")
+        if ema is not None:
+            ema.save_pretrained(tmp / "vae_ema")
+        torch.save({"vae": optimizers[0].state_dict(), "disc": optimizers[1].state_dict()}, tmp / "optimizers.pt")
+        torch.save({"vae": schedulers[0].state_dict(), "disc": schedulers[1].state_dict()}, tmp / "schedulers.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        state = {"step": step, "num_processes": accelerator.num_processes, **(training_state or {})}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state))
+        if final.exists():  # re-saving a step (e.g. after resuming from it): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic on POSIX: `latest` never sees a half-written checkpoint-<step>
+        _prune_checkpoints(output_dir, total_limit)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _load_safetensors_into(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"expected one .safetensors file in {folder}, found {[f.name for f in files]}")
+    model.load_state_dict(load_file(files[0]), strict=True)
+
+
+_EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+def _load_ema(ema, model, folder: Path) -> None:
+    """Inverse of ``EMAModel.save_pretrained``: shadow weights from the safetensors file (in ``model``'s parameter
+    order), the EMA counters from its config.json (diffusers' ``EMAModel.from_pretrained`` would also build a
+    throw-away model and warn about the extra config keys)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(next(folder.glob("*.safetensors")))
+    state = {k: config[k] for k in _EMA_STATE_KEYS}
+    state["shadow_params"] = [weights[name].to(p.dtype) for name, p in model.named_parameters()]
+    ema.load_state_dict(state)
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike, *, vae, disc, ema, optimizers, schedulers,
+                    generator: torch.Generator, data_stream) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote (call after ``accelerator.prepare``); returns its
+    ``training_state.json`` (``step`` etc.). Pickles are read with ``torch.load(weights_only=True)`` only."""
+    path = Path(path)
+    state = json.loads((path / CHECKPOINT_MARKER).read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
+                         f"{accelerator.num_processes}: exact resume needs the same number")
+    rank = accelerator.process_index
+    device = accelerator.device
+    _load_safetensors_into(accelerator.unwrap_model(vae), path / "vae")
+    _load_safetensors_into(accelerator.unwrap_model(disc), path / "discriminator")
+    if ema is not None:
+        if not (path / "vae_ema").is_dir():
+            raise ValueError(f"--use_ema but {path} has no vae_ema/ (it was saved without EMA)")
+        _load_ema(ema, accelerator.unwrap_model(vae), path / "vae_ema")
+        ema.to(device)
+    opt_states = torch.load(path / "optimizers.pt", map_location=device, weights_only=True)
+    optimizers[0].load_state_dict(opt_states["vae"])
+    optimizers[1].load_state_dict(opt_states["disc"])
+    sched_states = torch.load(path / "schedulers.pt", weights_only=True)
+    schedulers[0].load_state_dict(sched_states["vae"])
+    schedulers[1].load_state_dict(sched_states["disc"])
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    data_stream.load_state_dict(json.loads((path / f"data_state_{rank}.json").read_text()))
+    _set_rng_state(torch.load(path / f"rng_state_{rank}.pt", weights_only=True), generator)
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation, curves, final model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, *, batch_size: int = 8, autocast=None) -> torch.Tensor:
+    """[-1, 1] images -> reconstructions from the posterior mode (the evaluation protocol), float32 on the CPU."""
+    from .evaluation import reconstruct as reconstruct_batch
+
+    was_training = vae.training
+    vae.eval()
+    outs = []
+    for chunk in images.split(batch_size):
+        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+            outs.append(reconstruct_batch(vae, chunk).float().cpu())
+    vae.train(was_training)
+    return torch.cat(outs)
+
+
+def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, output_dir: str | os.PathLike, *,
+                   lpips_model=None) -> dict[str, float]:
+    """Reconstruct the validation images (EMA weights when ``ema`` is given), write the grid and the metrics.
+
+    Main process only (the unwrapped model, no collectives). Writes ``validation/step-<step>.png`` (rows:
+    original | reconstruction | amplified error) and appends a line to ``validation/metrics.jsonl``; logs both
+    to the trackers.
+
+    Args:
+        vae: the prepared or unwrapped VAE.
+        ema (`EMAModel`, *optional*): when given, validation uses its weights (and says so: ``weights="ema"``).
+        images (`torch.Tensor`): (N, 3, H, W) in [-1, 1].
+        lpips_model (*optional*): an LPIPS module taking [-1, 1] images (the evaluation's AlexNet if available).
+
+    Returns:
+        dict with ``psnr``, ``ssim``, ``lpips`` (when a model is given), ``weights``.
+    """
+    from .evaluation import lpips_distance, psnr, ssim
+    from .imaging import reconstruction_grid, to_uint8
+
+    raw = accelerator.unwrap_model(vae)
+    with ema_weights(ema, raw):
+        recs = reconstruct(raw, images, autocast=accelerator.autocast)
+    originals, quantized = to_uint8(images), to_uint8(recs)  # the protocol scores the uint8 pictures
+    metrics: dict[str, Any] = {"step": step, "weights": "ema" if ema is not None else "raw",
+                               "psnr": float(psnr(originals, quantized).mean()),
+                               "ssim": float(ssim(originals, quantized).mean())}
+    if lpips_model is not None:
+        metrics["lpips"] = float(lpips_distance(originals, quantized, lpips_model).mean())
+
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = reconstruction_grid(images, [recs])
+    grid_path = folder / f"step-{step:07d}.png"
+    grid.save(grid_path)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+    log_image(accelerator, "val/reconstructions", grid, step)
+    logger.info("step %d validation (%s weights): %s", step, metrics["weights"],
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    metrics["grid"] = os.fspath(grid_path)
+    return metrics
+
+
+def log_image(accelerator, name: str, image, step: int) -> None:
+    """A PIL image to every tracker that takes images (tensorboard, wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(image)]}, step=step)
+
+
+def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path | None:
+    """Loss terms over steps -> a PNG (matplotlib, Agg backend: no display needed). None if history is empty."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[-1] if k not in ("step", "lr")]
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], lw=1)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_final_model(accelerator, vae, ema, output_dir: str | os.PathLike) -> None:
+    """``save_pretrained`` (safetensors) of the raw weights at ``output_dir`` and of the EMA weights in ``ema/``."""
+    raw = accelerator.unwrap_model(vae)
+    raw.save_pretrained(output_dir, safe_serialization=True)
+    if ema is not None:
+        with ema_weights(ema, raw):
+            raw.save_pretrained(Path(output_dir) / "ema", safe_serialization=True)
+
+
+def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=()) -> None:
+    """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``."""
+    from . import hub
+
+    out = Path(cfg.output_dir)
+    save_final_model(accelerator, vae, ema, out)
+    curve = plot_loss_curve(history, out / "loss_curve.png")
+    images = [p for p in (metrics.get("grid"), curve) if p]
+    card_metrics = {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics} or None
+    raw = accelerator.unwrap_model(vae)
+    base_model = cfg.pretrained_model_name_or_path if _looks_like_hub_id(cfg.pretrained_model_name_or_path) else None
+    datasets = [cfg.dataset_name] if _looks_like_hub_id(cfg.dataset_name) else None
+    card = hub.render_model_card(raw, repo_id=cfg.hub_model_id or f"your-name/{out.resolve().name}", metrics=card_metrics,
+                                 images=[os.path.relpath(p, out) for p in images], training_args=cfg.to_dict(),
+                                 base_model=base_model, datasets=datasets, has_ema=ema is not None)
+    card.save(out / "README.md")
+    for future in hub_futures:  # checkpoint uploads: report failures, never lose the final model for them
+        try:
+            logger.info("checkpoint pushed: %s", future.result())
+        except Exception as err:  # noqa: BLE001 - an upload error must not hide the trained model
+            logger.error("checkpoint upload failed: %s", err)
+    if cfg.push_to_hub:
+        url = hub.publish(raw, cfg.hub_model_id, metrics=card_metrics, images=images, training_args=cfg.to_dict(),
+                          base_model=base_model, datasets=datasets, private=cfg.hub_private, ema_vae=ema)
+        logger.info("pushed to the Hub: %s", url)
+
+
+def _looks_like_hub_id(value: str | None) -> bool:
+    return bool(value) and not Path(value).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+
+
+_HUB_API = None  # one client for all checkpoint pushes: its single worker uploads them in order
+
+
+def push_checkpoint(path: Path, repo_id: str):
+    """``--hub_push_checkpoints``: upload a checkpoint folder on a background thread (returns a Future)."""
+    global _HUB_API
+    from huggingface_hub import HfApi
+
+    from .hub import push_checkpoint_async
+
+    _HUB_API = _HUB_API or HfApi()
+    return push_checkpoint_async(path, repo_id, api=_HUB_API)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss, logging helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_loss(cfg: TrainConfig, *, distributed: bool = False):
+    """The discriminator and the loss module (which holds the frozen LPIPS) of ``cfg``.
+
+    ``distributed``: convert the discriminator's BatchNorm to SyncBatchNorm (GPU only: PyTorch's SyncBatchNorm
+    has no CPU kernel; on CPU, DDP broadcasts rank 0's BatchNorm buffers at each D forward instead). After
+    ``accelerator.prepare``, hand the prepared discriminator to the loss: ``loss_fn.discriminator = disc``.
+    """
+    from .discriminator import NLayerDiscriminator
+    from .losses import KLVAELoss
+    from .perceptual import load_lpips
+
+    disc = NLayerDiscriminator()
+    if distributed:
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    perceptual = load_lpips(cfg.lpips_net, cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
+    loss_fn = KLVAELoss(discriminator=disc, perceptual=perceptual, rec_loss=cfg.rec_loss, perceptual_weight=cfg.perceptual_weight,
+                        kl_weight=cfg.kl_weight, disc_weight=cfg.disc_weight, disc_start=cfg.disc_start,
+                        disc_factor=cfg.disc_factor, disc_loss=cfg.disc_loss, lpips_net=cfg.lpips_net)
+    return disc, loss_fn
+
+
+def metric_lpips(loss_fn):
+    """The loss's frozen LPIPS network, reused to score validation (None when the loss has none)."""
+    return getattr(loss_fn, "perceptual", None)
+
+
+def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Trackers take scalars only: tuples become strings, None becomes ""."""
+    return {k: (", ".join(v) if isinstance(v, tuple) else "" if v is None else v) for k, v in cfg.to_dict().items()}
+
+
+def history_every(max_train_steps: int, points: int = 2000) -> int:
+    """Record the loss curve every n steps so a long run keeps ~``points`` points (the history is checkpointed)."""
+    return max(1, max_train_steps // points)
+
+
+def progress_bar(total: int, initial: int, *, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="steps", disable=disable, dynamic_ncols=True)
+
+
+_POSTFIX_KEYS = {"loss": "loss", "rec": "rec", "lpips": "lpips", "kl": "kl", "g": "g", "d_loss": "d",
+                 "images_per_s": "img/s", "skipped": "skipped"}
+
+
+def postfix(logs: dict[str, float]) -> dict[str, str]:
+    """The progress bar's short view of the step's logs (whatever prefix the loss module gives its keys)."""
+    shown = {}
+    for key, value in logs.items():
+        name = _POSTFIX_KEYS.get(key.split("/")[-1])
+        if name is not None:
+            shown[name] = f"{value:.3g}" if name != "skipped" else str(int(value))
+    return shown
+
+
+def log_seen_images(path: Path, images: torch.Tensor) -> None:
+    """Debug (``--debug_process_logs``): append one content hash per image (uint8 pixels) to ``path``."""
+    import hashlib
+
+    from .imaging import to_uint8
+
+    with open(path, "a") as f:
+        for img in to_uint8(images.cpu()):
+            f.write(hashlib.sha1(img.numpy().tobytes()).hexdigest()[:16] + "\n")
+
+
+def dump_process_weights(accelerator, vae, path: Path) -> None:
+    """Debug (``--debug_process_logs``): this process's VAE weights, to check that replicas agree."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(vae).state_dict().items()}, path)

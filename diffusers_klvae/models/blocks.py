@@ -17,12 +17,54 @@ SE_REDUCTION = 16  # squeeze-and-excitation bottleneck: channels // 16 (a few th
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
+# Inference on large float32 maps runs the convolutions in bands of rows of about this many input elements (32 MB),
+# so that the normalized/activated copy of a map never exists whole: it lowers the peak memory of a 1024² decode by
+# about half, and conv results are the same up to float rounding.
+BAND_ELEMENTS = 2**23
+
+
 def conv3(c_in: int, c_out: int, **kw) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1, **kw)
 
 
-def normalize(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and keys) whose statistics can come from outside.
+
+    ``stats_hook`` is ``None`` except inside ``diffusers_klvae.models.tiling``, which sets it for the duration of a
+    tiled call to a callable ``(module, x) -> (mean, var)``, each ``(B, groups)`` float32: tiles then normalize with
+    statistics of the whole image instead of their own.
+    """
+
+    stats_hook = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats_hook is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        scale, shift = self.scale_shift(x)
+        return torch.addcmul(shift, x, scale)
+
+    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (mean, biased var) of x, each (B, groups) float32, from per-channel moments (no copy of x)."""
+        var_c, mean_c = torch.var_mean(x.float() if x.dtype != torch.float32 else x, dim=(2, 3), correction=0)  # (B, C)
+        b = x.shape[0]
+        mean_c, var_c = mean_c.view(b, self.num_groups, -1), var_c.view(b, self.num_groups, -1)
+        mean = mean_c.mean(-1)  # every channel of a group has the same number of pixels
+        var = (var_c + (mean_c - mean[..., None]).square()).mean(-1)
+        return mean, var
+
+    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (scale, shift), each (B, C, 1, 1) in x's dtype, with ``norm(x) == x * scale + shift``."""
+        mean, var = self.statistics(x) if self.stats_hook is None else self.stats_hook(self, x)
+        per_group = x.shape[1] // self.num_groups
+        rstd = torch.rsqrt(var + self.eps).repeat_interleave(per_group, dim=1)  # (B, C)
+        mean = mean.repeat_interleave(per_group, dim=1)
+        scale = rstd if self.weight is None else rstd * self.weight.float()
+        shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
+        return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
+
+
+def normalize(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=NORM_EPS)
 
 
 def activation(name: str) -> nn.Module:
@@ -31,12 +73,53 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def norm_act(norm: nn.GroupNorm, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm then activation; in inference the activation runs in place on the norm's fresh output."""
-    h = norm(x)
+def _act_(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """act(h), in place on h (our own temporary) when grad is off and the activation allows it."""
     if not torch.is_grad_enabled() and isinstance(act, nn.SiLU):
         return F.silu(h, inplace=True)  # saves one full-size temporary per block, same values
     return act(h)
+
+
+def norm_act(norm: GroupNorm, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm then activation; in inference the activation runs in place on the norm's fresh output."""
+    return _act_(act, norm(x))
+
+
+def _banded(x: torch.Tensor) -> bool:
+    """Whether inference on x takes the row-band path (large float32 maps without autograd)."""
+    return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.numel() > BAND_ELEMENTS and x.shape[2] > 2
+
+
+def _band_rows(x: torch.Tensor) -> int:
+    return max(1, BAND_ELEMENTS // (x.numel() // x.shape[2]))
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False) -> torch.Tensor:
+    """``conv(pre(x))`` — or ``conv(nearest_2x(x))`` when ``upsample`` — for a 3×3 stride-1 conv with padding 1,
+    computed in bands of rows: each band reads its rows of x plus one halo row on each side (zero rows only at the
+    border of the map, as the conv's own padding would give), so ``pre(x)`` and the upsampled map are never whole."""
+    b, _, h, w = x.shape
+    s = 2 if upsample else 1
+    out = torch.empty(b, conv.out_channels, s * h, s * w, dtype=x.dtype, device=x.device)
+    rows = _band_rows(x) if not upsample else max(1, _band_rows(x) // 4)
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        a, e = max(r0 - 1, 0), min(r1 + 1, h)  # input rows with a one-row halo
+        band = pre(x[:, :, a:e])
+        if upsample:  # keep one high-resolution halo row above and below the band's output rows
+            band = F.interpolate(band, scale_factor=2.0, mode="nearest")
+            band = band[:, :, (1 if r0 > 0 else 0): (2 * (r1 - a) + 1 if r1 < h else None)]
+        band = F.pad(band, (0, 0, int(r0 == 0), int(r1 == h)))  # (B, C, s·(r1 - r0) + 2, s·W)
+        out[:, :, s * r0: s * r1] = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
+    return out
+
+
+def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(act(norm(x)))``; in inference on large maps, in row bands (see ``_conv_rows``)."""
+    if not _banded(x) or conv.kernel_size != (3, 3) or conv.stride != (1, 1):
+        return conv(norm_act(norm, act, x))
+    scale, shift = norm.scale_shift(x)
+    return _conv_rows(conv, x, lambda band: _act_(act, torch.addcmul(shift, band, scale)))
 
 
 class SqueezeExcitation(nn.Module):
@@ -72,8 +155,12 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(norm_act(self.norm1, self.nonlinearity, x))
-        h = self.conv2(self.dropout(norm_act(self.norm2, self.nonlinearity, h)))
+        if not torch.is_grad_enabled():  # dropout is p=0 and acts as the identity: fuse norm → act → conv in bands
+            h = norm_act_conv(self.norm1, self.nonlinearity, self.conv1, x)
+            h = norm_act_conv(self.norm2, self.nonlinearity, self.conv2, h)
+        else:
+            h = self.conv1(norm_act(self.norm1, self.nonlinearity, x))
+            h = self.conv2(self.dropout(norm_act(self.norm2, self.nonlinearity, h)))
         if self.squeeze_excitation is not None:
             h = self.squeeze_excitation(h)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -102,6 +189,8 @@ class Upsample(nn.Module):
         self.conv = conv3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _banded(x):  # the ×2 map is never whole: upsample and convolve band by band
+            return _conv_rows(self.conv, x, lambda band: band, upsample=True)
         dtype = x.dtype
         if dtype == torch.bfloat16:
             x = x.float()  # nearest upsampling of bf16 is not implemented on every backend
@@ -158,8 +247,11 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(channels=out_channels)] if add_downsample else [])
 
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *self.downsamplers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in (*self.resnets, *self.downsamplers):
+        for layer in self.layers():
             x = layer(x)
         return x
 
@@ -175,8 +267,11 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(channels=out_channels)] if add_upsample else [])
 
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *self.upsamplers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in (*self.resnets, *self.upsamplers):
+        for layer in self.layers():
             x = layer(x)
         return x
 
@@ -190,6 +285,14 @@ class _CheckpointedStages(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(stage, x)
         return stage(x)
+
+    @staticmethod
+    def _stages(blocks: nn.ModuleList) -> list[nn.Module]:
+        """The blocks (with grad, the unit of checkpointing), or in inference their layers one by one: a caller that
+        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak."""
+        if torch.is_grad_enabled():
+            return list(blocks)
+        return [layer for block in blocks for layer in block.layers()]
 
 
 class Encoder(_CheckpointedStages):
@@ -212,10 +315,10 @@ class Encoder(_CheckpointedStages):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = self._run(block, x)
+        for stage in self._stages(self.down_blocks):
+            x = self._run(stage, x)
         x = self._run(self.mid_block, x)
-        return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, x))
+        return norm_act_conv(self.conv_norm_out, self.conv_act, self.conv_out, x)
 
 
 class Decoder(_CheckpointedStages):
@@ -240,6 +343,6 @@ class Decoder(_CheckpointedStages):
         x = self.conv_in(z)
         x = self._run(self.mid_block, x)
         x = x.to(self.up_blocks[0].resnets[0].conv1.weight.dtype)  # pipelines may keep only the mid block in fp32
-        for block in self.up_blocks:
-            x = self._run(block, x)
-        return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, x))
+        for stage in self._stages(self.up_blocks):
+            x = self._run(stage, x)
+        return norm_act_conv(self.conv_norm_out, self.conv_act, self.conv_out, x)

@@ -1,0 +1,845 @@
+"""Reconstruction metrics with the field's protocol: PSNR, SSIM, LPIPS, rFID (and masked PSNR), one command.
+
+Protocol (written into every result's ``settings``; references: sd-vae-ft-mse model card, LDM Table 8):
+
+1. Resize the shorter side to ``resolution`` (bicubic) and center crop a square (``imaging.resize_and_crop``).
+2. Reconstruct with the posterior's ``mode()`` (``sample_posterior=True`` draws a seeded sample instead).
+3. Quantize originals and reconstructions to uint8: ``round((x + 1) * 127.5)`` clamped (``imaging.to_uint8``).
+   Every metric sees these uint8 images, the pictures a user would save.
+4. PSNR per image over C×H×W with peak 255, then averaged over images (identical images give +inf).
+5. SSIM per image with torchmetrics: Gaussian window 11, σ 1.5, ``data_range=255``, averaged over images.
+6. LPIPS v0.1 (VGG by default, AlexNet option) on the uint8 images mapped back to [-1, 1].
+7. rFID between the originals and the reconstructions: torchmetrics' Fréchet distance on the 2048-d pool3
+   features of the FID Inception-v3 (torch-fidelity's network, TF1-compatible resize to 299², see ``fid.py``).
+   rFID is a set-level number: it is biased upward on small sets (the field reports 5k or 50k images).
+8. ``masked_psnr`` (optional): encode, zero the latents under a random box mask aligned to the latent grid
+   (``latents.random_pixel_mask`` + ``mask_to_latent``), decode, and compare with the pixel-masked image
+   (holes mid-gray): PSNR over the kept pixels and over the hole pixels, per image.
+
+Python::
+
+    from diffusers_klvae.evaluation import evaluate
+    result = evaluate("stabilityai/sd-vae-ft-mse", "path/to/images", resolution=256)
+    print(result.to_markdown())
+
+Command line::
+
+    klvae-eval --model stabilityai/sd-vae-ft-mse --model ./my-vae --data path/to/images --output outputs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .imaging import load_image, reconstruction_grid, resize_and_crop, to_tensor, to_uint8
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("psnr", "ssim", "lpips", "rfid")
+METRICS = DEFAULT_METRICS + ("masked_psnr",)
+PER_IMAGE_KEYS = {  # metric -> the per-image values it produces
+    "psnr": ("psnr",),
+    "ssim": ("ssim",),
+    "lpips": ("lpips",),
+    "rfid": (),  # set-level
+    "masked_psnr": ("masked_psnr_kept", "masked_psnr_hole"),
+}
+LOWER_IS_BETTER = frozenset({"lpips", "rfid"})
+PEAK = 255.0  # PSNR / SSIM data range: metrics are computed on uint8 values
+SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, the setting every VAE paper reports
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --output`
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics: pure functions on uint8 images (B, 3, H, W)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"expected two image batches of the same shape (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dtype != torch.uint8 or y.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images (quantize with imaging.to_uint8 first), got {x.dtype} and {y.dtype}")
+
+
+@torch.no_grad()
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 images (B, C, H, W) in [0, 255]: ``10 log10(255² / MSE)`` over C×H×W.
+
+    Returns float64 (B,); identical images give ``+inf``.
+    """
+    _check_pair(x, y)
+    mse = (x.double() - y.double()).square().mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(PEAK**2 / mse)  # mse == 0 -> inf, no warning
+
+
+@torch.no_grad()
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of uint8 images (B, C, H, W) in [0, 255], torchmetrics with Gaussian 11, σ 1.5, data_range 255.
+
+    Returns float32 (B,); identical images give 1.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _check_pair(x, y)
+    return structural_similarity_index_measure(
+        x.float(), y.float(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL_SIZE,
+        data_range=PEAK, reduction="none",
+    )
+
+
+@torch.no_grad()
+def lpips_distance(x: torch.Tensor, y: torch.Tensor, lpips_model: nn.Module) -> torch.Tensor:
+    """Per-image LPIPS of uint8 images (B, 3, H, W), mapped to [-1, 1] for the network (``perceptual.load_lpips``).
+
+    Returns float32 (B,); identical images give 0.
+    """
+    _check_pair(x, y)
+    device = next(lpips_model.parameters()).device
+    to_signed = lambda u: u.to(device).float() / 127.5 - 1.0  # noqa: E731 - uint8 -> [-1, 1], the inverse of to_uint8
+    return lpips_model(to_signed(x), to_signed(y)).reshape(x.shape[0]).float()
+
+
+def make_fid_metric(feature_extractor: nn.Module):
+    """torchmetrics ``FrechetInceptionDistance`` over ``feature_extractor`` (uint8 images -> features).
+
+    ``update(uint8_images, real=True/False)`` streams float64 sums; ``compute()`` gives the Fréchet distance.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=feature_extractor, normalize=False)
+
+
+@torch.no_grad()
+def rfid(originals: Iterable[torch.Tensor], reconstructions: Iterable[torch.Tensor], feature_extractor: nn.Module) -> float:
+    """Fréchet distance between two sets of uint8 image batches (B, 3, H, W), e.g. originals vs reconstructions.
+
+    Args:
+        originals, reconstructions: iterables of uint8 batches (at least 2 images each).
+        feature_extractor: ``fid.load_fid_inception()`` for a real rFID (``fid.random_feature_extractor`` in tests).
+    """
+    metric = make_fid_metric(feature_extractor)
+    for batch in originals:
+        metric.update(batch, real=True)
+    for batch in reconstructions:
+        metric.update(batch, real=False)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> reconstructions (B, 3, H, W), float32, not clamped.
+
+    Uses the posterior's ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``.
+    """
+    images = images.to(device=_module_device(vae), dtype=_module_dtype(vae))
+    posterior = vae.encode(images).latent_dist
+    z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+    return vae.decode(z).sample.float()
+
+
+@torch.no_grad()
+def masked_reconstruct(vae: nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode from masked latents. ``pixel_mask`` (B, 1, H, W), 1 = keep, 0 = hole.
+
+    Returns ``(decoded, target, region)``: the decoded image (float32), the pixel-masked target (holes mid-gray)
+    and the pixel region (B, 1, H, W) of the latent mask, 1 = kept (what a masked latent can be asked for).
+    """
+    from .latents import apply_latent_mask, apply_pixel_mask, latent_mask_to_pixels, mask_to_latent
+
+    latent_mask = mask_to_latent(pixel_mask, vae)  # "any": a latent cell touching the hole is a hole
+    images = images.to(device=_module_device(vae), dtype=_module_dtype(vae))
+    z = apply_latent_mask(vae.encode(images).latent_dist.mode(), latent_mask.to(images.device))
+    region = latent_mask_to_pixels(latent_mask, vae).to(images.device)
+    return vae.decode(z).sample.float(), apply_pixel_mask(images.float(), region), region
+
+
+@torch.no_grad()
+def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of uint8 images over the pixels where ``region`` (B, 1, H, W) is 1; NaN for an empty region."""
+    _check_pair(x, y)
+    weight = region.to(x.device).double().expand_as(x)
+    mse = ((x.double() - y.double()).square() * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
+    return 10.0 * torch.log10(PEAK**2 / mse)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_vae(spec: str | os.PathLike | nn.Module) -> nn.Module:
+    """A model spec -> a VAE (a module is returned as is).
+
+    ``spec`` is a diffusers-format folder (``KLVAE`` or ``AutoencoderKL`` config; a pipeline folder's ``vae/``
+    is found), a single file (``.safetensors``/``.ckpt`` in the original LDM layout), a preset name
+    (``KLVAE.list_presets()``, random weights: a warning says so), or a Hub id (``org/name``, or
+    ``org/name/subfolder``). Raises ``ValueError`` saying what was tried when it cannot load.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    from . import KLVAE
+
+    spec = os.fspath(spec)
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                return KLVAE.from_pretrained(path)
+            if (path / "vae" / "config.json").is_file():
+                return KLVAE.from_pretrained(path, subfolder="vae")
+            raise ValueError(f"folder {spec!r} has no config.json (nor vae/config.json): not a diffusers-format model")
+        if path.is_file():
+            return KLVAE.from_single_file(path)
+        if spec in KLVAE.list_presets():
+            logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
+            return KLVAE.from_preset(spec)
+        if _looks_like_hub_id(spec):
+            parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
+            return KLVAE.from_pretrained("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - loaders raise OSError, EnvironmentError, RuntimeError...; all mean "cannot load"
+        raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
+    raise ValueError(
+        f"cannot load model {spec!r}: not an existing folder or file, not a preset ({', '.join(KLVAE.list_presets())}) "
+        "and not a Hub id (org/name)"
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 2 <= len(parts) <= 3 and all(parts) and not spec.startswith((".", "~")) and not Path(parts[-1]).suffix
+
+
+@dataclass
+class ImageSource:
+    """Images to evaluate, in a fixed order: a folder (recursive, sorted), a list of PIL images or paths, or an
+    HF dataset (a Hub name, streamed, or a ``datasets`` object). Unreadable images are skipped and counted.
+
+    Args:
+        data: the images (see above). A string that is not an existing path is read as a Hub dataset name.
+        split (`str`, *optional*, defaults to `"validation"`): split of an HF dataset.
+        image_column (`str`, *optional*): image column of an HF dataset (auto-detected when `None`).
+    """
+
+    data: Any
+    split: str = "validation"
+    image_column: str | None = None
+    skipped: int = 0
+    skipped_names: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if isinstance(self.data, (str, os.PathLike)):
+            path = Path(self.data)
+            return os.fspath(path) if path.exists() else f"hf-dataset {self.data} (split {self.split})"
+        return f"{type(self.data).__name__} of images"
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        """Yield (name, RGB PIL image); unreadable entries are logged, counted in ``skipped`` and left out."""
+        self.skipped, self.skipped_names = 0, []
+        for name, load in self._entries():
+            try:
+                yield name, load()
+            except ValueError as err:
+                self.skipped += 1
+                self.skipped_names.append(name)
+                logger.warning("skipped unreadable image: %s", err)
+
+    def _entries(self) -> Iterator[tuple[str, Any]]:
+        data = self.data
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data).expanduser()
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+                if not files:
+                    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {os.fspath(path)!r}")
+                return ((os.fspath(p.relative_to(path)), _loader(p)) for p in files)
+            if path.is_file():
+                return iter([(path.name, _loader(path))])
+            if not _looks_like_dataset_id(os.fspath(data)):
+                raise FileNotFoundError(f"data {os.fspath(data)!r}: no such folder or file (nor an HF dataset name)")
+            return self._hf_entries(_load_hf_dataset(os.fspath(data), self.split))
+        if _is_hf_dataset(data):
+            return self._hf_entries(data)
+        if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+            return (_list_entry(i, item) for i, item in enumerate(data))
+        raise ValueError(f"data must be a folder, an HF dataset name or object, or a list of PIL images/paths; got {type(data).__name__}")
+
+    def _hf_entries(self, dataset) -> Iterator[tuple[str, Any]]:
+        import datasets
+
+        from .data import check_image_column, decode_image
+
+        column = check_image_column(dataset, self.image_column)
+        feature = (dataset.features or {}).get(column)
+        if isinstance(feature, datasets.Image) and feature.decode:  # decode ourselves: a bad file must not stop the stream
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        for i, example in enumerate(dataset):
+            value = example[column]
+            if isinstance(value, Image.Image):
+                yield f"{i:06d}", (lambda v=value: v.convert("RGB"))
+                continue
+            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+            name = f"{i:06d}" + (f" ({os.path.basename(path)})" if path else "")
+            if data is None and path is not None:
+                yield name, _loader(Path(path))
+            else:
+                yield name, (lambda d=data, n=name: decode_image(d, name=n))
+
+
+def _looks_like_dataset_id(text: str) -> bool:
+    """"name" or "org/name": what `datasets.load_dataset` resolves on the Hub; paths and file names are not."""
+    return bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1 and not Path(text).suffix
+
+
+def _loader(path: Path):
+    return lambda: load_image(path)
+
+
+def _list_entry(i: int, item) -> tuple[str, Any]:
+    if isinstance(item, Image.Image):
+        return f"{i:06d}", (lambda: item.convert("RGB"))
+    if isinstance(item, (str, os.PathLike)):
+        return os.path.basename(os.fspath(item)), _loader(Path(item))
+    raise ValueError(f"data[{i}] is a {type(item).__name__}: expected a PIL image or an image path")
+
+
+def _is_hf_dataset(data) -> bool:
+    module = type(data).__module__ or ""
+    return module.startswith("datasets.") and hasattr(data, "features")
+
+
+def _load_hf_dataset(name: str, split: str):
+    from .data import load_image_dataset
+
+    try:
+        return load_image_dataset(dataset_name=name, split=split, streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
+        raise ValueError(f"data {name!r} is not a local folder and could not be opened as an HF dataset: {err}") from err
+
+
+def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Preprocessed batches: (names, (B, 3, resolution, resolution) in [-1, 1]), at most ``max_images`` images."""
+    names, tensors, taken = [], [], 0
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    for name, img in source:
+        names.append(name)
+        tensors.append(to_tensor(resize_and_crop(img, resolution, center_crop=True)))
+        taken += 1
+        if len(tensors) == batch_size:
+            yield names, torch.stack(tensors)
+            names, tensors = [], []
+        if max_images is not None and taken >= max_images:
+            break  # before reading the next image: nothing past the limit is decoded (or counted as skipped)
+    if tensors:
+        yield names, torch.stack(tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricSummary:
+    """Mean ± std (population std over images) of one metric; set-level metrics (rFID) have ``std=None``."""
+
+    mean: float
+    std: float | None
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "MetricSummary":
+        array = np.asarray(values, dtype=np.float64)
+        array = array[~np.isnan(array)]  # NaN = metric undefined for that image (e.g. a mask without holes)
+        if array.size == 0:
+            return cls(float("nan"), None, 0)
+        if not np.isfinite(array).all():  # identical images: PSNR +inf; the mean is inf, the spread undefined
+            return cls(float(array.mean()), None, int(array.size))
+        return cls(float(array.mean()), float(array.std()), int(array.size))
+
+    def format(self, digits: int) -> str:
+        if self.count == 0:
+            return "–"
+        text = f"{self.mean:.{digits}f}"
+        return text if self.std is None else f"{text} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured on one model.
+
+    Attributes:
+        model: a name for the model (its spec).
+        metrics: metric key -> :class:`MetricSummary` (``psnr``, ``ssim``, ``lpips``, ``rfid``,
+            ``masked_psnr_kept``, ``masked_psnr_hole``; only those requested).
+        count: images evaluated; ``skipped``: unreadable images left out (``skipped_names`` says which).
+        settings: the protocol and every option used.
+        per_image: metric key -> one value per image, in ``image_names`` order.
+        timings: seconds per stage (load, reconstruct, and each metric).
+        samples: the first ``keep_images`` originals and reconstructions (float [-1, 1], CPU), for grids.
+    """
+
+    model: str
+    metrics: dict[str, MetricSummary]
+    count: int
+    skipped: int
+    settings: dict[str, Any]
+    per_image: dict[str, list[float]]
+    image_names: list[str]
+    skipped_names: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("samples")
+        return _json_safe(data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """JSON text (``+inf`` PSNR written as the string ``"inf"``, undefined values as ``null``); also written to ``path``."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_markdown(self) -> str:
+        return results_table([self])
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+_COLUMNS = (  # (metric key, header, digits)
+    ("psnr", "PSNR ↑", 2),
+    ("ssim", "SSIM ↑", 3),
+    ("lpips", "LPIPS ↓", 3),
+    ("rfid", "rFID ↓", 2),
+    ("masked_psnr_kept", "masked PSNR kept ↑", 2),
+    ("masked_psnr_hole", "masked PSNR hole ↑", 2),
+)
+
+
+def results_table(results: Sequence[EvaluationResult]) -> str:
+    """A markdown table, one row per model, mean ± std per metric, then the protocol in one line."""
+    keys = [c for c in _COLUMNS if any(c[0] in r.metrics for r in results)]
+    header = "| model | " + " | ".join(h for _, h, _ in keys) + " | images | skipped |"
+    rule = "|---|" + "---:|" * (len(keys) + 2)
+    rows = [
+        f"| {r.model} | " + " | ".join(r.metrics[k].format(d) if k in r.metrics else "–" for k, _, d in keys)
+        + f" | {r.count} | {r.skipped} |"
+        for r in results
+    ]
+    return "\n".join([header, rule, *rows, "", _protocol_line(results[0].settings) if results else ""]).rstrip() + "\n"
+
+
+def _protocol_line(settings: dict) -> str:
+    return (
+        f"Protocol: shorter side -> {settings['resolution']} px (bicubic) + center crop; posterior "
+        f"{settings['posterior']}; uint8 quantization round((x+1)*127.5); PSNR per image (peak 255) then mean; "
+        f"SSIM Gaussian {SSIM_KERNEL_SIZE}/σ {SSIM_SIGMA}, data_range 255; LPIPS {settings.get('lpips_net', '-')}; "
+        f"rFID: {settings.get('fid_network', '-')}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Meters:
+    """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
+
+    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_metric, device: torch.device):
+        self.metrics = metrics
+        self.lpips_model, self.fid_metric, self.device = lpips_model, fid_metric, device
+        self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it to completion
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
+        """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
+        if "psnr" in self.metrics:
+            with self.timed("psnr"):
+                self.values["psnr"] += psnr(x8, rec8).tolist()
+        if "ssim" in self.metrics:
+            with self.timed("ssim"):
+                self.values["ssim"] += ssim(x8, rec8).tolist()
+        if "lpips" in self.metrics:
+            with self.timed("lpips"):
+                self.values["lpips"] += lpips_distance(x8, rec8, self.lpips_model).tolist()
+        if "rfid" in self.metrics:
+            with self.timed("rfid"):
+                self.fid_metric.update(x8, real=True)
+                self.fid_metric.update(rec8, real=False)
+
+    def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
+        from .latents import random_pixel_mask
+
+        with self.timed("masked_psnr"):
+            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=_downsampling_factor(vae))
+            decoded, target, region = masked_reconstruct(vae, x, mask)
+            dec8, target8 = to_uint8(decoded), to_uint8(target)
+            self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
+            self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
+
+    def summaries(self) -> dict[str, MetricSummary]:
+        summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
+        if "rfid" in self.metrics:
+            with self.timed("rfid"):
+                summaries["rfid"] = self._rfid()
+        return summaries
+
+    def _rfid(self) -> MetricSummary:
+        count = int(self.fid_metric.real_features_num_samples)
+        if count < 2:
+            logger.warning("rFID needs at least 2 images, got %d: not computed", count)
+            return MetricSummary(float("nan"), None, count)
+        return MetricSummary(float(self.fid_metric.compute()), None, count)
+
+
+def _downsampling_factor(vae) -> int:
+    from .latents import downsampling_factor
+
+    return downsampling_factor(vae)
+
+
+def evaluate(
+    vae_or_path,
+    data,
+    *,
+    resolution: int = 256,
+    batch_size: int = 8,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    max_images: int | None = None,
+    sample_posterior: bool = False,
+    lpips_net: str = "vgg",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    split: str = "validation",
+    image_column: str | None = None,
+    lpips_model: nn.Module | None = None,
+    fid_extractor: nn.Module | None = None,
+    keep_images: int = 0,
+    name: str | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Measure a VAE's reconstructions with the protocol of this module's docstring.
+
+    Args:
+        vae_or_path: a VAE module or a spec for :func:`load_vae` (folder, single file, preset, Hub id).
+        data: image folder, list of PIL images or paths, HF dataset name (streamed) or ``datasets`` object.
+        resolution (`int`, *optional*, defaults to 256): side of the center crop, after resizing the shorter side.
+        batch_size (`int`, *optional*, defaults to 8): images per model call.
+        metrics (`Sequence[str]`, *optional*, defaults to ``("psnr", "ssim", "lpips", "rfid")``): also ``"masked_psnr"``.
+        max_images (`int`, *optional*): stop after this many readable images (all when `None`).
+        sample_posterior (`bool`, *optional*, defaults to `False`): decode a seeded posterior sample, not the mode.
+        lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone, `"vgg"` or `"alex"`.
+        device (*optional*): where to run; the model's device for a module, else CUDA when available, else CPU.
+        dtype (*optional*): `"float16"`/`"bfloat16"` (or a torch dtype) runs the VAE under autocast; metrics stay float32.
+        seed (`int`, *optional*, defaults to 0): seeds posterior samples and the masked-PSNR masks (same for every model).
+        split, image_column: for HF datasets (defaults: `"validation"`, auto-detected column).
+        lpips_model (*optional*): a ready LPIPS module (default: ``perceptual.load_lpips(lpips_net)``, real weights).
+        fid_extractor (*optional*): uint8 -> features module (default: ``fid.load_fid_inception()``, real weights).
+        keep_images (`int`, *optional*, defaults to 0): keep the first N originals/reconstructions in ``result.samples``.
+        name (`str`, *optional*): the model's name in tables (default: the spec, or the class name).
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+
+    Returns:
+        :class:`EvaluationResult`.
+    """
+    metrics = _check_metrics(metrics)
+    vae = load_vae(vae_or_path)
+    device = torch.device(device) if device is not None else _default_device(vae, vae_or_path)
+    autocast_dtype = _autocast_dtype(dtype)
+    lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
+    meters = _Meters(metrics, lpips_model=lpips_model, fid_metric=make_fid_metric(fid_extractor).to(device) if fid_extractor else None, device=device)
+    source = ImageSource(data, split=split, image_column=image_column)
+    names, kept = [], ([], [])
+    generator = torch.Generator(device).manual_seed(seed)
+    mask_generator = torch.Generator().manual_seed(seed)  # masks are drawn on the CPU
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)  # noqa: E731
+    was_training = vae.training
+    vae.to(device).eval()
+    try:
+        with torch.inference_mode():
+            for batch_names, x in _progress(iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images), meters, progress):
+                x = x.to(device)
+                with meters.timed("reconstruct"), autocast():
+                    x_rec = reconstruct(vae, x, sample_posterior=sample_posterior, generator=generator)
+                meters.update(to_uint8(x), to_uint8(x_rec))  # metrics outside autocast: float32 (float64 for FID sums)
+                if "masked_psnr" in metrics:
+                    with autocast():
+                        meters.update_masked(vae, x, mask_generator)
+                names += batch_names
+                _keep(kept, x, x_rec, keep_images)
+    finally:
+        vae.train(was_training)  # a model evaluated during training goes back to training mode
+    if not names:
+        raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
+    summaries = meters.summaries()
+    settings = _settings(resolution=resolution, sample_posterior=sample_posterior, seed=seed, batch_size=batch_size,
+                         max_images=max_images, metrics=metrics, device=device, dtype=autocast_dtype, source=source,
+                         lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
+    samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
+    return EvaluationResult(
+        model=name or _model_name(vae_or_path), metrics=summaries, count=len(names), skipped=source.skipped,
+        settings=settings, per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
+        timings=dict(meters.timings), samples=samples,
+    )
+
+
+def _progress(batches, meters: _Meters, enabled: bool):
+    from tqdm.auto import tqdm
+
+    iterator = iter(batches)
+    with tqdm(desc="evaluate", unit="img", disable=not enabled) as bar:
+        while True:
+            with meters.timed("load"):  # decode + resize + crop of the next batch
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+            bar.update(len(item[0]))
+
+
+def _keep(kept: tuple[list, list], x: torch.Tensor, x_rec: torch.Tensor, keep_images: int) -> None:
+    room = keep_images - sum(len(t) for t in kept[0])
+    if room > 0:
+        kept[0].append(x[:room].cpu())
+        kept[1].append(x_rec[:room].clamp(-1, 1).cpu())
+
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    metrics = tuple(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
+    return metrics
+
+
+def _default_device(vae: nn.Module, spec) -> torch.device:
+    if isinstance(spec, nn.Module):
+        return _module_device(vae)  # evaluate the caller's model where it lives
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype in (None, torch.float32) else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
+    if "lpips" in metrics and lpips_model is None:
+        from .perceptual import load_lpips
+
+        lpips_model = load_lpips(lpips_net, device=device)
+    if "rfid" in metrics and fid_extractor is None:
+        from .fid import load_fid_inception
+
+        fid_extractor = load_fid_inception(device=device)
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(device).eval()
+    return (lpips_model if "lpips" in metrics else None), (fid_extractor if "rfid" in metrics else None)
+
+
+def _settings(*, resolution, sample_posterior, seed, batch_size, max_images, metrics, device, dtype, source, lpips_net,
+              lpips_model, fid_extractor) -> dict[str, Any]:
+    from . import __version__
+
+    settings = {
+        "data": source.describe(),
+        "resolution": resolution,
+        "preprocessing": "resize shorter side (bicubic) + center crop",
+        "posterior": f"sample (seed {seed})" if sample_posterior else "mode",
+        "quantization": "uint8: round((x + 1) * 127.5), clamped to [0, 255]",
+        "metrics": list(metrics),
+        "psnr": "per image over CxHxW, peak 255, then mean over images",
+        "ssim": f"torchmetrics, gaussian kernel {SSIM_KERNEL_SIZE}, sigma {SSIM_SIGMA}, data_range 255",
+        "batch_size": batch_size,
+        "max_images": max_images,
+        "device": str(device),
+        "autocast_dtype": str(dtype).replace("torch.", "") if dtype else "float32 (no autocast)",
+        "diffusers_klvae": __version__,
+        "torch": torch.__version__,
+    }
+    if lpips_model is not None:
+        settings["lpips_net"] = lpips_net
+        settings["lpips_weights"] = getattr(lpips_model, "weights_source", type(lpips_model).__name__)
+    if fid_extractor is not None:
+        settings["fid_network"] = getattr(fid_extractor, "source", type(fid_extractor).__name__)
+        settings["fid_features"] = getattr(fid_extractor, "num_features", None)
+    if "masked_psnr" in metrics:
+        settings["masked_psnr"] = f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
+    return settings
+
+
+def _model_name(spec) -> str:
+    return type(spec).__name__ if isinstance(spec, nn.Module) else os.fspath(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# comparison of several models, files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net: str = "vgg", device=None,
+            metrics: Sequence[str] = DEFAULT_METRICS, lpips_model=None, fid_extractor=None, **kwargs) -> tuple[list[EvaluationResult], Image.Image | None]:
+    """Evaluate each model on the same images; returns the results and a grid (original | each model | each error).
+
+    The LPIPS and Inception networks are loaded once and shared. ``kwargs`` go to :func:`evaluate`.
+    """
+    if not models:
+        raise ValueError("give at least one model")
+    metrics = _check_metrics(metrics)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
+    results = []
+    for spec in models:
+        vae = load_vae(spec)
+        results.append(evaluate(vae, data, metrics=metrics, lpips_net=lpips_net, device=device, lpips_model=lpips_model,
+                                fid_extractor=fid_extractor, keep_images=grid_images, name=_model_name(spec), **kwargs))
+        del vae  # one model in memory at a time
+    samples = [r.samples for r in results if r.samples is not None]
+    grid = reconstruction_grid(samples[0][0], [s[1] for s in samples]) if len(samples) == len(results) and samples else None
+    return results, grid
+
+
+def write_report(results: Sequence[EvaluationResult], output_dir: str | os.PathLike, grid: Image.Image | None = None) -> dict[str, Path]:
+    """Write ``metrics.json``, ``metrics.md``, ``per_image.csv`` and ``grid.png`` (when given) into ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "metrics.json", "markdown": out / "metrics.md", "csv": out / "per_image.csv"}
+    files["json"].write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
+    table = results_table(results)
+    if grid is not None:
+        files["grid"] = out / "grid.png"
+        grid.save(files["grid"])
+        table += f"\nGrid ({files['grid'].name}): one row per image: original | " + " | ".join(r.model for r in results) \
+                 + " | amplified error of each, same order.\n"
+    files["markdown"].write_text(table)
+    _write_csv(results, files["csv"])
+    return files
+
+
+def _write_csv(results: Sequence[EvaluationResult], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in results for k in r.per_image))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "image", *keys])
+        for r in results:
+            for i, image in enumerate(r.image_names):
+                writer.writerow([r.model, image, *(_csv_value(r.per_image.get(k), i) for k in keys)])
+
+
+def _csv_value(values, i: int) -> str:
+    if values is None:
+        return ""
+    return repr(float(values[i])) if math.isfinite(values[i]) else str(values[i])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klvae-eval",
+        description="Evaluate VAEs (PSNR, SSIM, LPIPS, rFID) with the field's protocol and compare them on the same images.",
+    )
+    parser.add_argument("--model", action="append", required=True,
+                        help="diffusers folder, single file, preset name or Hub id; repeat to compare models")
+    parser.add_argument("--data", required=True, help="image folder, or an HF dataset name (streamed)")
+    parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
+    parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
+    parser.add_argument("--output", default=None, help="folder for metrics.json, metrics.md, per_image.csv, grid.png")
+    parser.add_argument("--resolution", type=int, default=256, help="center-crop side after resizing (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
+    parser.add_argument("--sample-posterior", action="store_true", help="decode a seeded posterior sample instead of the mode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"), default="float32",
+                        help="autocast dtype of the VAE (metrics always run in float32)")
+    parser.add_argument("--grid-images", type=int, default=GRID_IMAGES, help="images in grid.png (0: no grid)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.resolution < 8 or args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
+        sys.stderr.write("klvae-eval: error: --resolution >= 8, --batch-size >= 1 and --max-images >= 1 are required\n")
+        return 2
+    try:
+        results, grid = compare(
+            args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
+            device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+            resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
+            sample_posterior=args.sample_posterior, dtype=args.dtype, seed=args.seed, split=args.split,
+            image_column=args.image_column,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.stderr.write(f"klvae-eval: error: {err}\n")  # one line, no traceback: the input was wrong
+        return 2
+    sys.stdout.write(results_table(results))  # the command's product: a table on stdout, pipeable
+    if args.output:
+        files = write_report(results, args.output, grid)
+        logger.info("wrote %s", ", ".join(os.fspath(p) for p in files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

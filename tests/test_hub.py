@@ -1,0 +1,402 @@
+"""Publishing (issue 8): staged folder, model card, validation, upload against a recording stand-in for HfApi.
+
+Everything is offline: models are tiny configs, the Hub is replaced by `RecordingApi`.
+"""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_klvae import KLVAE
+from diffusers_klvae import hub
+from diffusers_klvae.imaging import load_image, reconstruction_grid, resize_and_crop, to_tensor
+
+REPO_ID = "someone/tiny-klvae"
+TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
+TINY = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SETTINGS = {"data": "hf-dataset someone/coco-val (split validation)", "resolution": 256, "posterior": "mode"}
+METRICS = {  # what klvae-eval --output writes: a baseline (a Hub id) and this model (a local path, kept private)
+    "results": [
+        {"model": "stabilityai/sd-vae-ft-mse", "count": 7, "skipped": 0, "settings": SETTINGS,
+         "metrics": {"psnr": {"mean": 24.0, "std": 3.5, "count": 7}, "ssim": {"mean": None, "std": None, "count": 0}}},
+        {"model": "/home/someone/outputs/run-7", "count": 7, "skipped": 0, "settings": SETTINGS,
+         "metrics": {"psnr": {"mean": 24.51, "std": 3.7, "count": 7}, "ssim": {"mean": 0.712, "std": 0.13, "count": 7},
+                     "lpips": {"mean": 0.0912, "std": 0.03, "count": 7}, "rfid": {"mean": 4.7, "std": None, "count": 7},
+                     "masked_psnr_kept": {"mean": 30.0, "std": 1.0, "count": 7}}},
+    ]
+}
+TRAINING_ARGS = {
+    "dataset_name": "someone/photos", "resolution": 256, "max_train_steps": 1200, "train_batch_size": 4,
+    "learning_rate": 4.5e-6, "mixed_precision": "bf16", "hub_token": TOKEN, "wandb_api_key": "abc123secretvalue",
+    "output_dir": "/home/someone/outputs/run-7", "cache_dir": "~/cache",
+    "loss": {"rec_loss": "l1", "kl_weight": 1e-6, "perceptual_weight": 1.0, "disc_weight": 0.5, "password": "x"},
+}
+EXPECTED_FILES = {
+    "README.md", "config.json", "diffusion_pytorch_model.safetensors", "tiny-klvae.safetensors",
+    "diffusion_pytorch_model.ema.safetensors", "images/reconstructions.png", "images/loss_curve.png",
+}
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def photo_batch(photo_paths, n=2, size=32) -> torch.Tensor:
+    return torch.stack([to_tensor(resize_and_crop(load_image(p), size)) for p in photo_paths[:n]])
+
+
+class RecordingApi:
+    """Stands in for `huggingface_hub.HfApi`: records calls and the files present when `upload_folder` runs."""
+
+    def __init__(self):
+        self.calls = []
+        self.uploaded_files = []
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        self.uploaded_files.append(files_in(Path(folder_path)))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{len(self.calls):040d}")
+
+    def run_as_future(self, fn, *args, **kwargs):
+        def gated():
+            self.gate.wait(timeout=10)
+            return fn(*args, **kwargs)
+        return self._pool.submit(gated)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP's spinning threads make a
+    32x32 forward take seconds instead of milliseconds; restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vaes():
+    torch.manual_seed(0)
+    vae, ema = KLVAE(**TINY).eval(), KLVAE(**TINY).eval()
+    return vae, ema
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, vaes, photo_paths):
+    folder = tmp_path_factory.mktemp("images")
+    x = photo_batch(photo_paths)
+    with torch.no_grad():
+        x_rec = vaes[0](x).sample
+    reconstruction_grid(x, [x_rec]).save(folder / "reconstructions.png")
+    reconstruction_grid(x[:1], []).save(folder / "loss curve.png")  # any picture; the name routes it to Training
+    return [folder / "reconstructions.png", folder / "loss curve.png"]
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, vaes, images):
+    folder = tmp_path_factory.mktemp("staged") / "repo"
+    vae, ema = vaes
+    hub.stage_folder(vae, folder, repo_id=REPO_ID, ema_vae=ema, metrics=METRICS, images=images,
+                     training_args=TRAINING_ARGS, base_model="stabilityai/sd-vae-ft-mse",
+                     datasets=["someone/photos"], license="mit")
+    return folder
+
+
+def test_staged_folder_loads_with_autoencoderkl_and_klvae(staged, vaes, photo_paths):
+    from diffusers import AutoencoderKL
+
+    vae, ema = vaes
+    assert files_in(staged) == EXPECTED_FILES
+    config = json.loads((staged / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and "_name_or_path" not in config
+
+    x = photo_batch(photo_paths)
+    with torch.no_grad():
+        expected = vae(x).sample
+        from_diffusers = AutoencoderKL.from_pretrained(staged).eval()(x).sample
+        from_klvae = KLVAE.from_pretrained(staged).eval()(x).sample
+        from_ema = KLVAE.from_pretrained(staged, variant="ema").eval()(x).sample
+        from_ema_diffusers = AutoencoderKL.from_pretrained(staged, variant="ema").eval()(x).sample
+        expected_ema = ema(x).sample
+    torch.testing.assert_close(from_klvae, expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_diffusers, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_ema, expected_ema, rtol=0, atol=0)
+    torch.testing.assert_close(from_ema_diffusers, expected_ema, rtol=1e-5, atol=1e-5)
+
+    # the single file is the original LDM layout (encoder.down.N, no prefix) and loads back to the same weights
+    single = load_file(staged / "tiny-klvae.safetensors")
+    assert "encoder.down.0.block.0.conv1.weight" in single and "encoder.down_blocks.0.resnets.0.conv1.weight" not in single
+    reloaded = KLVAE.from_single_file(staged / "tiny-klvae.safetensors", config=staged)
+    from_diffusers_single = AutoencoderKL.from_single_file(staged / "tiny-klvae.safetensors", config=str(staged))
+    for key, value in vae.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+        assert torch.equal(from_diffusers_single.state_dict()[key], value), key
+
+
+def _tiny_pipeline_parts(tmp_path: Path):
+    """Text encoder, tokenizer, UNet and scheduler of a Stable Diffusion pipeline, built from configs."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"),
+                              model_max_length=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=2)
+    scheduler = DDIMScheduler(clip_sample=False, steps_offset=1)
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def test_stable_diffusion_pipeline_runs_with_published_vae(staged, vaes, tmp_path):
+    """The card's usage: `StableDiffusionPipeline.from_pretrained(base, vae=AutoencoderKL.from_pretrained(repo))`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    vae, _ = vaes
+    other_vae = KLVAE(**TINY)  # the "base" pipeline's own VAE, which vae= must replace
+    base = StableDiffusionPipeline(vae=other_vae, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **_tiny_pipeline_parts(tmp_path))
+    base.save_pretrained(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base", vae=AutoencoderKL.from_pretrained(staged))
+    pipe.set_progress_bar_config(disable=True)
+
+    kwargs = dict(prompt="a cat", num_inference_steps=2, height=32, width=32)
+    latents = pipe(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    image = pipe(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 16, 16) and image.shape == (1, 3, 32, 32)
+    with torch.no_grad():  # the pipeline decodes with the published weights and the config's scaling_factor
+        expected = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(image, expected, rtol=1e-4, atol=1e-4)
+
+    # a pipeline repo's VAE loads with KLVAE through subfolder="vae", as with diffusers' ModelMixin
+    pipe.save_pretrained(tmp_path / "pipeline")
+    from_subfolder = KLVAE.from_pretrained(tmp_path / "pipeline", subfolder="vae")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(from_subfolder.state_dict()[key], value), key
+
+
+def test_variant_fp16_loads_offline(vaes, tmp_path):
+    vae, _ = vaes
+    vae.save_pretrained(tmp_path)
+    KLVAE(**TINY).half().save_pretrained(tmp_path, variant="fp16")  # other weights, so the variant is observable
+    fp16_file = load_file(tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+
+    loaded = KLVAE.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    default = KLVAE.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float16 and default.dtype == torch.float32
+    for key, value in vae.state_dict().items():
+        assert torch.equal(default.state_dict()[key], value), key
+        assert torch.equal(loaded.state_dict()[key], fp16_file[key]), key
+    key = "encoder.conv_in.weight"
+    assert not torch.equal(loaded.state_dict()[key].float(), vae.state_dict()[key])
+
+
+def test_model_card_metadata_round_trips(staged, vaes):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    vae, _ = vaes
+    card = ModelCard.load(staged / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "image-to-image"
+    assert {"vae", "autoencoder", "stable-diffusion", "diffusers-klvae"} <= set(data["tags"])
+    assert data["license"] == "mit" and data["base_model"] == "stabilityai/sd-vae-ft-mse"
+    assert data["datasets"] == ["someone/photos"]
+    assert ModelCardData(**data).to_dict() == data
+
+    # the model-index holds this model's means (not the baseline's), with dataset and resolution
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert card.data.model_name == "tiny-klvae"
+    assert {k: r.metric_value for k, r in results.items()} == {"psnr": 24.51, "ssim": 0.712, "lpips": 0.0912, "rfid": 4.7}
+    assert results["psnr"].dataset_type == "someone/coco-val" and results["psnr"].dataset_split == "validation"
+    assert results["psnr"].dataset_args == {"resolution": 256, "num_images": 7}
+
+    text = card.text
+    n_params = sum(p.numel() for p in vae.parameters())
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    factor = 64 // latent.shape[-1]
+    assert f"| Latent shape at 256² | 4×{256 // factor}×{256 // factor} |" in text
+    assert f"| Latent shape at 512² | 4×{512 // factor}×{512 // factor} |" in text
+    assert f"| Parameters | {n_params / 1e6:.2f} M" in text
+    assert f'AutoencoderKL.from_pretrained("{REPO_ID}")' in text and "vae=vae)" in text
+    assert "tiny-klvae.safetensors" in text and 'variant="ema"' in text
+    assert "| tiny-klvae (this model) | 24.51 ± 3.70 | 0.712 ± 0.130 | 0.091 ± 0.030 | 4.70 | 7 |" in text
+    assert "| stabilityai/sd-vae-ft-mse | 24.00 ± 3.50 | – | – | – | 7 |" in text
+    assert "of 7 someone/coco-val (validation) images at 256x256" in text and "`posterior=mode`" in text
+    assert "| Loss weights | kl_weight = 1e-06, perceptual_weight = 1, disc_weight = 0.5 |" in text
+    assert "| Steps | 1200 |" in text and "| Learning rate | 4.5e-06 |" in text
+    assert "![reconstructions](images/reconstructions.png)" in text and "(images/loss_curve.png)" in text
+    assert text.index("images/loss_curve.png") < text.index("## Evaluation") < text.index("images/reconstructions.png")
+
+
+def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_path, monkeypatch):
+    vae, ema = vaes
+    monkeypatch.setenv("KLVAE_TEST_PRIVATE", "s3://private-bucket/run-secret")
+    args = {**TRAINING_ARGS, "remote_data": "s3://private-bucket/run-secret/shards"}
+    api = RecordingApi()
+    hub.publish(vae, REPO_ID, folder=tmp_path / "repo", metrics=METRICS, images=images, training_args=args,
+                token=TOKEN, ema_vae=ema, api=api)
+    for path in (tmp_path / "repo").rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            for leak in (TOKEN, "abc123secretvalue", "/home/someone", "~/cache", "private-bucket", str(tmp_path)):
+                assert leak.encode() not in raw, (leak, path.name)
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert "learning_rate: 4.5e-06" in card and "rec_loss: l1" in card  # harmless arguments stay
+    assert all(call[2].get("token") == TOKEN for call in api.calls)  # the token went to the API only
+
+
+def test_publish_makes_one_repo_and_one_commit(vaes, images, tmp_path):
+    vae, ema = vaes
+    api = RecordingApi()
+    url = hub.publish(vae, REPO_ID, metrics=METRICS, images=images, training_args=TRAINING_ARGS, ema_vae=ema,
+                      private=True, api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    (_, repo, create_kwargs), (_, upload_repo, upload_kwargs) = api.calls
+    assert repo == upload_repo == REPO_ID
+    assert create_kwargs["exist_ok"] is True and create_kwargs["private"] is True
+    assert upload_kwargs["commit_message"] == hub.DEFAULT_COMMIT_MESSAGE
+    assert api.uploaded_files == [EXPECTED_FILES]
+    assert url == f"https://huggingface.co/{REPO_ID}/commit/{2:040d}"
+
+
+def _drop_weights(folder: Path):
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+
+
+def _card_without_metadata(folder: Path):
+    text = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(text.split("\n---\n", 1)[1])
+
+
+def _card_without_license(folder: Path):
+    text = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(text.replace("license: openrail++\n", ""))
+
+
+def _token_in_config(folder: Path):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "note": TOKEN}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop_weights, "missing weights diffusion_pytorch_model.safetensors"),
+    (_card_without_metadata, "README.md has no YAML metadata block"),
+    (_card_without_license, "README.md metadata lacks license"),
+    (_token_in_config, "config.json contains an access token"),
+])
+def test_failed_validation_uploads_nothing(vaes, tmp_path, monkeypatch, damage, message):
+    real_stage = hub.stage_folder
+
+    def stage_then_damage(*args, **kwargs):
+        folder = real_stage(*args, **kwargs)
+        damage(folder)
+        return folder
+
+    monkeypatch.setattr(hub, "stage_folder", stage_then_damage)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match=message):
+        hub.publish(vaes[0], REPO_ID, folder=tmp_path / "repo", token=TOKEN, api=api)
+    assert api.calls == []
+
+
+def test_push_checkpoint_async_uploads_a_snapshot_in_the_background(tmp_path):
+    checkpoint = tmp_path / "checkpoint-100"
+    (checkpoint / "vae").mkdir(parents=True)
+    (checkpoint / "vae" / "config.json").write_text("{}")
+    (checkpoint / "optimizer.bin").write_bytes(b"\0" * 16)
+    api = RecordingApi()
+    api.gate.clear()  # hold the upload until the trainer has moved on
+    future = hub.push_checkpoint_async(checkpoint, REPO_ID, token=TOKEN, ignore_patterns=["optimizer*"], api=api)
+    assert not future.done() and api.calls == []  # the call returned before uploading anything
+    for path in sorted(checkpoint.rglob("*"), reverse=True):  # checkpoint rotation deletes the folder meanwhile
+        path.unlink() if path.is_file() else path.rmdir()
+    checkpoint.rmdir()
+    api.gate.set()
+    url = future.result(timeout=10)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    upload = api.calls[1][2]
+    assert upload["path_in_repo"] == "checkpoints/checkpoint-100" and upload["ignore_patterns"] == ["optimizer*"]
+    assert api.calls[0][2]["private"] is True and upload["token"] == TOKEN
+    assert api.uploaded_files == [{"vae/config.json", "optimizer.bin"}]
+    assert url.startswith(f"https://huggingface.co/{REPO_ID}/commit/")
+
+
+def test_load_metrics_accepts_eval_json_entry_and_flat_dict(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(METRICS))
+    rows = hub.load_metrics(path)
+    assert [r["name"] for r in rows] == ["stabilityai/sd-vae-ft-mse", "run-7"]  # the local path is not shown
+    assert rows[0]["metrics"] == {"psnr": (24.0, 3.5)}  # undefined SSIM (mean None) is left out
+    assert rows[1]["metrics"] == {"psnr": (24.51, 3.7), "ssim": (0.712, 0.13), "lpips": (0.0912, 0.03), "rfid": (4.7, None)}
+    assert hub._pick(rows, None) is rows[1]  # the only model evaluated from a local path, not the baseline
+    assert hub._pick(rows, "stabilityai/sd-vae-ft-mse") is rows[0]
+    as_models = {"models": [{"name": e["model"], **{k: v for k, v in e.items() if k != "model"}} for e in METRICS["results"]]}
+    assert [r["metrics"] for r in hub.load_metrics(as_models)] == [r["metrics"] for r in rows]
+    assert hub.load_metrics(METRICS["results"][1])[0]["metrics"] == rows[1]["metrics"]
+    flat = hub.load_metrics({"psnr": "inf", "SSIM": 0.7, "fid": 5.1, "steps": 10})
+    assert flat[0]["metrics"] == {"psnr": (float("inf"), None), "ssim": (0.7, None), "rfid": (5.1, None)}
+    assert [r.metric_type for r in hub.eval_results(flat[0])] == ["ssim", "rfid"]  # no infinity in the metadata
+    with pytest.raises(ValueError, match="no PSNR/SSIM/LPIPS/rFID values"):
+        hub.load_metrics({"accuracy": 0.9})
+    with pytest.raises(ValueError, match="no evaluated model named 'other'"):
+        hub._pick(rows, "other")
+    with pytest.raises(FileNotFoundError, match="metrics file not found"):
+        hub.load_metrics(tmp_path / "missing.json")
+
+
+def test_sanitize_training_args_drops_secrets_paths_and_env_values(monkeypatch):
+    import argparse
+
+    monkeypatch.setenv("KLVAE_TEST_DIR", "relative/but/private")
+    args = argparse.Namespace(lr=1e-4, api_token="x", db_password="y", client_secret="z", out=Path("/abs/out"),
+                              data=["ok/shard", "/abs/shard", "C:\\data"], nested={"path": "relative/but/private/x",
+                                                                                 "keep": 3, "HF_TOKEN": "t"})
+    assert hub.sanitize_training_args(args) == {"lr": 1e-4, "data": ["ok/shard"], "nested": {"keep": 3}}
+
+
+def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    vae, ema = vaes
+    vae.save_pretrained(tmp_path / "model")
+    ema.save_pretrained(tmp_path / "model" / "ema")
+    (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
+    (tmp_path / "args.json").write_text(json.dumps(TRAINING_ARGS))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("--dry-run must not create an HfApi client")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
+    code = hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--metrics", str(tmp_path / "metrics.json"),
+                     "--images", *map(str, images), "--training-args", str(tmp_path / "args.json"),
+                     "--dataset", "someone/photos", "--dry-run", "--folder", str(tmp_path / "staged")])
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing uploaded" in out
+    assert files_in(tmp_path / "staged") == EXPECTED_FILES
+    assert all(name in out for name in EXPECTED_FILES)
+
+    code = hub.main([str(tmp_path / "nowhere"), "--repo-id", REPO_ID, "--dry-run"])
+    assert code == 1 and "no model at" in capsys.readouterr().err

@@ -1,0 +1,259 @@
+"""train_autoencoder.py end to end: arguments, exact resume after SIGKILL, 2 processes, decoder-only, EMA, bf16.
+
+Runs use the ``tiny`` preset (f2) at 32x32 on the bundled photos, a few steps each, one CPU thread (the result of
+a CPU run is bit-reproducible only at a fixed thread count), LPIPS with a random backbone (its value does not
+matter here; the real weights are exercised by the demo and the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_klvae import KLVAE, training
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "train_autoencoder.py"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def base_args(train_dir, output_dir, *extra) -> list[str]:
+    return ["--preset", "tiny", "--train_data_dir", str(train_dir), "--resolution", "32", "--train_batch_size", "2",
+            "--seed", "0", "--report_to", "none", "--lpips_weights", "random", "--output_dir", str(output_dir),
+            "--num_validation_images", "1", *map(str, extra)]
+
+
+def from_start(argv: list[str], start) -> list[str]:
+    """Fine-tune a saved model instead of a fresh preset, so a test knows the starting weights."""
+    i = argv.index("--preset")
+    return argv[:i] + ["--pretrained_model_name_or_path", str(start)] + argv[i + 2:]
+
+
+@pytest.fixture
+def tiny_start(tmp_path) -> Path:
+    torch.manual_seed(1)
+    KLVAE.from_preset("tiny").save_pretrained(tmp_path / "start")
+    return tmp_path / "start"
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture
+def run_inprocess():
+    """Call train_autoencoder.main(argv) in this process with 1 thread and a fresh Accelerate state."""
+    sys.path.insert(0, str(ROOT))
+    import train_autoencoder
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(argv):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return train_autoencoder.main(argv)
+
+    yield run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+    sys.path.remove(str(ROOT))
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / WEIGHTS)
+
+
+def assert_identical(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+
+
+def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
+    cfg = training.parse_args(base_args(photos_dir, tmp_path, "--kl_scale", "1e-5", "--use_ema", "--mixed_precision", "bf16"))
+    assert cfg.kl_weight == 1e-5  # the diffusers example's name is an alias of the losses' name
+    assert cfg.use_ema and cfg.mixed_precision == "bf16" and cfg.resolution == 32 and cfg.preset == "tiny"
+    with pytest.raises(Exception):
+        cfg.resolution = 64  # frozen: nothing changes the config after parsing
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "33"], "multiple of the model's downsampling factor 2"),
+        (["--preset", "huge"], "unknown preset 'huge'; available presets: kl-f8-16ch, sd-kl-f8, sdxl, small, tiny"),
+        (["--image_column", "picture"], "image column 'picture' not in the dataset; its columns are ['image']"),
+        (["--latent_mask_prob", "1.5"], "--latent_mask_prob must be in [0, 1]"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(photos_dir, tmp_path, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as err:
+        training.parse_args(base_args(photos_dir, out, *extra))
+    assert message in str(err.value)
+    assert not out.exists()  # nothing was created
+
+
+def test_resolution_checked_against_f8_preset(photos_dir, tmp_path):
+    with pytest.raises(ValueError, match="--resolution 100 must be a multiple of the model's downsampling factor 8"):
+        training.parse_args(base_args(photos_dir, tmp_path, "--preset", "small", "--resolution", "100"))
+
+
+def test_script_exits_with_one_line_error(photos_dir, tmp_path, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *base_args(photos_dir, tmp_path, "--resolution", "31")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert str(exit_.value.code).startswith("train_autoencoder.py: error: --resolution 31 must be a multiple of")
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
+    """6 steps straight == steps until a checkpoint, SIGKILL, resume from `latest` (bit-identical weights),
+    even with a half-written checkpoint left behind. GAN on from step 2, EMA and mask-aware training on."""
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--validation_steps", "3", "--disc_start", "2",
+            "--use_ema", "--latent_mask_prob", "0.5", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *base_args(photos_dir, killed, *args)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while training.find_latest_checkpoint(killed) is None:
+        assert proc.poll() is None, f"training ended before a checkpoint was written:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 150 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    first = training.find_latest_checkpoint(killed)
+    assert training.checkpoint_step(first) < 6
+
+    # what a kill during a save leaves: a temp folder and a checkpoint folder without its marker
+    shutil.copytree(first, killed / ".tmp-checkpoint-8")
+    shutil.copytree(first, killed / "checkpoint-9")
+    (killed / "checkpoint-9" / training.CHECKPOINT_MARKER).unlink()
+    assert training.find_latest_checkpoint(killed) == first
+
+    run_inprocess(base_args(photos_dir, killed, *args, "--resume_from_checkpoint", "latest"))
+    run_inprocess(base_args(photos_dir, straight, *args))
+
+    assert_identical(weights(straight), weights(killed), "raw weights")
+    assert_identical(weights(straight / "ema"), weights(killed / "ema"), "EMA weights")
+    assert_identical(weights(straight / "checkpoint-6" / "discriminator"), weights(killed / "checkpoint-6" / "discriminator"), "discriminator")
+    assert not (killed / ".tmp-checkpoint-8").exists()  # stale temp folders are cleaned at the next save
+    history = json.loads((killed / "checkpoint-6" / training.CHECKPOINT_MARKER).read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # the loss curve survives the kill
+    # GAN terms from disc_start: the update that starts with 2 steps done is the 3rd (history counts steps done)
+    assert "d_loss" not in history[1] and history[1]["g"] == 0 and history[2]["d_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- scale-out
+
+
+def test_two_processes_sync_weights_and_split_data(photos_dir, tmp_path, tiny_start):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT),
+           *from_start(base_args(photos_dir, out, "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                 "--disc_start", "1", "--center_crop", "--debug_process_logs"), tiny_start)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    w0, w1 = load_file(out / "weights-0.safetensors"), load_file(out / "weights-1.safetensors")
+    assert_identical(w0, w1, "replicas")  # gradients were averaged: both processes hold the same VAE
+    start = weights(tiny_start)
+    assert any(not torch.equal(w0[k], start[k]) for k in start)  # and it trained
+    seen = [(out / f"seen_images-{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 2
+    assert not set(seen[0]) & set(seen[1])  # each process read its own shard
+    ckpt = training.find_latest_checkpoint(out)
+    for r in (0, 1):  # every process saved its own data position and RNG states
+        assert json.loads((ckpt / f"data_state_{r}.json").read_text())["process_index"] == r
+        assert (ckpt / f"rng_state_{r}.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- options
+
+
+def test_decoder_only_leaves_encoder_bit_identical(photos_dir, tmp_path, run_inprocess, tiny_start):
+    out = tmp_path / "dec"
+    run_inprocess(from_start(base_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--disc_start", "1",
+                                       "--decoder_only", "--learning_rate", "1e-3", "--perceptual_weight", "0"), tiny_start))
+    before, after = weights(tiny_start), weights(out)
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith("decoder.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("conv_out.weight"))
+    opt = torch.load(out / "checkpoint-2" / "optimizers.pt", weights_only=True)["vae"]
+    n_trainable = sum(1 for k in before if k.startswith(("decoder.", "post_quant_conv.")))
+    assert len(opt["param_groups"][0]["params"]) == n_trainable  # the frozen part is not even in the optimizer
+
+
+def test_ema_is_what_validation_used_and_checkpoints_are_pruned(photos_dir, photo_paths, tmp_path, run_inprocess):
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for p in photo_paths:
+        shutil.copy(p, train_dir / p.name)
+    (train_dir / "broken.jpg").write_bytes(photo_paths[0].read_bytes()[:300])  # truncated JPEG
+    (train_dir / "notes.png").write_text("not an image")
+    val_paths = [str(photo_paths[1]), str(photo_paths[2])]
+    out = tmp_path / "ema"
+    result = run_inprocess(base_args(train_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                                     "--checkpoints_total_limit", "2", "--validation_steps", "2", "--use_ema",
+                                     "--learning_rate", "1e-3", "--perceptual_weight", "0", "--disc_start", "100",
+                                     "--validation_images", *val_paths))
+    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert result["skipped"] >= 1  # the broken files were skipped and counted, not fatal
+
+    raw, ema = KLVAE.from_pretrained(out), KLVAE.from_pretrained(out / "ema")
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+    from diffusers_klvae.data import load_validation_images
+    from diffusers_klvae.evaluation import psnr, reconstruct
+    from diffusers_klvae.imaging import to_uint8
+
+    images = load_validation_images(val_paths, resolution=32).pixel_values
+    score = lambda vae: float(psnr(to_uint8(images), to_uint8(reconstruct(vae.eval(), images))).mean())  # noqa: E731
+    logged = [json.loads(line) for line in (out / "validation" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [2, 4] and logged[-1]["weights"] == "ema"
+    assert logged[-1]["psnr"] == pytest.approx(score(ema), abs=1e-9)
+    assert abs(logged[-1]["psnr"] - score(raw)) > 1e-6
+    assert (out / "validation" / "step-0000004.png").is_file() and (out / "loss_curve.png").is_file()
+    assert "---" in (out / "README.md").read_text()[:10]  # a model card with YAML metadata
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(photos_dir, tmp_path, run_inprocess, tiny_start):
+    out = tmp_path / "bf16"
+    run_inprocess(from_start(base_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--disc_start", "1",
+                                       "--mixed_precision", "bf16", "--learning_rate", "1e-3"), tiny_start))
+    final = weights(out)
+    assert {t.dtype for t in final.values()} == {torch.float32}
+    assert {t.dtype for t in weights(out / "checkpoint-2" / "discriminator").values() if t.is_floating_point()} == {torch.float32}
+    opt = torch.load(out / "checkpoint-2" / "optimizers.pt", weights_only=True)
+    assert {s["exp_avg"].dtype for s in opt["vae"]["state"].values()} == {torch.float32}
+    start = weights(tiny_start)
+    assert all(not torch.equal(final[k], start[k]) for k in start if k.endswith("conv_out.weight"))
+    history = json.loads((out / "checkpoint-2" / training.CHECKPOINT_MARKER).read_text())["history"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

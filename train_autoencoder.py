@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Train or fine-tune a KL autoencoder (KLVAE, diffusers' AutoencoderKL format) with Accelerate, resuming exactly.
+
+    accelerate launch train_autoencoder.py --pretrained_model_name_or_path stabilityai/sd-vae-ft-mse --decoder_only \
+        --dataset_name <hub/images> --resolution 256 --train_batch_size 4 --use_ema --output_dir sd-vae-ft
+
+The loop only; every piece (config, step, checkpoints, validation) is in ``diffusers_klvae.training``, the data
+stream in ``diffusers_klvae.data``, the loss in ``diffusers_klvae.losses``. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusers_klvae import data, training
+
+logger = logging.getLogger("train_autoencoder")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (bad arguments raise ``ValueError`` before any work) and train; see :func:`train`."""
+    return train(training.parse_args(argv))
+
+
+def train(cfg: training.TrainConfig) -> dict:
+    """Run training (cfg is frozen: nothing changes it); returns the last validation metrics and ``output_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        cpu=training.multi_cpu_launch(), gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    seed = 0 if cfg.seed is None else cfg.seed  # the data stream needs one to be resumable
+    if cfg.seed is not None:
+        set_seed(cfg.seed)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1) data: held-out validation images, then this process's shard of the stream (validation images excluded)
+    dataset = data.load_image_dataset(**training.data_source_kwargs(cfg))
+    if cfg.validation_images:
+        val = data.load_validation_images(cfg.validation_images, resolution=cfg.resolution)
+    else:
+        val = data.take_validation_images(dataset, cfg.num_validation_images, image_column=cfg.image_column, resolution=cfg.resolution) if cfg.num_validation_images else None
+    stream = data.make_train_stream(
+        dataset, image_column=cfg.image_column, resolution=cfg.resolution, batch_size=cfg.train_batch_size,
+        center_crop=cfg.center_crop, random_flip=cfg.random_flip, shuffle_buffer_size=cfg.shuffle_buffer_size,
+        seed=seed, process_index=rank, num_processes=world, exclude=val.keys if val is not None else frozenset(),
+        num_threads=cfg.dataloader_num_workers)
+
+    # 2) models: VAE (+ freezing, EMA), discriminator, loss (holds LPIPS)
+    vae = training.build_vae(pretrained_model_name_or_path=cfg.pretrained_model_name_or_path, model_config_name_or_path=cfg.model_config_name_or_path,
+                             preset=cfg.preset, revision=cfg.revision, subfolder=cfg.subfolder)
+    if cfg.decoder_only:
+        training.freeze_encoder(vae)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    vae.train()
+    disc, loss_fn = training.build_loss(cfg, distributed=world > 1 and accelerator.device.type != "cpu")
+    ema = training.build_ema(vae, decay=cfg.ema_decay) if cfg.use_ema else None
+    factor = vae.downsampling_factor
+
+    # 3) optimizers, schedulers, prepare (DDP wrapping, autocast, device placement)
+    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
+    optimizers = training.build_optimizers(vae, disc, learning_rate=cfg.learning_rate * scale, disc_learning_rate=cfg.disc_learning_rate * scale,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    schedulers = training.build_schedulers(optimizers, name=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps,
+                                           max_train_steps=cfg.max_train_steps, num_processes=world)
+    vae, disc, *prepared = accelerator.prepare(vae, disc, *optimizers, *schedulers)
+    optimizers, schedulers = tuple(prepared[:2]), tuple(prepared[2:])
+    loss_fn.discriminator = disc  # the D loss goes through the DDP wrapper (gradient sync)
+    loss_fn.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)  # posterior samples and masks; per process
+
+    # 4) trackers, resume (last: it restores the RNG states the loop continues from)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(cfg.tracker_project_name, config=training.tracker_config(cfg))
+    step, history = 0, []
+    resume = training.resolve_resume_path(cfg.resume_from_checkpoint, out)
+    if resume is not None:
+        state = training.load_checkpoint(accelerator, resume, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
+                                         generator=generator, data_stream=stream)
+        step, history = state["step"], state.get("history", [])
+    hub_futures = []
+    progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
+    batches = iter(stream)
+    images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    metrics = {}
+
+    while step < cfg.max_train_steps:
+        # 5) one update = gradient_accumulation_steps micro-batches; masks and posterior draw from `generator`
+        t0 = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            x = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [-1, 1]
+            if cfg.debug_process_logs:
+                training.log_seen_images(out / f"seen_images-{rank}.txt", x)
+            latent_mask, target = training.mask_batch(x, factor=factor, prob=cfg.latent_mask_prob, kind=cfg.mask_generator, generator=generator)
+            logs = training.train_step(accelerator, vae, disc, loss_fn, optimizers, x, step, generator=generator, schedulers=schedulers,
+                                       max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
+                                       alternate_gan_steps=cfg.alternate_gan_steps)
+        step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(vae).parameters())
+
+        # 6) log: progress bar (loss terms, images/s, skipped images), trackers, curve history
+        logs.update(images_per_s=images_per_update / (time.perf_counter() - t0), skipped=stream.skipped)
+        accelerator.log(logs, step=step)
+        progress.update(1)
+        progress.set_postfix(training.postfix(logs), refresh=False)
+        if step % training.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
+            history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
+
+        # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
+        if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+            metrics = training.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn))
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            path = training.save_checkpoint(accelerator, out, step, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
+                                            generator=generator, data_state=stream.state_dict(), training_state={"history": history},
+                                            total_limit=cfg.checkpoints_total_limit)
+            if cfg.hub_push_checkpoints and accelerator.is_main_process:
+                hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id))
+    progress.close()
+
+    # 8) final model (raw at the root, EMA in ema/), loss curve, model card, optional push
+    accelerator.wait_for_everyone()
+    if cfg.debug_process_logs:
+        training.dump_process_weights(accelerator, vae, out / f"weights-{rank}.safetensors")
+    if accelerator.is_main_process:
+        training.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures)
+    accelerator.end_training()
+    return {**metrics, "output_dir": str(out), "skipped": stream.skipped}
+
+
+if __name__ == "__main__":
+    try:
+        config = training.parse_args(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as err:  # bad arguments: one clear line before any work, no traceback
+        sys.exit(f"train_autoencoder.py: error: {err}")
+    train(config)
