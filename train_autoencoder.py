@@ -97,6 +97,7 @@ def train(cfg: training.TrainConfig) -> dict:
     progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
     metrics = {}
 
     while step < cfg.max_train_steps:

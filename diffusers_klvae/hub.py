@@ -53,7 +53,8 @@ TAGS = ("vae", "autoencoder", "stable-diffusion", "stable-diffusion-diffusers", 
 DEFAULT_COMMIT_MESSAGE = "Upload KL autoencoder with diffusers-klvae"
 
 # Metric key as written by klvae-eval -> (pretty name, format). Aliases map other spellings onto these keys.
-METRICS = {"psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.3f}"), "lpips": ("LPIPS", "{:.3f}"), "rfid": ("rFID", "{:.2f}")}
+METRICS = {"psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.3f}"), "lpips": ("LPIPS", "{:.3f}"),
+           "rfid": ("rFID", "{:.2f}")}
 _METRIC_ALIASES = {"fid": "rfid", "r_fid": "rfid", "r-fid": "rfid"}
 
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
@@ -292,15 +293,19 @@ def _looks_local(name: Any) -> bool:
     return _is_local_path(name) or name.startswith(".") or Path(name).exists()
 
 
+def _same_path(name: Any, path: str | os.PathLike) -> bool:
+    return bool(name) and _looks_local(name) and Path(str(name)).expanduser().resolve() == Path(path).resolve()
+
+
 def _pick(rows: list[dict], name: str | os.PathLike | None) -> dict:
     """The row of the published model: the one named ``name`` (or the same local path); without a name, the only
     row, else the only row evaluated from a local path (baselines are Hub ids), else the first."""
     if name is not None:
         for row in rows:
-            raw = row["raw_name"]
-            if str(name) in (raw, row["name"]) or (raw and _looks_local(raw) and Path(raw).resolve() == Path(name).resolve()):
+            if str(name) in (row["raw_name"], row["name"]) or _same_path(row["raw_name"], name):
                 return row
-        raise ValueError(f"no evaluated model named {os.fspath(name)!r} in the metrics; found {[r['name'] for r in rows]}")
+        found = [r["name"] for r in rows]
+        raise ValueError(f"no evaluated model named {os.fspath(name)!r} in the metrics; found {found}")
     local = [row for row in rows if _looks_local(row["raw_name"])]
     if len(rows) > 1 and len(local) != 1:
         logger.warning("metrics hold %d models; taking %r as this model (pass metrics_model= to choose)",
@@ -395,7 +400,7 @@ def architecture_rows(vae) -> list[tuple[str, str]]:
         ("Latent shape at 256²", f"{latent}×{256 // factor}×{256 // factor}"),
         ("Latent shape at 512²", f"{latent}×{512 // factor}×{512 // factor}"),
         ("scaling_factor", _format_value(config.get("scaling_factor"))),
-        ("shift_factor", _format_value(config.get("shift_factor")) if config.get("shift_factor") is not None else "none"),
+        ("shift_factor", "none" if config.get("shift_factor") is None else _format_value(config["shift_factor"])),
     ]
     if config.get("latents_mean") is not None:
         rows.append(("latents_mean / latents_std", "per-channel, in config.json"))
@@ -421,8 +426,9 @@ def _limitations(config: Mapping, base_model: str | None, pipeline_base: str, ha
     """Honest caveats for the card, chosen from the config and what was recorded."""
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     if base_model:
-        items = [f"Fine-tuned from `{base_model}`: it drops into pipelines built on that VAE only as far as its latent "
-                 "space stayed the same (a frozen encoder keeps it exactly); compare generations before swapping it in."]
+        items = [f"Fine-tuned from `{base_model}`: it drops into pipelines built on that VAE only as far as its "
+                 "latent space stayed the same (a frozen encoder keeps it exactly); compare generations before "
+                 "swapping it in."]
     else:
         items = ["Trained from scratch, so its latent space is its own: a diffusion model trained on another VAE's "
                  f"latents (such as `{pipeline_base}`) will not decode correctly with it; train or fine-tune the "
@@ -472,8 +478,9 @@ def render_model_card(
         vae (`KLVAE` or `AutoencoderKL`): the model; architecture and parameter counts are read from it.
         repo_id (`str`): ``"user/name"``; used in the usage snippet and as the model-index name.
         metrics (`dict` or path, *optional*, defaults to `None`): evaluation results, see `load_metrics`.
-        metrics_model (`str`, *optional*, defaults to `None`): name of this model's row in the metrics; `None` takes
-            the first row. Every row appears in the card's table; only this one goes into the model-index.
+        metrics_model (`str`, *optional*, defaults to `None`): name (or local path) of this model's row in the
+            metrics; `None` takes the only row, else the only row evaluated from a local path (baselines are Hub
+            ids), else the first. Every row appears in the card's table; only this one goes into the model-index.
         images (sequence of paths, *optional*, defaults to `()`): image paths *relative to the staged folder*; names
             containing "loss" are shown under Training, the others under Reconstructions.
         training_args (`dict`/Namespace/dataclass/path, *optional*, defaults to `None`): sanitized with
@@ -705,16 +712,21 @@ def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> N
         token (`str`, *optional*, defaults to `None`): the token about to be used; it must not appear in any file.
 
     Checks: ``config.json`` (a diffusers config with ``_class_name``) and ``diffusion_pytorch_model.safetensors``
-    at the root, readable safetensors headers (the single file and the ``ema`` variant included); ``README.md`` with YAML metadata
-    holding ``library_name``, ``license`` and ``tags``; no Hub token, given token or local absolute path in any
-    text file.
+    at the root; every ``.safetensors`` readable and non-empty (single file and ``ema`` variant included);
+    ``README.md`` with YAML metadata holding ``library_name``, ``license`` and ``tags``; no Hub token, given token or
+    local absolute path in any text file.
     """
-    from huggingface_hub import ModelCard
-    from safetensors import safe_open
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"staged folder not found: {os.fspath(folder)!r}")
+    problems = _weight_problems(folder) + _card_problems(folder) + _leak_problems(folder, token)
+    if problems:
+        raise ValueError(f"staged folder {os.fspath(folder)!r} is not ready to upload:\n  - " + "\n  - ".join(problems))
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
     problems = []
     if not (folder / WEIGHTS_NAME).is_file():
         problems.append(f"missing weights {WEIGHTS_NAME}")
@@ -727,38 +739,41 @@ def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> N
         except json.JSONDecodeError as err:
             problems.append(f"{CONFIG_NAME} is not valid JSON: {err}")
     for path in sorted(folder.rglob("*.safetensors")):
+        rel = path.relative_to(folder).as_posix()
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
                 if not list(f.keys()):
-                    problems.append(f"{path.relative_to(folder).as_posix()} holds no tensors")
+                    problems.append(f"{rel} holds no tensors")
         except Exception as err:  # safetensors raises its own error types for corrupt headers
-            problems.append(f"{path.relative_to(folder).as_posix()} is not a readable safetensors file: {err}")
+            problems.append(f"{rel} is not a readable safetensors file: {err}")
+    return problems
+
+
+def _card_problems(folder: Path) -> list[str]:
+    from huggingface_hub import ModelCard
 
     card_path = folder / CARD_NAME
     if not card_path.is_file():
-        problems.append(f"missing model card {CARD_NAME}")
-    else:
-        text = card_path.read_text(encoding="utf-8")
-        if not text.startswith("---"):
-            problems.append(f"{CARD_NAME} has no YAML metadata block")
-        else:
-            try:
-                data = ModelCard.load(card_path).data.to_dict()
-                missing = [k for k in ("library_name", "license", "tags") if not data.get(k)]
-                if missing:
-                    problems.append(f"{CARD_NAME} metadata lacks {', '.join(missing)}")
-            except ValueError as err:
-                problems.append(f"{CARD_NAME} metadata does not parse: {err}")
+        return [f"missing model card {CARD_NAME}"]
+    if not card_path.read_text(encoding="utf-8").startswith("---"):
+        return [f"{CARD_NAME} has no YAML metadata block"]
+    try:
+        data = ModelCard.load(card_path).data.to_dict()
+    except ValueError as err:
+        return [f"{CARD_NAME} metadata does not parse: {err}"]
+    missing = [k for k in ("library_name", "license", "tags") if not data.get(k)]
+    return [f"{CARD_NAME} metadata lacks {', '.join(missing)}"] if missing else []
 
-    markers = _local_markers(folder)
+
+def _leak_problems(folder: Path, token: str | None) -> list[str]:
+    problems, markers = [], _local_markers(folder)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES):
         text = path.read_text(encoding="utf-8", errors="replace")
         rel = path.relative_to(folder).as_posix()
         if (token and token in text) or _HF_TOKEN_RE.search(text):
             problems.append(f"{rel} contains an access token")
         problems += [f"{rel} contains the local path {m.pattern!r}" for m in markers if m.search(text)]
-    if problems:
-        raise ValueError(f"staged folder {os.fspath(folder)!r} is not ready to upload:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------- upload
@@ -934,33 +949,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _metrics_row_name(metrics: Path | None, model_dir: Path) -> str | None:
+    """klvae-eval names a local model by its path: the metrics row evaluated from MODEL_DIR, if any."""
+    if metrics is None:
+        return None
+    return next((r["raw_name"] for r in load_metrics(metrics) if _same_path(r["raw_name"], model_dir)), None)
+
+
+def _print_listing(folder: Path, repo_id: str) -> None:
+    # The listing is this command's product (stdout), not a log message.
+    print(f"dry run: would upload {folder} to https://huggingface.co/{repo_id} (nothing uploaded)")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(folder).as_posix():<48} {path.stat().st_size / 1e6:9.2f} MB")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         vae = _load_vae(args.model_dir)
-        ema_dir = args.ema or (args.model_dir / EMA_SUBFOLDER if (args.model_dir / EMA_SUBFOLDER / CONFIG_NAME).is_file() else None)
-        ema = _load_vae(ema_dir) if ema_dir else None
-        metrics_model = args.metrics_model
-        if metrics_model is None and args.metrics:  # klvae-eval names a local model by its path: find MODEL_DIR's row
-            same = [r["raw_name"] for r in load_metrics(args.metrics)
-                    if r["raw_name"] and _looks_local(r["raw_name"]) and Path(r["raw_name"]).resolve() == args.model_dir.resolve()]
-            metrics_model = same[0] if same else None
-        options = dict(ema_vae=ema, metrics=args.metrics, metrics_model=metrics_model, images=args.images,
-                       training_args=args.training_args, base_model=args.base_model, datasets=args.dataset,
-                       license=args.license)
+        default_ema = args.model_dir / EMA_SUBFOLDER
+        ema_dir = args.ema or (default_ema if (default_ema / CONFIG_NAME).is_file() else None)
+        options = dict(
+            ema_vae=_load_vae(ema_dir) if ema_dir else None, metrics=args.metrics,
+            metrics_model=args.metrics_model or _metrics_row_name(args.metrics, args.model_dir), images=args.images,
+            training_args=args.training_args, base_model=args.base_model, datasets=args.dataset, license=args.license,
+        )
         if args.dry_run:
             folder = args.folder or Path(tempfile.mkdtemp(prefix="klvae-push-")) / "repo"
             stage_folder(vae, folder, repo_id=args.repo_id, **options)
             validate_folder(folder)
-            # The listing is this command's output, not a log message.
-            print(f"dry run: would upload {folder} to https://huggingface.co/{args.repo_id} (nothing uploaded)")
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                print(f"  {path.relative_to(folder).as_posix():<48} {path.stat().st_size / 1e6:9.2f} MB")
+            _print_listing(folder, args.repo_id)
             return 0
-        url = publish(vae, args.repo_id, folder=args.folder, private=args.private,
-                      commit_message=args.commit_message, **options)
-        print(url)
+        print(publish(vae, args.repo_id, folder=args.folder, private=args.private,
+                      commit_message=args.commit_message, **options))
         return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"klvae-push: error: {err}", file=sys.stderr)

@@ -124,10 +124,11 @@ def mask_to_latent(mask, vae_or_factor, mode: str = "any", *, invert: bool = Fal
         raise ValueError(f"mask size {height}x{width} is not a multiple of the downsampling factor {factor}")
     if mode == "area":
         return F.avg_pool2d(mask, factor)
-    keep = (mask >= 0.5).to(mask.dtype)
-    if mode == "any":  # hole if any pixel is a hole: min over the block = -max(-x)
-        return -F.max_pool2d(-keep, factor)
-    return F.max_pool2d(keep, factor)  # "all": hole only if every pixel is a hole
+    # binarizing the block's min (max) equals the min (max) of the binarized block, without a full-size copy
+    reduce = torch.amin if mode == "any" else torch.amax  # "any": one hole pixel makes a hole; "all": every one must
+    block = reduce(mask.unflatten(-1, (width // factor, factor)), dim=-1)  # (B, 1, H, w)
+    block = reduce(block.unflatten(-2, (height // factor, factor)), dim=-2)  # (B, 1, h, w)
+    return (block >= 0.5).to(mask.dtype)
 
 
 def latent_mask_to_pixels(latent_mask, vae_or_factor) -> torch.Tensor:
@@ -210,6 +211,8 @@ def random_pixel_mask(
     if grid < 1 or height % grid or width % grid:
         raise ValueError(f"height and width ({height}x{width}) must be multiples of grid={grid}")
     h, w = height // grid, width // grid
+    if h * w < 2:
+        raise ValueError(f"a {height}x{width} mask on grid={grid} has {h * w} cell: no room for a hole and a kept part")
     draw = _draw_boxes if kind == "boxes" else _draw_strokes
     holes = torch.zeros(batch, 1, h, w)
     for i in range(batch):
@@ -460,7 +463,7 @@ def interpolate(vae, image_a, image_b, steps: int = 8, method: str = "slerp", *,
     (``shift_factor`` / ``latents_mean``) rather than around raw zero.
 
     Args:
-        image_a, image_b: PIL images or [-1, 1] tensors (3, H, W) of one size.
+        image_a, image_b: PIL images or [-1, 1] tensors (3, H, W) / (1, 3, H, W) of one size.
         steps (`int`, *optional*, defaults to 8): number of frames.
         method (`str`, *optional*, defaults to ``"slerp"``): ``"slerp"`` or ``"lerp"``.
         grid_path (*optional*): also write the frames as one PNG row.
@@ -468,7 +471,10 @@ def interpolate(vae, image_a, image_b, steps: int = 8, method: str = "slerp", *,
     Returns:
         list of ``steps`` PIL images.
     """
-    latents = encode_images(vae, [image_a, image_b] if isinstance(image_a, Image.Image) else torch.stack([image_a, image_b]))
+    a, b = images_to_tensor(image_a), images_to_tensor(image_b)
+    if len(a) != 1 or len(b) != 1 or a.shape != b.shape:
+        raise ValueError(f"expected two single images of one size, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    latents = encode_images(vae, torch.cat([a, b]))
     z_a, z_b = scale_latents(vae, latents).unbind(0)
     frames_z = interpolate_latents(z_a, z_b, steps, method)  # (steps, C, h, w)
     frames = to_pil(decode_latents(vae, unscale_latents(vae, frames_z)).cpu())

@@ -393,11 +393,6 @@ def build_schedulers(optimizers, *, name: str, warmup_steps: int, max_train_step
                                num_training_steps=max_train_steps * num_processes) for opt in optimizers)
 
 
-def scaled_learning_rate(lr: float, *, batch_size: int, accumulation: int, num_processes: int) -> float:
-    """LDM's ``--scale_lr``: the base rate times the images per update."""
-    return lr * batch_size * accumulation * num_processes
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the step
 # ----------------------------------------------------------------------------------------------------------
@@ -595,7 +590,10 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        return find_latest_checkpoint(output_dir)
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            logger.info("no complete checkpoint in %s yet: starting a new run", output_dir)
+        return latest
     path = Path(resume_from_checkpoint)
     if not is_complete_checkpoint(path):
         raise ValueError(f"{path} is not a complete checkpoint-<step> folder (no {CHECKPOINT_MARKER})")
@@ -769,7 +767,7 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
     with ema_weights(ema, raw):
         recs = reconstruct(raw, images, autocast=accelerator.autocast)
     originals, quantized = to_uint8(images), to_uint8(recs)  # the protocol scores the uint8 pictures
-    metrics: dict[str, Any] = {"step": step, "weights": "ema" if ema is not None else "raw",
+    metrics: dict[str, Any] = {"step": step, "weights": "ema" if ema is not None else "raw", "count": int(images.shape[0]),
                                "psnr": float(psnr(originals, quantized).mean()),
                                "ssim": float(ssim(originals, quantized).mean())}
     if lpips_model is not None:
@@ -843,7 +841,11 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     save_final_model(accelerator, vae, ema, out)
     curve = plot_loss_curve(history, out / "loss_curve.png")
     images = [p for p in (metrics.get("grid"), curve) if p]
-    card_metrics = {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics} or None
+    card_metrics = None
+    if metrics:  # the last validation: a few held-out images, said so in the card's protocol line
+        card_metrics = {"metrics": {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics}, "count": metrics["count"],
+                        "settings": {"data": "held-out validation", "resolution": cfg.resolution,
+                                     "weights": metrics["weights"], "step": metrics["step"]}}
     raw = accelerator.unwrap_model(vae)
     base_model = cfg.pretrained_model_name_or_path if _looks_like_hub_id(cfg.pretrained_model_name_or_path) else None
     datasets = [cfg.dataset_name] if _looks_like_hub_id(cfg.dataset_name) else None

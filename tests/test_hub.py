@@ -139,7 +139,8 @@ def test_staged_folder_loads_with_autoencoderkl_and_klvae(staged, vaes, photo_pa
 
     # the single file is the original LDM layout (encoder.down.N, no prefix) and loads back to the same weights
     single = load_file(staged / "tiny-klvae.safetensors")
-    assert "encoder.down.0.block.0.conv1.weight" in single and "encoder.down_blocks.0.resnets.0.conv1.weight" not in single
+    assert "encoder.down.0.block.0.conv1.weight" in single
+    assert "encoder.down_blocks.0.resnets.0.conv1.weight" not in single
     reloaded = KLVAE.from_single_file(staged / "tiny-klvae.safetensors", config=staged)
     from_diffusers_single = AutoencoderKL.from_single_file(staged / "tiny-klvae.safetensors", config=str(staged))
     for key, value in vae.state_dict().items():
@@ -228,7 +229,8 @@ def test_model_card_metadata_round_trips(staged, vaes):
     # the model-index holds this model's means (not the baseline's), with dataset and resolution
     results = {r.metric_type: r for r in card.data.eval_results}
     assert card.data.model_name == "tiny-klvae"
-    assert {k: r.metric_value for k, r in results.items()} == {"psnr": 24.51, "ssim": 0.712, "lpips": 0.0912, "rfid": 4.7}
+    values = {k: r.metric_value for k, r in results.items()}
+    assert values == {"psnr": 24.51, "ssim": 0.712, "lpips": 0.0912, "rfid": 4.7}
     assert results["psnr"].dataset_type == "someone/coco-val" and results["psnr"].dataset_split == "validation"
     assert results["psnr"].dataset_args == {"resolution": 256, "num_images": 7}
 
@@ -254,7 +256,8 @@ def test_model_card_metadata_round_trips(staged, vaes):
 def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_path, monkeypatch):
     vae, ema = vaes
     monkeypatch.setenv("KLVAE_TEST_PRIVATE", "s3://private-bucket/run-secret")
-    args = {**TRAINING_ARGS, "remote_data": "s3://private-bucket/run-secret/shards"}
+    args = {**TRAINING_ARGS, "dataset_name": None, "train_data_dir": "/home/someone/photos",
+            "remote_data": "s3://private-bucket/run-secret/shards"}
     api = RecordingApi()
     hub.publish(vae, REPO_ID, folder=tmp_path / "repo", metrics=METRICS, images=images, training_args=args,
                 token=TOKEN, ema_vae=ema, api=api)
@@ -265,6 +268,7 @@ def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_p
                 assert leak.encode() not in raw, (leak, path.name)
     card = (tmp_path / "repo" / "README.md").read_text()
     assert "learning_rate: 4.5e-06" in card and "rec_loss: l1" in card  # harmless arguments stay
+    assert "| Data | local files (path not published) |" in card
     assert all(call[2].get("token") == TOKEN for call in api.calls)  # the token went to the API only
 
 
@@ -350,10 +354,12 @@ def test_load_metrics_accepts_eval_json_entry_and_flat_dict(tmp_path):
     rows = hub.load_metrics(path)
     assert [r["name"] for r in rows] == ["stabilityai/sd-vae-ft-mse", "run-7"]  # the local path is not shown
     assert rows[0]["metrics"] == {"psnr": (24.0, 3.5)}  # undefined SSIM (mean None) is left out
-    assert rows[1]["metrics"] == {"psnr": (24.51, 3.7), "ssim": (0.712, 0.13), "lpips": (0.0912, 0.03), "rfid": (4.7, None)}
+    assert rows[1]["metrics"] == {"psnr": (24.51, 3.7), "ssim": (0.712, 0.13), "lpips": (0.0912, 0.03),
+                                  "rfid": (4.7, None)}
     assert hub._pick(rows, None) is rows[1]  # the only model evaluated from a local path, not the baseline
     assert hub._pick(rows, "stabilityai/sd-vae-ft-mse") is rows[0]
-    as_models = {"models": [{"name": e["model"], **{k: v for k, v in e.items() if k != "model"}} for e in METRICS["results"]]}
+    as_models = {"models": [{"name": e["model"], **{k: v for k, v in e.items() if k != "model"}}
+                            for e in METRICS["results"]]}
     assert [r["metrics"] for r in hub.load_metrics(as_models)] == [r["metrics"] for r in rows]
     assert hub.load_metrics(METRICS["results"][1])[0]["metrics"] == rows[1]["metrics"]
     flat = hub.load_metrics({"psnr": "inf", "SSIM": 0.7, "fid": 5.1, "steps": 10})
@@ -379,11 +385,13 @@ def test_sanitize_training_args_drops_secrets_paths_and_env_values(monkeypatch):
 
 def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp_path, monkeypatch, capsys):
     import huggingface_hub
+    from huggingface_hub import ModelCard
 
     vae, ema = vaes
     vae.save_pretrained(tmp_path / "model")
     ema.save_pretrained(tmp_path / "model" / "ema")
-    (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
+    this_run = {**METRICS["results"][1], "model": str(tmp_path / "model"), "metrics": {"psnr": {"mean": 26.0}}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"results": [METRICS["results"][1], this_run]}))
     (tmp_path / "args.json").write_text(json.dumps(TRAINING_ARGS))
 
     def no_network(*args, **kwargs):
@@ -397,6 +405,8 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
     assert code == 0 and "nothing uploaded" in out
     assert files_in(tmp_path / "staged") == EXPECTED_FILES
     assert all(name in out for name in EXPECTED_FILES)
+    card = ModelCard.load(tmp_path / "staged" / "README.md")  # two local rows: the one evaluated from MODEL_DIR
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("psnr", 26.0)]
 
     code = hub.main([str(tmp_path / "nowhere"), "--repo-id", REPO_ID, "--dry-run"])
     assert code == 1 and "no model at" in capsys.readouterr().err

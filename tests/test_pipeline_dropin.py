@@ -22,12 +22,19 @@ VAE_CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=(
                   sample_size=SIZE)
 
 
+def byte_level_alphabet() -> list[str]:
+    """The 256 characters GPT-2/CLIP byte-level BPE maps the bytes onto: printable bytes as themselves, the others
+    onto chr(256), chr(257), ..."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = [chr(256 + i) for i in range(256 - len(printable))]
+    return sorted(chr(b) for b in printable) + others
+
+
 def write_tokenizer(folder):
     """A byte-level CLIP BPE tokenizer with one token per character and no merges: enough for any prompt."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-    chars = list(bytes_to_unicode().values())
+    chars = byte_level_alphabet()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(token, len(vocab))
@@ -66,7 +73,7 @@ def parts(tmp_path_factory):
     ours = KLVAE(**VAE_CONFIG).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+                              set_alpha_to_one=False, steps_offset=1)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, inpaint_unet=inpaint_unet,
                 reference=reference, ours=ours, scheduler=scheduler)
 
@@ -117,14 +124,20 @@ def test_inpaint_identical(parts):
 
 
 def test_pipeline_vae_switches(parts):
+    """``pipe.enable_vae_slicing()``/``enable_vae_tiling()`` where the installed diffusers still has them (removed in
+    0.36+ in favour of ``pipe.vae.enable_slicing()``/``enable_tiling()``, which is what they called)."""
     pipe = make(StableDiffusionPipeline, parts, parts["ours"])
-    pipe.enable_vae_slicing()
-    pipe.enable_vae_tiling()
+
+    def call(name, kind):
+        return getattr(pipe, f"{name}_vae_{kind}", None) or getattr(pipe.vae, f"{name}_{kind}")
+
+    for kind in ("slicing", "tiling"):
+        call("enable", kind)()
     assert parts["ours"].use_slicing and parts["ours"].use_tiling
     images = run(pipe, height=SIZE, width=SIZE, num_images_per_prompt=2)
     assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all()
-    pipe.disable_vae_slicing()
-    pipe.disable_vae_tiling()
+    for kind in ("slicing", "tiling"):
+        call("disable", kind)()
     assert not parts["ours"].use_slicing and not parts["ours"].use_tiling
 
 
@@ -136,7 +149,9 @@ def test_saved_pipeline_loads_back(parts, tmp_path):
 
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
     loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded.vae, (KLVAE, AutoencoderKL))
+    assert type(loaded.vae) is KLVAE  # model_index.json names diffusers_klvae.KLVAE
+    library, name = json.loads((tmp_path / "model_index.json").read_text())["vae"]
+    assert library.startswith("diffusers_klvae") and name == "KLVAE"
     assert_same_images(run(loaded, height=SIZE, width=SIZE), expected)
 
     vae = KLVAE.from_pretrained(tmp_path, subfolder="vae")

@@ -226,7 +226,7 @@ def test_ema_is_what_validation_used_and_checkpoints_are_pruned(photos_dir, phot
                                      "--learning_rate", "1e-3", "--perceptual_weight", "0", "--disc_start", "100",
                                      "--validation_images", *val_paths))
     assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
-    assert result["skipped"] >= 1  # the broken files were skipped and counted, not fatal
+    assert result["skipped"] >= 2  # the truncated JPEG and the text file were skipped and counted, not fatal
 
     raw, ema = KLVAE.from_pretrained(out), KLVAE.from_pretrained(out / "ema")
     assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
@@ -257,3 +257,50 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(photos_dir, tmp_path, ru
     assert all(not torch.equal(final[k], start[k]) for k in start if k.endswith("conv_out.weight"))
     history = json.loads((out / "checkpoint-2" / training.CHECKPOINT_MARKER).read_text())["history"]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+# ------------------------------------------------------------------------------------------------- the step
+
+
+def test_train_step_updates_discriminator_only_after_disc_start():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from diffusers_klvae.discriminator import NLayerDiscriminator
+    from diffusers_klvae.losses import KLVAELoss
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator()
+    vae, disc = KLVAE.from_preset("tiny"), NLayerDiscriminator(ndf=8)
+    loss_fn = KLVAELoss(discriminator=disc, perceptual_weight=0.0, disc_start=1)
+    opts = training.build_optimizers(vae, disc, learning_rate=1e-3, disc_learning_rate=1e-3)
+    vae, disc, *opts = accelerator.prepare(vae, disc, *opts)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    snapshot = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
+
+    vae0, disc0 = snapshot(vae), snapshot(disc)
+    logs = training.train_step(accelerator, vae, disc, loss_fn, opts, x, 0, generator=g)
+    assert "d_loss" not in logs and logs["g"] == 0.0
+    assert all(torch.equal(v, disc0[k]) for k, v in disc.state_dict().items())  # no D forward, no D update
+    assert any(not torch.equal(v, vae0[k]) for k, v in vae.state_dict().items())
+    assert all(p.grad is None for p in [*vae.parameters(), *disc.parameters()])  # zeroed with set_to_none
+
+    disc1 = snapshot(disc)
+    logs = training.train_step(accelerator, vae, disc, loss_fn, opts, x, 1, generator=g)
+    assert logs["d_loss"] > 0 and logs["d_weight"] > 0
+    assert any(not torch.equal(v, disc1[k]) for k, v in disc.state_dict().items() if k.endswith("weight"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_mask_batch_holes_agree_between_latents_and_target():
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    latent_mask, target = training.mask_batch(x, factor=8, prob=1.0, kind="boxes", generator=g)
+    assert latent_mask.shape == (4, 1, 4, 4)
+    pixel = latent_mask.repeat_interleave(8, -2).repeat_interleave(8, -1)  # each latent cell covers 8x8 pixels
+    assert torch.equal(target, x * pixel)  # holes are 0 (mid-gray) exactly where the latent is dropped
+    assert ((latent_mask == 0).flatten(1).any(1)).all()  # every image got a hole
+    assert training.mask_batch(x, factor=8, prob=0.0, generator=g) == (None, None)
