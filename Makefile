@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m diffusers_klvae.demo
 
+# One thread per process: the suite is many tiny ops (and 2-process runs), where OpenMP spin-waiting costs 10x.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # Slow real-weight checks and speed comparisons (not part of `make test`).
 bench: $(STAMP)

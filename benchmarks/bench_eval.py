@@ -1,7 +1,7 @@
 """Benchmark of `evaluate`: images/s of the full pass (PSNR, SSIM, LPIPS, rFID, real offline weights) and the share of
 each stage, then the smoke run of issue 6 (random SD-config VAE vs a briefly trained tiny VAE).
 
-    .venv/bin/python benchmarks/bench_eval.py                  # about 5 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/bench_eval.py                  # about 2.5 CPU-minutes; 5-6 min wall on 2 busy cores
     .venv/bin/python benchmarks/bench_eval.py --skip-smoke     # throughput only
 
 Stages:
@@ -138,7 +138,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1, help="timed evaluate passes (median reported)")
-    parser.add_argument("--smoke-resolution", type=int, default=128, help="smoke run resolution (the SD-config model is slow on CPU)")
+    parser.add_argument("--smoke-resolution", type=int, default=64, help="smoke run resolution (the SD-config model is slow on CPU)")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (see the module docstring)")
     parser.add_argument("--skip-smoke", action="store_true")

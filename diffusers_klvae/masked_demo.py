@@ -7,7 +7,8 @@ mid-gray), so it reconstructs the kept region and leaves the hole cleanly empty:
 
 The demo, on the bundled photos, CPU-sized:
 
-1. trains the ``small`` preset (KL-f8) briefly with plain MSE (there is no pretrained small model to start from);
+1. trains the ``small`` preset (KL-f8) briefly with plain MSE (there is no pretrained small model to start from;
+   ``--model`` starts from a trained one instead, e.g. the output of ``make demo``);
 2. fine-tunes two copies of it for the same steps and data: one plainly, one with ``latent_mask_prob``;
 3. measures masked PSNR (kept / hole pixels, the ``klvae-eval`` protocol) and plain PSNR on fixed crops and
    box masks, prints a table and writes a grid: original | pixel-masked target | decoded from masked latents
@@ -137,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m diffusers_klvae.masked_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/masked_demo", help="output folder (default: outputs/masked_demo)")
     parser.add_argument("--photos", default=None, help="photo folder (default: ../shared/data/photos, else assets/photos)")
-    parser.add_argument("--preset", default="small", help="model preset (default: small, KL-f8)")
+    parser.add_argument("--preset", default="small", help="model preset trained from scratch as the base (default: small, KL-f8)")
+    parser.add_argument("--model", default=None, help="start from this trained model (folder, file or Hub id) instead: skips the base training")
     parser.add_argument("--resolution", type=int, default=64, help="crop size (default: 64)")
     parser.add_argument("--base-steps", type=int, default=60, help="plain MSE steps of the shared base model (default: 60)")
     parser.add_argument("--finetune-steps", type=int, default=30, help="steps of each fine-tune (default: 30)")
@@ -152,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from . import KLVAE
+    from .evaluation import load_vae
     from .latents import downsampling_factor, random_pixel_mask
 
     args = parse_args(argv)
@@ -167,13 +170,14 @@ def main(argv=None) -> int:
     paths = _photo_paths(args.photos)
     train = photo_crops(paths, resolution=args.resolution, per_image=16, generator=gen)
     test = photo_crops(paths, resolution=args.resolution, per_image=2, scale=1.0, generator=torch.Generator().manual_seed(1234))
-    base = KLVAE.from_preset(args.preset).to(device)
+    base = (load_vae(args.model) if args.model else KLVAE.from_preset(args.preset)).to(device)
     factor = downsampling_factor(base)
     masks = random_pixel_mask(len(test), args.resolution, args.resolution, "boxes", torch.Generator().manual_seed(4321), grid=factor)
 
-    # 2) base model: plain MSE, whole model
-    losses = train_mse(base, train, steps=args.base_steps, batch_size=args.batch_size, lr=args.lr, generator=gen)
-    logger.info("base: %d steps, loss %.4f -> %.4f (%.0f s)", args.base_steps, losses[0], losses[-1], time.perf_counter() - start)
+    # 2) base model: plain MSE, whole model (there is no pretrained small model to start from)
+    if not args.model:
+        losses = train_mse(base, train, steps=args.base_steps, batch_size=args.batch_size, lr=args.lr, generator=gen)
+        logger.info("base: %d steps, loss %.4f -> %.4f (%.0f s)", args.base_steps, losses[0], losses[-1], time.perf_counter() - start)
 
     # 3) two fine-tunes from the same weights, same batches: masking off / on
     results, models = {}, {}

@@ -6,6 +6,12 @@ import torch
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "photos"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # tiny models on shared cores: idle intra-op threads spin-wait and make each op 10-20x slower
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def seed_all():
     torch.manual_seed(0)

@@ -98,7 +98,9 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
 def load_single_file_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Convert the checkpoint at ``path`` and load it into ``model``; errors name the first offending key."""
     levels = len(model.config.block_out_channels)
-    state = ldm_to_diffusers(read_checkpoint(path), levels)
+    raw = read_checkpoint(path)
+    file_key = {_ldm_to_diffusers_key(k, levels): k for k in raw}  # errors name the key as the user sees it in the file
+    state = ldm_to_diffusers(raw, levels)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -108,7 +110,7 @@ def load_single_file_into(model: torch.nn.Module, path: str | os.PathLike) -> No
                          f"(first: {unexpected[0] if unexpected else None!r}); pass config= for a non-default architecture")
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"shape mismatch at {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}; "
+            raise ValueError(f"shape mismatch at {file_key[key]!r} (model key {key!r}): checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}; "
                              f"pass config= matching the checkpoint (block_out_channels, latent_channels, ...)")
     model.load_state_dict(state, strict=True)
 
@@ -120,6 +122,9 @@ def save_single_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_single_file writes .safetensors only; got {path!r}")
+    if getattr(model.config, "encoder_squeeze_excitation", False):
+        raise ValueError("save_single_file writes the plain LDM layout, which ComfyUI/A1111 read; this model has "
+                         "encoder_squeeze_excitation=True, which they cannot load: use save_pretrained instead")
     levels = len(model.config.block_out_channels)
     state = diffusers_to_ldm({k: v.detach().contiguous() for k, v in model.state_dict().items()}, levels)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

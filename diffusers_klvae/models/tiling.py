@@ -70,7 +70,7 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
     halo = math.ceil(_receptive_field(tiled, tail_convs=1))  # in pixels of x
     tile = max(vae.tile_latent_min_size * scale, 1)
     return _run_tiled(high_res, [*tiled, decoder.conv_norm_out], x, tile=tile, halo=halo, align=1,
-                      out_scale=vae.downsampling_factor // scale)
+                      out_scale=vae.downsampling_factor // scale, stat_passes=_stat_passes(vae))
 
 
 def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
@@ -98,12 +98,17 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
 
     halo = math.ceil(_receptive_field(tiled) / align) * align
     tile = max(vae.tile_sample_min_size // align * align, align)
-    h = _run_tiled(high_res, tiled, x, tile=tile, halo=halo, align=align, out_scale=scale)
+    h = x if not tiled else _run_tiled(high_res, tiled, x, tile=tile, halo=halo, align=align, out_scale=scale, stat_passes=_stat_passes(vae))
     for layer in layers[split:]:
         h = layer(h)
     h = encoder.mid_block(h)
     moments = norm_act_conv(encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, h)
     return moments if vae.quant_conv is None else vae.quant_conv(moments)
+
+
+def _stat_passes(vae) -> int:
+    """``vae.tile_stat_passes`` when set (e.g. by ``enable_tiling(stat_passes=...)``), else ``STAT_PASSES``."""
+    return int(getattr(vae, "tile_stat_passes", None) or STAT_PASSES)
 
 
 def _receptive_field(layers: list[nn.Module], *, tail_convs: int = 0) -> float:
@@ -136,13 +141,14 @@ def _spans(length: int, tile: int, halo: int, align: int) -> list[tuple[int, int
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo: int, align: int, out_scale: float) -> torch.Tensor:
+def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo: int, align: int, out_scale: float,
+               stat_passes: int) -> torch.Tensor:
     """``fn(x)`` for a map-to-map network part ``fn`` whose GroupNorms are in ``modules``, tile by tile."""
     h, w = x.shape[-2:]
     tiles = [(rows, cols) for rows in _spans(h, tile, halo, align) for cols in _spans(w, tile, halo, align)]
     norms = [m for module in modules for m in module.modules() if isinstance(m, GroupNorm)]
     previous = None
-    for _ in range(STAT_PASSES):
+    for _ in range(max(stat_passes, 1)):
         current = _Statistics()
         for (r0, r1), (c0, c1) in tiles:
             a, b, c, d = max(r0 - halo, 0), min(r1 + halo, h), max(c0 - halo, 0), min(c1 + halo, w)
