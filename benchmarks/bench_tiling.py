@@ -8,7 +8,7 @@ kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the call once and re
 the working memory above the loaded model. Time: the same call, after a 256² burn-in in that process.
 
     python benchmarks/bench_tiling.py                 # full run (~20 min on 2 busy cores)
-    python benchmarks/bench_tiling.py --quick         # fidelity at 512² only + 512² timings (~3 min)
+    python benchmarks/bench_tiling.py --quick         # fidelity and timings at 512² only (tile 256)
     python benchmarks/bench_tiling.py --skip-2048     # everything but the 2048² run
 """
 
@@ -96,6 +96,7 @@ def worker(spec: dict) -> dict:
         vae.decode(torch.randn(1, 4, 32, 32))  # burn-in (256²)
         if tile:
             vae.enable_tiling()
+            vae.tile_stat_passes = spec.get("stat_passes")
             vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
         z = torch.randn(1, 4, spec["size"] // 8, spec["size"] // 8, generator=torch.Generator().manual_seed(1))
         before = _status("VmRSS")
@@ -125,8 +126,9 @@ def fidelity(models: dict, sizes: list[tuple[int, int]]) -> list[str]:
                 moments_ref = vae.encode(x).latent_dist.mean
                 z = moments_ref
                 ref = vae.decode(z).sample
+                tile = min(SD_TILE, max(h, w) // 2)  # at 512² the SD tile would cover the image: use 256
                 vae.enable_tiling()
-                vae.tile_sample_min_size, vae.tile_latent_min_size = SD_TILE, SD_TILE // 8
+                vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
                 t0 = time.perf_counter()
                 tiled = vae.decode(z).sample
                 dt = time.perf_counter() - t0
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fidelity and timings at 512² only")
     parser.add_argument("--skip-2048", action="store_true", help="skip the 2048² tiled decode")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--stat-passes", type=int, default=None, help="KLVAE statistics passes (default: tiling.STAT_PASSES)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -161,14 +164,15 @@ def main() -> None:
     verdicts = []
     if not args.skip_fidelity:
         models = {"KLVAE": build("klvae", weights), "AutoencoderKL": build("diffusers", weights)}
+        models["KLVAE"].tile_stat_passes = args.stat_passes
         sizes = [(512, 512)] if args.quick else [(512, 512), (1024, 1024), (776, 1000)]
         verdicts += fidelity(models, sizes)
         del models
     size = 512 if args.quick else 1024
     runs = {}
     for label, cls, tile in (("KLVAE untiled", "klvae", None), ("AutoencoderKL untiled", "diffusers", None),
-                             ("KLVAE tiled", "klvae", SD_TILE), ("AutoencoderKL tiled", "diffusers", SD_TILE)):
-        runs[label] = measure({"cls": cls, "weights": weights, "size": size, "tile": tile})
+                             ("KLVAE tiled", "klvae", size // 2), ("AutoencoderKL tiled", "diffusers", size // 2)):
+        runs[label] = measure({"cls": cls, "weights": weights, "size": size, "tile": tile, "stat_passes": args.stat_passes})
         print(f"{label:22s} {size}² decode: {runs[label]['seconds']:7.1f} s, working memory {runs[label]['memory_gb']:.2f} GB", flush=True)
     for mode in ("untiled", "tiled"):
         k, d = runs[f"KLVAE {mode}"], runs[f"AutoencoderKL {mode}"]
@@ -180,7 +184,7 @@ def main() -> None:
     verdicts.append(f"{'PASS' if k['memory_gb'] <= 0.6 * d['memory_gb'] else 'MISS'} untiled {size}² memory <= 0.6x AutoencoderKL: {k['memory_gb'] / d['memory_gb']:.2f}x")
     verdicts.append(f"{'PASS' if k['seconds'] <= d['seconds'] else 'MISS'} untiled {size}² time <= 1.0x AutoencoderKL: {k['seconds'] / d['seconds']:.2f}x")
     if not (args.quick or args.skip_2048):
-        big = measure({"cls": "klvae", "weights": weights, "size": 2048, "tile": SD_TILE})
+        big = measure({"cls": "klvae", "weights": weights, "size": 2048, "tile": SD_TILE, "stat_passes": args.stat_passes})
         print(f"KLVAE tiled 2048² decode: {big['seconds']:.1f} s, working memory {big['memory_gb']:.2f} GB", flush=True)
         verdicts.append(f"{'PASS' if big['memory_gb'] <= 2 else 'MISS'} tiled 2048² decode completes with <= 2 GB: {big['memory_gb']:.2f} GB")
     print("\n".join(verdicts))

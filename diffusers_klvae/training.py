@@ -22,12 +22,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -318,7 +318,7 @@ def test_results_table_rows():
 def test_fid_error_names_both_sources(monkeypatch, tmp_path):
     monkeypatch.setattr(fid_module, "fid_helper_checkpoint", lambda: None)
     monkeypatch.setattr(fid_module, "_torch_fidelity_cache_file", lambda: tmp_path / "absent.pth")
-    monkeypatch.setattr(fid_module, "_host_reachable", lambda url: False)
+    monkeypatch.setattr(fid_module, "host_reachable", lambda url: False)
     with pytest.raises(RuntimeError) as info:
         fid_module.load_fid_inception()
     message = str(info.value)

