@@ -93,7 +93,7 @@ def train(cfg: training.TrainConfig) -> dict:
         state = training.load_checkpoint(accelerator, resume, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
                                          generator=generator, data_stream=stream)
         step, history = state["step"], state.get("history", [])
-    hub_futures = []
+    hub_futures, hub_api = [], training.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
@@ -131,15 +131,15 @@ def train(cfg: training.TrainConfig) -> dict:
                                             generator=generator, data_state=stream.state_dict(), training_state={"history": history},
                                             total_limit=cfg.checkpoints_total_limit)
             if cfg.hub_push_checkpoints and accelerator.is_main_process:
-                hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id))
+                hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
     progress.close()
 
-    # 8) final model (raw at the root, EMA in ema/), loss curve, model card, optional push
+    # 8) final model (raw weights + the EMA as the "ema" variant), loss curve, model card, optional push
     accelerator.wait_for_everyone()
     if cfg.debug_process_logs:
         training.dump_process_weights(accelerator, vae, out / f"weights-{rank}.safetensors")
     if accelerator.is_main_process:
-        training.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures)
+        training.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures, hub_api=hub_api)
     accelerator.end_training()
     return {**metrics, "output_dir": str(out), "skipped": stream.skipped}
 

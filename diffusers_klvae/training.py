@@ -823,16 +823,21 @@ def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike
 
 
 def save_final_model(accelerator, vae, ema, output_dir: str | os.PathLike) -> None:
-    """``save_pretrained`` (safetensors) of the raw weights at ``output_dir`` and of the EMA weights in ``ema/``."""
+    """``save_pretrained`` (safetensors) of the raw weights at ``output_dir`` and of the EMA weights as the ``ema``
+    variant beside them (``diffusion_pytorch_model.ema.safetensors``, loaded with ``from_pretrained(output_dir,
+    variant="ema")``), the layout ``hub.publish`` uploads."""
+    from .hub import EMA_VARIANT
+
     raw = accelerator.unwrap_model(vae)
     raw.save_pretrained(output_dir, safe_serialization=True)
     if ema is not None:
         with ema_weights(ema, raw):
-            raw.save_pretrained(Path(output_dir) / "ema", safe_serialization=True)
+            raw.save_pretrained(output_dir, safe_serialization=True, variant=EMA_VARIANT)
 
 
-def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=()) -> None:
-    """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``."""
+def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=(), hub_api=None) -> None:
+    """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``
+    (through ``hub_api``, a ``huggingface_hub.HfApi``; a new one when `None`)."""
     from . import hub
 
     out = Path(cfg.output_dir)
@@ -858,7 +863,7 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
             logger.error("checkpoint upload failed: %s", err)
     if cfg.push_to_hub:
         url = hub.publish(raw, cfg.hub_model_id, metrics=card_metrics, images=images, training_args=cfg.to_dict(),
-                          base_model=base_model, datasets=datasets, private=cfg.hub_private, ema_vae=ema)
+                          base_model=base_model, datasets=datasets, private=cfg.hub_private, ema_vae=ema, api=hub_api)
         logger.info("pushed to the Hub: %s", url)
 
 
@@ -866,18 +871,18 @@ def _looks_like_hub_id(value: str | None) -> bool:
     return bool(value) and not Path(value).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
 
 
-_HUB_API = None  # one client for all checkpoint pushes: its single worker uploads them in order
-
-
-def push_checkpoint(path: Path, repo_id: str):
-    """``--hub_push_checkpoints``: upload a checkpoint folder on a background thread (returns a Future)."""
-    global _HUB_API
+def hub_client():
+    """One ``HfApi`` for all checkpoint pushes of a run: its single worker thread uploads them in order."""
     from huggingface_hub import HfApi
 
+    return HfApi()
+
+
+def push_checkpoint(path: Path, repo_id: str, *, api):
+    """``--hub_push_checkpoints``: upload a checkpoint folder on a background thread (returns a Future)."""
     from .hub import push_checkpoint_async
 
-    _HUB_API = _HUB_API or HfApi()
-    return push_checkpoint_async(path, repo_id, api=_HUB_API)
+    return push_checkpoint_async(path, repo_id, api=api)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -105,8 +105,6 @@ def test_parity_sd_default_config():
     assert_parity(ours, ref, torch.randn(2, 3, 16, 24))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (report #1): KLVAE applies act_fn in encoder/decoder conv_act; diffusers "
-                   "always uses SiLU there. Remove this marker when blocks.py is fixed.")
 @pytest.mark.parametrize("act_fn", ["gelu", "mish", "relu"])
 def test_parity_other_activations(act_fn):
     ours, ref = twin_models(small_config(layers_per_block=2, act_fn=act_fn))
@@ -128,8 +126,6 @@ def test_state_dict_keys_and_shapes_identical(config):
     assert (ours.post_quant_conv is None) == (not config.get("use_post_quant_conv", True))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (report #2): module registration order differs (mid_block resnets before "
-                   "attentions; decoder mid_block before up_blocks), so state_dict()/named_parameters() order differs.")
 def test_state_dict_key_order_identical():
     from accelerate import init_empty_weights
 

@@ -161,7 +161,8 @@ def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
     run_inprocess(base_args(photos_dir, straight, *args))
 
     assert_identical(weights(straight), weights(killed), "raw weights")
-    assert_identical(weights(straight / "ema"), weights(killed / "ema"), "EMA weights")
+    ema_file = "diffusion_pytorch_model.ema.safetensors"
+    assert_identical(load_file(straight / ema_file), load_file(killed / ema_file), "EMA weights")
     assert_identical(weights(straight / "checkpoint-6" / "discriminator"), weights(killed / "checkpoint-6" / "discriminator"), "discriminator")
     assert not (killed / ".tmp-checkpoint-8").exists()  # stale temp folders are cleaned at the next save
     history = json.loads((killed / "checkpoint-6" / training.CHECKPOINT_MARKER).read_text())["history"]
@@ -229,7 +230,7 @@ def test_ema_is_what_validation_used_and_checkpoints_are_pruned(photos_dir, phot
     assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
     assert result["skipped"] >= 2  # the truncated JPEG and the text file were skipped and counted, not fatal
 
-    raw, ema = KLVAE.from_pretrained(out), KLVAE.from_pretrained(out / "ema")
+    raw, ema = KLVAE.from_pretrained(out), KLVAE.from_pretrained(out, variant="ema")
     assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
     from diffusers_klvae.data import load_validation_images
     from diffusers_klvae.evaluation import psnr, reconstruct
@@ -305,3 +306,40 @@ def test_mask_batch_holes_agree_between_latents_and_target():
     assert torch.equal(target, x * pixel)  # holes are 0 (mid-gray) exactly where the latent is dropped
     assert ((latent_mask == 0).flatten(1).any(1)).all()  # every image got a hole
     assert training.mask_batch(x, factor=8, prob=0.0, generator=g) == (None, None)
+
+
+def test_push_to_hub_and_checkpoint_pushes_go_through_hub_api(photos_dir, tmp_path, run_inprocess, tiny_start, monkeypatch):
+    """--push_to_hub publishes the final folder in one commit; --hub_push_checkpoints uploads each checkpoint
+    (on the client's worker thread); a recording stand-in replaces the network."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs.get("private")))
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, **kwargs):
+            calls.append(("upload_folder", repo_id, path_in_repo, sorted(p.name for p in Path(folder_path).iterdir())))
+            return SimpleNamespace(commit_url=f"https://hf.co/{repo_id}/commit/{len(calls)}")
+
+        def run_as_future(self, fn, *args, **kwargs):
+            future = Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    monkeypatch.setattr(training, "hub_client", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)  # never written anywhere
+    out = tmp_path / "push"
+    run_inprocess(from_start(base_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--use_ema",
+                                       "--perceptual_weight", "0", "--push_to_hub", "--hub_model_id", "me/my-vae",
+                                       "--hub_push_checkpoints"), tiny_start))
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    assert [u[2] for u in uploads] == ["checkpoints/checkpoint-1", "checkpoints/checkpoint-2", None]
+    assert "training_state.json" in uploads[0][3]
+    final = uploads[-1][3]
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.ema.safetensors", "README.md",
+            "my-vae.safetensors"} <= set(final)
+    assert "hf_xxxx" not in (out / "README.md").read_text()

@@ -163,6 +163,11 @@ class ResnetBlock(nn.Module):
             h = self.conv2(self.dropout(norm_act(self.norm2, self.nonlinearity, h)))
         if self.squeeze_excitation is not None:
             h = self.squeeze_excitation(h)
+        if self.conv_shortcut is not None and _banded(x):  # 1×1 shortcut added band by band: no full-size temporary
+            rows = _band_rows(x)
+            for r0 in range(0, x.shape[2], rows):
+                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows]))
+            return h
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         if not torch.is_grad_enabled():
             return h.add_(shortcut)  # h is our own temporary: reuse its memory
@@ -226,8 +231,9 @@ class MidBlock(nn.Module):
     def __init__(self, *, channels: int, groups: int, act_fn: str, add_attention: bool = True):
         super().__init__()
         block = dict(in_channels=channels, out_channels=channels, groups=groups, act_fn=act_fn)
-        self.resnets = nn.ModuleList([ResnetBlock(**block), ResnetBlock(**block)])
+        # registration order as diffusers' UNetMidBlock2D (attentions first): same state_dict()/named_parameters() order
         self.attentions = nn.ModuleList([SelfAttention(channels=channels, groups=groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock(**block), ResnetBlock(**block)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -310,7 +316,7 @@ class Encoder(_CheckpointedStages):
         )
         self.mid_block = MidBlock(channels=block_out_channels[-1], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
         self.conv_norm_out = normalize(block_out_channels[-1], groups)
-        self.conv_act = activation(act_fn)
+        self.conv_act = nn.SiLU()  # diffusers uses SiLU here whatever act_fn is
         self.conv_out = conv3(block_out_channels[-1], 2 * latent_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -329,14 +335,14 @@ class Decoder(_CheckpointedStages):
         super().__init__()
         channels = list(reversed(block_out_channels))
         self.conv_in = conv3(latent_channels, channels[0])
-        self.mid_block = MidBlock(channels=channels[0], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
-        self.up_blocks = nn.ModuleList(
+        self.up_blocks = nn.ModuleList(  # registered before mid_block, as in diffusers' Decoder
             UpBlock(in_channels=channels[max(i - 1, 0)], out_channels=c, num_layers=layers_per_block + 1, groups=groups,
                     act_fn=act_fn, add_upsample=i != len(channels) - 1)
             for i, c in enumerate(channels)
         )
+        self.mid_block = MidBlock(channels=channels[0], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
         self.conv_norm_out = normalize(channels[-1], groups)
-        self.conv_act = activation(act_fn)
+        self.conv_act = nn.SiLU()  # diffusers uses SiLU here whatever act_fn is
         self.conv_out = conv3(channels[-1], out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
