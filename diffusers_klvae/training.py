@@ -807,6 +807,7 @@ def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike
     import matplotlib.pyplot as plt
 
     keys = [k for k in history[-1] if k not in ("step", "lr")]
+    keys = [k for k in keys if len({h.get(k) for h in history}) > 1] or keys  # GAN terms are flat 0 before disc_start
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):

@@ -19,13 +19,6 @@ from diffusers_klvae.latents import decode_latents, encode_images, scale_latents
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared by many processes: intra-op threads spin and make a tiny model ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

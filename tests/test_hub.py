@@ -78,14 +78,6 @@ class RecordingApi:
         return self._pool.submit(gated)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP's spinning threads make a
-    32x32 forward take seconds instead of milliseconds; restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ SQUARE = (slice(4, 12), slice(4, 12))  # the "attribute": a bright square, on th
 BRIGHT = 0.9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared by many processes: intra-op threads spin and make a tiny model ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vae(**overrides) -> KLVAE:

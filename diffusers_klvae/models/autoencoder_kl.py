@@ -125,6 +125,7 @@ class KLVAE(ModelMixin, ConfigMixin):
         self.tile_sample_min_size = size  # diffusers' attribute names, so code that sets them by hand still works
         self.tile_latent_min_size = max(size // self.downsampling_factor, 1)
         self.tile_overlap_factor = 0.25
+        self.tile_stat_passes = None  # GroupNorm statistics passes of tiled calls; None: tiling.STAT_PASSES
 
     @property
     def downsampling_factor(self) -> int:
@@ -228,14 +229,23 @@ class KLVAE(ModelMixin, ConfigMixin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None) -> None:
-        """Encode/decode large inputs tile by tile at bounded memory (same image as untiled; see ``models/tiling.py``).
+    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
+                      stat_passes: int | None = None) -> None:
+        """Encode/decode large inputs tile by tile at bounded memory, with whole-image GroupNorm statistics
+        (see ``docs/tiling.md`` for what it costs and how close to untiled it gets). The bare call works as in diffusers.
 
         Args:
             tile_sample_min_size (`int`, *optional*): tile size in pixels (default: the config's ``sample_size``);
                 inputs no larger than this are not tiled.
-            tile_overlap_factor (`float`, *optional*): fraction of a tile shared with its neighbour (default 0.25).
+            tile_overlap_factor (`float`, *optional*): kept for diffusers compatibility; KLVAE's tiles overlap by the
+                encoder's/decoder's receptive field (a cropped halo), so this value is not used for blending.
+            stat_passes (`int`, *optional*): GroupNorm statistics passes before the output pass (default 1); one per
+                GroupNorm of the tiled part makes tiled equal to untiled.
         """
+        if stat_passes is not None:
+            if stat_passes < 1:
+                raise ValueError(f"stat_passes must be >= 1; got {stat_passes}")
+            self.tile_stat_passes = int(stat_passes)
         if tile_sample_min_size is not None:
             self.tile_sample_min_size = int(tile_sample_min_size)
             self.tile_latent_min_size = max(self.tile_sample_min_size // self.downsampling_factor, 1)
