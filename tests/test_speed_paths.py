@@ -43,7 +43,7 @@ def test_band_path_matches_grad_path_and_diffusers(pair, small_bands):
     with torch.enable_grad():
         slow_dec, slow_enc = vae.decode(z).sample.detach(), vae.encode(x).latent_dist.mean.detach()
     with torch.no_grad():
-        assert blocks._banded(torch.empty(1, 8, 40, 24)), "the fixture should force the band path"
+        assert blocks._banded(torch.empty(1, 8, 40, 24), torch.empty(1)), "the fixture should force the band path"
     for fast, slow, want in ((fast_dec, slow_dec, ref_dec), (fast_enc, slow_enc, ref_enc)):
         assert (fast - slow).abs().max() < 1e-5
         assert (fast - want).abs().max() < 1e-4
@@ -53,17 +53,41 @@ def test_band_edges_cover_every_row(small_bands):
     """Upsample + conv and norm-act-conv in bands equal the whole-map ops for odd heights and one-row bands."""
     torch.manual_seed(0)
     up = blocks.Upsample(channels=4).eval()
-    norm, conv = blocks.normalize(4, 2), blocks.conv3(4, 6)
+    norm, conv, square = blocks.normalize(4, 2), blocks.conv3(4, 6), blocks.conv3(4, 4)
     for h in (1, 3, 7):
         x = torch.randn(1, 4, h, 5)
         with torch.no_grad():
             want_up = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
             want = conv(torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2, norm.weight, norm.bias, norm.eps)))
-            got_up = blocks._conv_rows(up.conv, x, lambda band: band, upsample=True)
+            got_up = blocks.conv_rows(up.conv, x, lambda band: band, upsample=True)
             scale, shift = norm.scale_shift(x)
-            got = blocks._conv_rows(conv, x, lambda band: torch.nn.functional.silu(torch.addcmul(shift, band, scale)))
+            got = blocks.conv_rows(conv, x, lambda band: torch.nn.functional.silu(torch.addcmul(shift, band, scale)))
+            pre = lambda band: torch.nn.functional.silu(torch.addcmul(shift, band, scale))  # noqa: E731
+            want_square = square(torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2, norm.weight, norm.bias, norm.eps)))
+            got_square = blocks.conv_rows(square, x.clone(), pre, inplace=True)  # written over its input
         assert (got_up - want_up).abs().max() < 1e-5
         assert (got - want).abs().max() < 1e-5
+        assert (got_square - want_square).abs().max() < 1e-5
+
+
+def test_downsample_bands_and_bfloat16_storage(small_bands):
+    """Stride-2 downsampling in bands equals the whole-map op for odd and even sizes. Maps stored in bfloat16 for a
+    float32 model (tiling's whole maps) are computed in float32 band by band: they stay bfloat16, and differ from the
+    float32 result by bfloat16 rounding only."""
+    torch.manual_seed(0)
+    down = blocks.Downsample(channels=4).eval()
+    up = blocks.Upsample(channels=4).eval()
+    block = blocks.ResnetBlock(in_channels=4, out_channels=6, groups=2).eval()
+    for h, w in ((3, 3), (6, 5), (9, 8)):
+        x = torch.randn(1, 4, h, w).bfloat16().float()  # exactly representable in bfloat16
+        with torch.no_grad():
+            want = down.conv(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+            assert (down(x) - want).abs().max() < 1e-5
+            for layer, ref in ((down, want), (up, up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))),
+                               (block, block(x))):
+                got = layer(x.bfloat16())
+                assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+                assert (got.float() - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
 def test_channels_last_and_gradients(pair):

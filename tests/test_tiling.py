@@ -1,6 +1,8 @@
 """Seam-free tiling (models/tiling.py): tiled == untiled once the whole-image GroupNorm statistics are exact, for
 sizes that are not multiples of the tile; one tile == untiled; slicing == no slicing; the pipeline call path."""
 
+import copy
+
 import pytest
 import torch
 
@@ -10,10 +12,9 @@ from diffusers_klvae.models.blocks import GroupNorm
 
 CONFIG = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-# GroupNorms above latent resolution in this config (tiled part): decoder up_blocks.1 (2 resnets) + conv_norm_out,
-# encoder down_blocks.0 (1 resnet). With this many statistics passes the statistics are exact (pass k makes the
-# k-th GroupNorm exact), so tiles must reproduce the untiled output to float rounding.
-DECODER_TILED_NORMS, ENCODER_TILED_NORMS = 5, 2
+# With this many statistics passes, the statistics of the tiled part are exact (pass k makes its k-th GroupNorm
+# exact): at most 9 GroupNorms above latent resolution in the decoder (4 resnets + conv_norm_out), 4 in the encoder.
+EXACT_PASSES = 9
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -42,39 +43,68 @@ def smooth_image(h: int, w: int, seed: int) -> torch.Tensor:
             + 0.1 * torch.randn(1, 3, h, w, generator=g)).clamp(-1, 1)
 
 
-@pytest.mark.parametrize("size, tile", [((36, 22), 24), ((50, 34), 32), ((21, 13), 16)])
-def test_tiled_decode_equals_untiled_with_exact_statistics(vae, size, tile):
-    z = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(size[0]))
+@pytest.fixture(scope="module")
+def vae64(vae):
+    """The same model in float64: whole maps are then stored in float64 too, so tiled == untiled is checked exactly."""
+    return copy.deepcopy(vae).double()
+
+
+def untiled_exact_and_one_pass(vae64, call, *, tile: int):
+    """``call(vae64)`` untiled, tiled with exact statistics (EXACT_PASSES), and tiled with one statistics pass."""
     with torch.no_grad():
-        vae.disable_tiling()
-        want = vae.decode(z).sample
-        vae.enable_tiling(tile_sample_min_size=tile)
-        vae.tile_stat_passes = DECODER_TILED_NORMS
-        got = vae.decode(z).sample
-    vae.disable_tiling()
+        want = call(vae64)
+        vae64.enable_tiling(tile_sample_min_size=tile, stat_passes=EXACT_PASSES)
+        exact = call(vae64)
+        vae64.enable_tiling(stat_passes=1)
+        approximate = call(vae64)
+    vae64.disable_tiling()
+    return want, exact, approximate
+
+
+# Latent sizes and tiles (pixels, f = 2): a tiled part after whole-map levels (odd sizes too), and everything tiled
+# (no whole-map budget).
+@pytest.mark.parametrize("size, tile, whole_map_tiles", [((36, 22), 24, 2), ((21, 13), 16, 2), ((36, 22), 48, 0)])
+def test_tiled_decode_equals_untiled_with_exact_statistics(vae64, size, tile, whole_map_tiles, monkeypatch):
+    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
+    z = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(size[0]), dtype=torch.float64)
+    want, got, approximate = untiled_exact_and_one_pass(vae64, lambda vae: vae.decode(z).sample, tile=tile)
     assert got.shape == want.shape
     assert (got - want).abs().max() < 1e-4
-    assert psnr(got, want) >= 45
+    assert (approximate - want).abs().max() > 1e-3  # a tiled part ran: one statistics pass is not exact
 
 
-@pytest.mark.parametrize("size, tile", [((72, 44), 32), ((98, 62), 48)])
-def test_tiled_encode_equals_untiled_with_exact_statistics(vae, size, tile):
-    x = smooth_image(*size, seed=size[1])
-    with torch.no_grad():
-        vae.disable_tiling()
-        want = vae.encode(x).latent_dist
-        vae.enable_tiling(tile_sample_min_size=tile)
-        vae.tile_stat_passes = ENCODER_TILED_NORMS
-        got = vae.encode(x).latent_dist
-    vae.disable_tiling()
+@pytest.mark.parametrize("size, tile, whole_map_tiles", [((72, 44), 24, 2), ((98, 62), 40, 0)])
+def test_tiled_encode_equals_untiled_with_exact_statistics(vae64, size, tile, whole_map_tiles, monkeypatch):
+    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
+    x = smooth_image(*size, seed=size[1]).double()
+    want, got, approximate = untiled_exact_and_one_pass(vae64, lambda vae: vae.encode(x).latent_dist, tile=tile)
     assert (got.mean - want.mean).abs().max() < 1e-4
     assert (got.logvar - want.logvar).abs().max() < 1e-4
+    assert (approximate.mean - want.mean).abs().max() > 1e-4  # a tiled part ran
 
 
-def test_one_statistics_pass_beats_per_tile_statistics(vae):
-    """The default single pass (tile statistics → whole-image statistics), 2×2 tiles on a photo-like image: far
-    closer to the untiled result than diffusers' tiling (per-tile GroupNorm, blended overlap) with the same weights."""
+def test_image_within_the_whole_map_budget_is_one_exact_pass(vae):
+    """Up to ~2×2 tiles everything is held whole (bfloat16 maps, float32 compute): GroupNorm statistics are exact, no
+    statistics pass runs, and only bfloat16 rounding separates the result from the untiled one."""
+    z = torch.randn(1, 4, 40, 28, generator=torch.Generator().manual_seed(4))
+    x = smooth_image(80, 56, seed=4)
+    with torch.no_grad():
+        want_dec, want_enc = vae.decode(z).sample, vae.encode(x).latent_dist.mean
+        vae.enable_tiling(tile_sample_min_size=48)  # 80×56 is 1.9 tiles' area
+        got = {passes: (vae.decode(z).sample, vae.encode(x).latent_dist.mean) for passes in (1, 3) if not vae.enable_tiling(stat_passes=passes)}
+    vae.disable_tiling()
+    assert torch.equal(got[1][0], got[3][0]) and torch.equal(got[1][1], got[3][1])  # no tiled part: passes unused
+    assert psnr(got[1][0], want_dec) >= 50 and psnr(got[1][1], want_enc) >= 50
+
+
+@pytest.mark.parametrize("whole_map_tiles", [2, 0])
+def test_tiling_beats_per_tile_statistics(vae, whole_map_tiles, monkeypatch):
+    """2×2 tiles on a photo-like image, with the whole-map budget (one exact pass) and without it (tiles, one
+    statistics pass): far closer to the untiled result than diffusers' tiling (per-tile GroupNorm, blended overlap)
+    with the same weights."""
     from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
 
     ref = AutoencoderKL(**CONFIG).eval()
     ref.load_state_dict(vae.state_dict())
@@ -135,4 +165,4 @@ def test_pipeline_call_path(vae):
         got = small.decode(latents / small.config.scaling_factor, return_dict=False)[0]
     assert got.shape == (1, 3, 40, 24)
     assert torch.isfinite(got).all()
-    assert psnr(got, want) >= 30  # one statistics pass on random latents with tiles of 8 latent pixels
+    assert psnr(got, want) >= 45  # 20×12 latents with tiles of 8: within the whole-map budget

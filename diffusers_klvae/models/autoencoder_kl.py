@@ -231,16 +231,21 @@ class KLVAE(ModelMixin, ConfigMixin):
 
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
                       stat_passes: int | None = None) -> None:
-        """Encode/decode large inputs tile by tile at bounded memory, with whole-image GroupNorm statistics
-        (see ``docs/tiling.md`` for what it costs and how close to untiled it gets). The bare call works as in diffusers.
+        """Encode/decode large inputs at bounded memory, with whole-image GroupNorm statistics and no blending (see
+        ``docs/tiling.md`` for what it costs and how close to untiled it gets). The bare call works as in diffusers.
+
+        Memory follows the tile size: maps of up to about 2× a tile's bytes are held whole (a float32 model stores them
+        in bfloat16), which makes their GroupNorm statistics exact; an image within that budget (about 2×2 tiles) is
+        decoded in one pass to within bfloat16 rounding of the untiled result. Larger images run their
+        high-resolution layers tile by tile, with ``stat_passes`` statistics passes.
 
         Args:
             tile_sample_min_size (`int`, *optional*): tile size in pixels (default: the config's ``sample_size``);
                 inputs no larger than this are not tiled.
             tile_overlap_factor (`float`, *optional*): kept for diffusers compatibility; KLVAE's tiles overlap by the
                 encoder's/decoder's receptive field (a cropped halo), so this value is not used for blending.
-            stat_passes (`int`, *optional*): GroupNorm statistics passes before the output pass (default 1); one per
-                GroupNorm of the tiled part makes tiled equal to untiled.
+            stat_passes (`int`, *optional*): GroupNorm statistics passes of the tiled part before its output pass
+                (default 1); one per GroupNorm of the tiled part makes its statistics exact.
         """
         if stat_passes is not None:
             if stat_passes < 1:

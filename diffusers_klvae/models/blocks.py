@@ -17,10 +17,13 @@ SE_REDUCTION = 16  # squeeze-and-excitation bottleneck: channels // 16 (a few th
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
-# Inference on float32 maps larger than this (128 MB: 1024² decodes and up) runs the convolutions in bands of rows of
-# about this many input elements, so that the normalized/activated copy of a map never exists whole: it lowers the
-# peak memory of a 1024² decode by about half, and conv results are the same up to float rounding. Smaller maps take
-# the plain path: banding costs ~8% time (measured at 512², where the memory is not the problem).
+# Inference on maps larger than this (128 MB in float32: 1024² decodes and up) runs the convolutions in bands of rows of
+# about this many elements, so that the normalized/activated copy of a map never exists whole and the second conv of
+# a residual block writes over its input: it lowers the peak memory of a 1024² decode by about half, and conv results
+# are the same up to float rounding. Smaller maps take the plain path: banding costs ~8% time (measured at 512², where
+# the memory is not the problem).
+# Maps *stored* in a narrower dtype than the weights (tiling holds whole maps in bfloat16) always run in bands: each
+# band is computed in the weights' dtype and its result stored back in the map's dtype.
 BAND_ELEMENTS = 2**25
 
 
@@ -46,7 +49,7 @@ class GroupNorm(nn.GroupNorm):
 
     def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group (mean, biased var) of x, each (B, groups) float32, from per-channel moments (no copy of x)."""
-        var_c, mean_c = torch.var_mean(x.float() if x.dtype != torch.float32 else x, dim=(2, 3), correction=0)  # (B, C)
+        var_c, mean_c = channel_var_mean(x)  # (B, C)
         b = x.shape[0]
         mean_c, var_c = mean_c.view(b, self.num_groups, -1), var_c.view(b, self.num_groups, -1)
         mean = mean_c.mean(-1)  # every channel of a group has the same number of pixels
@@ -54,14 +57,41 @@ class GroupNorm(nn.GroupNorm):
         return mean, var
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (scale, shift), each (B, C, 1, 1) in x's dtype, with ``norm(x) == x * scale + shift``."""
+        """Per-channel (scale, shift), each (B, C, 1, 1) in the weights' dtype, with ``norm(x) == x * scale + shift``."""
         mean, var = self.statistics(x) if self.stats_hook is None else self.stats_hook(self, x)
         per_group = x.shape[1] // self.num_groups
         rstd = torch.rsqrt(var + self.eps).repeat_interleave(per_group, dim=1)  # (B, C)
         mean = mean.repeat_interleave(per_group, dim=1)
         scale = rstd if self.weight is None else rstd * self.weight.float()
         shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
-        return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
+        dtype = x.dtype if self.weight is None else self.weight.dtype
+        return scale[..., None, None].to(dtype), shift[..., None, None].to(dtype)
+
+
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """Chan et al.'s pairwise merge of (count, mean, M2) moments: stable for any number of parts."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)
+
+
+def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (biased var, mean) of x (B, C, H, W), each (B, C) float32; maps not in float32 are read in bands of
+    rows (float64 merge), so no float32 copy of a whole map is made."""
+    if x.dtype == torch.float32:
+        return torch.var_mean(x, dim=(2, 3), correction=0)
+    moments = None
+    rows = _band_rows(x)
+    for r0 in range(0, x.shape[2], rows):
+        band = x[:, :, r0: r0 + rows].float()
+        var, mean = torch.var_mean(band, dim=(2, 3), correction=0)
+        count = band.shape[2] * band.shape[3]
+        part = (count, mean.double(), var.double() * count)
+        moments = part if moments is None else merge_moments(moments, part)
+    n, mean, m2 = moments
+    return (m2 / n).float(), mean.float()
 
 
 def normalize(channels: int, groups: int) -> GroupNorm:
@@ -86,41 +116,77 @@ def norm_act(norm: GroupNorm, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _act_(act, norm(x))
 
 
-def _banded(x: torch.Tensor) -> bool:
-    """Whether inference on x takes the row-band path (large float32 maps without autograd)."""
-    return not torch.is_grad_enabled() and x.dtype == torch.float32 and x.numel() > BAND_ELEMENTS and x.shape[2] > 2
+def nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.bfloat16:  # nearest upsampling of bf16 is not implemented on every backend
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def _banded(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether inference on x takes the row-band path: large maps, and maps stored narrower than ``weight``."""
+    if torch.is_grad_enabled():
+        return False
+    return x.dtype != weight.dtype or (x.numel() > BAND_ELEMENTS and x.shape[2] > 2)
 
 
 def _band_rows(x: torch.Tensor) -> int:
     return max(1, BAND_ELEMENTS // (x.numel() // x.shape[2]))
 
 
-def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False) -> torch.Tensor:
+def conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False, out_dtype=None,
+              inplace: bool = False) -> torch.Tensor:
     """``conv(pre(x))`` — or ``conv(nearest_2x(x))`` when ``upsample`` — for a 3×3 stride-1 conv with padding 1,
     computed in bands of rows: each band reads its rows of x plus one halo row on each side (zero rows only at the
-    border of the map, as the conv's own padding would give), so ``pre(x)`` and the upsampled map are never whole."""
+    border of the map, as the conv's own padding would give), so ``pre(x)`` and the upsampled map are never whole.
+    Bands are computed in the weights' dtype; the result is stored in ``out_dtype`` (default: x's dtype), or over x
+    itself when ``inplace`` (same shape; the one row of ``pre(x)`` above each band is kept before it is overwritten).
+    ``pre`` must return a new tensor when ``inplace``."""
     b, _, h, w = x.shape
     s = 2 if upsample else 1
-    out = torch.empty(b, conv.out_channels, s * h, s * w, dtype=x.dtype, device=x.device)
-    rows = _band_rows(x) if not upsample else max(1, _band_rows(x) // 4)
+    out = x if inplace else torch.empty(b, conv.out_channels, s * h, s * w, dtype=out_dtype or x.dtype, device=x.device)
+    rows = max(1, BAND_ELEMENTS // (s * s * w * max(x.shape[1], conv.out_channels)))  # the larger of band in and out
+    above = None  # inplace: pre(x) of the row above the band, saved before that row was overwritten
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
-        a, e = max(r0 - 1, 0), min(r1 + 1, h)  # input rows with a one-row halo
-        band = pre(x[:, :, a:e])
+        a, e = (r0 if inplace else max(r0 - 1, 0)), min(r1 + 1, h)  # input rows, with a one-row halo
+        band = pre(x[:, :, a:e].to(conv.weight.dtype))
+        if inplace:
+            band = band if above is None else torch.cat([above, band], dim=2)
+            a = max(r0 - 1, 0)
+            above = band[:, :, r1 - 1 - a: r1 - a].clone()
         if upsample:  # keep one high-resolution halo row above and below the band's output rows
-            band = F.interpolate(band, scale_factor=2.0, mode="nearest")
+            band = nearest_2x(band)
             band = band[:, :, (1 if r0 > 0 else 0): (2 * (r1 - a) + 1 if r1 < h else None)]
-        band = F.pad(band, (0, 0, int(r0 == 0), int(r1 == h)))  # (B, C, s·(r1 - r0) + 2, s·W)
+        if r0 == 0 or r1 == h:  # zero rows at the map's border only, as the conv's own padding would give
+            band = F.pad(band, (0, 0, int(r0 == 0), int(r1 == h)))  # (B, C, s·(r1 - r0) + 2, s·W)
         out[:, :, s * r0: s * r1] = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
     return out
 
 
-def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(act(norm(x)))``; in inference on large maps, in row bands (see ``_conv_rows``)."""
-    if not _banded(x) or conv.kernel_size != (3, 3) or conv.stride != (1, 1):
-        return conv(norm_act(norm, act, x))
+def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *, out_dtype=None,
+                  inplace: bool = False) -> torch.Tensor:
+    """``conv(act(norm(x)))``; in inference on large or narrow-stored maps, in row bands (see ``conv_rows``), written
+    over x when ``inplace`` (a map the caller no longer needs, as many channels in as out)."""
+    if not _banded(x, conv.weight) or conv.kernel_size != (3, 3) or conv.stride != (1, 1):
+        out = conv(norm_act(norm, act, x))
+        return out if out_dtype is None else out.to(out_dtype)
     scale, shift = norm.scale_shift(x)
-    return _conv_rows(conv, x, lambda band: _act_(act, torch.addcmul(shift, band, scale)))
+    return conv_rows(conv, x, lambda band: _act_(act, torch.addcmul(shift, band, scale)), out_dtype=out_dtype,
+                     inplace=inplace and out_dtype in (None, x.dtype))
+
+
+def _downsample_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(pad(x, (0, 1, 0, 1)))`` for the 3×3 stride-2 conv of ``Downsample``, in bands of output rows (output row
+    j reads input rows 2j .. 2j + 2; the zero row below the map is the asymmetric padding)."""
+    b, _, h, w = x.shape
+    out = torch.empty(b, conv.out_channels, (h - 2) // 2 + 1, (w - 2) // 2 + 1, dtype=x.dtype, device=x.device)
+    rows = max(1, _band_rows(x) // 2)  # output rows per band
+    for j0 in range(0, out.shape[2], rows):
+        j1 = min(j0 + rows, out.shape[2])
+        band = x[:, :, 2 * j0: 2 * j1 + 1].to(conv.weight.dtype)
+        band = F.pad(band, (0, 1, 0, 2 * (j1 - j0) + 1 - band.shape[2]))
+        out[:, :, j0:j1] = F.conv2d(band, conv.weight, conv.bias, stride=2)
+    return out
 
 
 class SqueezeExcitation(nn.Module):
@@ -137,8 +203,8 @@ class SqueezeExcitation(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate = self.fc2(self.act(self.fc1(h.mean(dim=(2, 3), keepdim=True))))  # (B, C, 1, 1)
-        return h * (2.0 * torch.sigmoid(gate))
+        gate = self.fc2(self.act(self.fc1(h.mean(dim=(2, 3), keepdim=True, dtype=self.fc1.weight.dtype))))  # (B, C, 1, 1)
+        return h * (2.0 * torch.sigmoid(gate)).to(h.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -158,16 +224,16 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # dropout is p=0 and acts as the identity: fuse norm → act → conv in bands
             h = norm_act_conv(self.norm1, self.nonlinearity, self.conv1, x)
-            h = norm_act_conv(self.norm2, self.nonlinearity, self.conv2, h)
+            h = norm_act_conv(self.norm2, self.nonlinearity, self.conv2, h, inplace=True)  # h is our own temporary
         else:
             h = self.conv1(norm_act(self.norm1, self.nonlinearity, x))
             h = self.conv2(self.dropout(norm_act(self.norm2, self.nonlinearity, h)))
         if self.squeeze_excitation is not None:
             h = self.squeeze_excitation(h)
-        if self.conv_shortcut is not None and _banded(x):  # 1×1 shortcut added band by band: no full-size temporary
+        if self.conv_shortcut is not None and _banded(x, self.conv_shortcut.weight):  # added band by band: no full-size temporary
             rows = _band_rows(x)
             for r0 in range(0, x.shape[2], rows):
-                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows]))
+                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows].to(self.conv_shortcut.weight.dtype)))
             return h
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         if not torch.is_grad_enabled():
@@ -183,6 +249,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _banded(x, self.conv.weight):
+            return _downsample_rows(self.conv, x)
         # torch conv has no asymmetric padding: pad (left 0, right 1, top 0, bottom 1), then conv with padding=0
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
@@ -195,13 +263,9 @@ class Upsample(nn.Module):
         self.conv = conv3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _banded(x):  # the ×2 map is never whole: upsample and convolve band by band
-            return _conv_rows(self.conv, x, lambda band: band, upsample=True)
-        dtype = x.dtype
-        if dtype == torch.bfloat16:
-            x = x.float()  # nearest upsampling of bf16 is not implemented on every backend
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)  # (B, C, 2H, 2W)
-        return self.conv(x)
+        if _banded(x, self.conv.weight):  # the ×2 map is never whole: upsample and convolve band by band
+            return conv_rows(self.conv, x, lambda band: band, upsample=True)
+        return self.conv(nearest_2x(x))  # (B, C, 2H, 2W)
 
 
 class SelfAttention(nn.Module):

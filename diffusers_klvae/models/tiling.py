@@ -1,23 +1,27 @@
 """Seam-free tiled encode/decode at bounded memory.
 
 Per-tile GroupNorm statistics are what give diffusers' tiled VAE its seams: every tile normalizes with its own
-mean and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here every tile normalizes
-with the statistics of the *whole* image, and tiles are cropped, not blended:
+mean and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here GroupNorms normalize with
+the statistics of the *whole* image, and tiles are cropped, not blended:
 
-1. The low-resolution part of the network (decoder: ``conv_in``, the mid block with its attention and the layers
-   at ≤ 2× latent resolution; encoder: the mirror image) runs on the whole map: it is small, and exact.
-2. The high-resolution part runs tile by tile. Each tile is computed with a halo at least as wide as that part's
-   receptive field, so the core of a tile sees exactly the pixels the untiled network would, and only the core
-   is kept. Cores cover the image without overlap, for any image size.
-3. Statistics pass: the tiles run once, each GroupNorm normalizing with the tile's own statistics while its
-   per-group moments over the tile's core are accumulated (Chan's parallel formula, float64) into whole-image
-   statistics. ``STAT_PASSES`` such passes may run, each normalizing with the previous pass's statistics.
+1. Whole-map part. The lower-resolution layers (decoder: ``conv_in``, the mid block with its attention over the whole
+   latent, then the up levels; encoder: the mirror image) run on the whole map, as long as each layer's largest map
+   takes at most ``WHOLE_MAP_TILES`` times the bytes of the largest map of one tile. Above latent resolution a float32
+   model stores these maps in bfloat16 and computed in float32 in bands of rows (``blocks.conv_rows``): GroupNorm statistics
+   are exact, the only difference from the untiled result is bfloat16 rounding of the stored maps (≥ 60 dB PSNR).
+   When the whole image fits this budget (up to about 2×2 tiles), nothing else runs: one pass, exact statistics.
+2. Tiled part: the remaining high-resolution layers run tile by tile. Each tile is computed with a halo at least as
+   wide as that part's receptive field, so the core of a tile sees exactly the pixels the untiled network would, and
+   only the core is kept. Cores cover the image without overlap, for any image size.
+3. Statistics pass (tiled part only): the tiles run once, each GroupNorm normalizing with the tile's own statistics
+   while its per-group moments over the tile's core are accumulated (Chan's parallel formula, float64) into
+   whole-image statistics. ``STAT_PASSES`` such passes may run, each normalizing with the previous pass's statistics
+   (pass k makes the k-th GroupNorm of the tiled part exact).
 4. Output pass: the tiles run again, every GroupNorm using the whole-image statistics, and the cores are written
    into the result.
 
-Only step 3 is approximate (the first pass normalizes with tile statistics). Memory is bounded by one tile of the
-high-resolution part plus the whole-map part at ≤ 2× latent resolution; time is that of (1 + STAT_PASSES)
-high-resolution passes over the image, halos included. See ``docs/tiling.md`` for measured figures.
+Only step 3 is approximate. Memory is bounded by one tile of the tiled part plus the whole-map part, which holds at
+most ``WHOLE_MAP_TILES`` times the bytes of a tile's largest map. See ``docs/tiling.md`` for measured figures.
 
 The statistics reach the GroupNorm modules through ``blocks.GroupNorm.stats_hook``, set only inside
 ``_group_norm_hook`` for the duration of a pass and removed afterwards.
@@ -31,64 +35,77 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .blocks import Downsample, GroupNorm, ResnetBlock, Upsample, norm_act_conv
+from .blocks import Downsample, GroupNorm, ResnetBlock, Upsample, conv_rows, merge_moments, norm_act_conv
 
-# Statistics passes before the output pass. One pass (tile statistics → whole-image statistics) gives ≥ 45 dB
-# against the untiled image on the benchmark's photos; a second one refines the statistics at one more pass of cost.
+# Statistics passes of the tiled part (images beyond the whole-map budget) before its output pass. Each pass makes one
+# more GroupNorm exact and costs one more pass over the tiles; docs/tiling.md gives the fidelity of one.
 STAT_PASSES = 1
+# A layer runs on the whole map when its largest map, as stored, takes at most this many times the bytes of the largest
+# map of one tile in the model's dtype (diffusers' tiled decode holds about four such maps at its peak). A float32
+# model stores whole maps in bfloat16: 4× a tile's values.
+WHOLE_MAP_TILES = 2
+STORAGE_DTYPE = torch.bfloat16  # whole maps of a float32 model: half the memory, exponent range of float32
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f), tile by tile (see module docstring).
+    """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f) (see the module docstring).
 
-    Tiles of the high-resolution part span at most ``vae.tile_latent_min_size`` latent pixels, halo included.
+    Tiles of the tiled part span at most ``vae.tile_latent_min_size`` latent pixels, halo included.
     """
     decoder = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
+    if max(z.shape[-2:]) <= vae.tile_latent_min_size:  # one tile covers it: the untiled network, exactly
+        return decoder(z)
     x = decoder.mid_block(decoder.conv_in(z))
-    x = x.to(decoder.up_blocks[0].resnets[0].conv1.weight.dtype)  # as Decoder.forward: the mid block may run in fp32
+    dtype = decoder.up_blocks[0].resnets[0].conv1.weight.dtype
+    x = x.to(dtype)  # as Decoder.forward: the mid block may run in fp32
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
-    whole_scale = max(1, vae.downsampling_factor // 4)  # resolution (× latent) up to which the whole map is small
-    scale, split = 1, 0
-    for split, layer in enumerate(layers):
-        if isinstance(layer, Upsample):
-            if scale * 2 > whole_scale:
-                break
-            scale *= 2
-    else:
-        split = len(layers)
+    pixels = z.shape[-2] * z.shape[-1]
+    sizes = _largest_maps(layers, pixels)
+    budget = _whole_map_budget(sizes, vae.tile_latent_min_size**2 / pixels, dtype)
+    split = next((i for i, size in enumerate(sizes) if size > budget), len(layers))
+    x = x.to(_storage(dtype)) if split else x
     for layer in layers[:split]:
         x = layer(x)
     tiled = layers[split:]
+    if not tiled:
+        return norm_act_conv(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, x, out_dtype=dtype)
 
     def high_res(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
         for layer in tiled:
             t = layer(t)
         return norm_act_conv(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, t)
 
+    scale = 2 ** sum(isinstance(layer, Upsample) for layer in layers[:split])  # resolution of x (× latent)
     halo = math.ceil(_receptive_field(tiled, tail_convs=1))  # in pixels of x
     tile = max(vae.tile_latent_min_size * scale, 1)
     return _run_tiled(high_res, [*tiled, decoder.conv_norm_out], x, tile=tile, halo=halo, align=1,
-                      out_scale=vae.downsampling_factor // scale, stat_passes=_stat_passes(vae))
+                      out_scale=vae.downsampling_factor // scale, stat_passes=_stat_passes(vae), out_dtype=dtype)
 
 
 def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """images (B, in_channels, H, W) → moments (B, 2·latent_channels, H/f, W/f), tile by tile (see module docstring).
+    """images (B, in_channels, H, W) → moments (B, 2·latent_channels, H/f, W/f) (see the module docstring).
 
-    Tiles of the high-resolution part span at most ``vae.tile_sample_min_size`` pixels, halo included.
+    Tiles of the tiled part span at most ``vae.tile_sample_min_size`` pixels, halo included.
     """
     encoder = vae.encoder
+    moments = encoder(x) if max(x.shape[-2:]) <= vae.tile_sample_min_size else _tiled_encoder(vae, x)  # one tile: exact
+    return moments if vae.quant_conv is None else vae.quant_conv(moments)
+
+
+def _tiled_encoder(vae, x: torch.Tensor) -> torch.Tensor:
+    """``vae.encoder(x)`` with the whole-map and tiled parts of the module docstring."""
+    encoder = vae.encoder
+    dtype = encoder.conv_in.weight.dtype
     layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
-    whole_scale = max(1, vae.downsampling_factor // 4) / vae.downsampling_factor  # (× image) run on the whole map
-    scale, split = 1.0, len(layers)
-    for i, layer in enumerate(layers):
-        if scale <= whole_scale:
-            split = i
-            break
-        if isinstance(layer, Downsample):
-            scale /= 2
+    pixels = x.shape[-2] * x.shape[-1]
+    sizes = _largest_maps(layers, pixels)
+    budget = _whole_map_budget(sizes, vae.tile_sample_min_size**2 / pixels, dtype)
+    split = max((i + 1 for i, size in enumerate(sizes) if size > budget), default=0)  # layers[split:] run whole
     tiled = layers[:split]
+    scale = 0.5 ** sum(isinstance(layer, Downsample) for layer in tiled)  # resolution (× image) after the tiled part
     align = round(1 / scale)  # tile edges on the grid of every stride-2 conv of the tiled part
 
     def high_res(t: torch.Tensor) -> torch.Tensor:
@@ -96,14 +113,43 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
             t = layer(t)
         return t
 
-    halo = math.ceil(_receptive_field(tiled) / align) * align
-    tile = max(vae.tile_sample_min_size // align * align, align)
-    h = x if not tiled else _run_tiled(high_res, tiled, x, tile=tile, halo=halo, align=align, out_scale=scale, stat_passes=_stat_passes(vae))
+    store = _storage(dtype)
+    if tiled:
+        halo = math.ceil(_receptive_field(tiled) / align) * align
+        tile = max(vae.tile_sample_min_size // align * align, align)
+        h = _run_tiled(high_res, tiled, x, tile=tile, halo=halo, align=align, out_scale=scale,
+                       stat_passes=_stat_passes(vae), out_dtype=store)
+    else:  # conv_in computed in the model's dtype, its full-resolution output stored narrow
+        h = conv_rows(encoder.conv_in, x, lambda band: band, out_dtype=store) if store != dtype else encoder.conv_in(x)
+        layers = layers[1:]
     for layer in layers[split:]:
         h = layer(h)
-    h = encoder.mid_block(h)
-    moments = norm_act_conv(encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, h)
-    return moments if vae.quant_conv is None else vae.quant_conv(moments)
+    h = encoder.mid_block(h.to(dtype))
+    return norm_act_conv(encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, h)
+
+
+def _storage(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whole maps are stored in: bfloat16 for a float32 model (computed in float32 band by band)."""
+    return STORAGE_DTYPE if dtype == torch.float32 else dtype
+
+
+def _largest_maps(layers: list[nn.Module], pixels: int) -> list[int]:
+    """For each layer, the values (per sample) of the largest map it reads or writes, for an input of ``pixels``."""
+    sizes = []
+    for layer in layers:
+        conv = layer.conv1 if isinstance(layer, ResnetBlock) else layer.conv if isinstance(layer, (Upsample, Downsample)) else layer
+        if isinstance(layer, Upsample):
+            pixels *= 4
+        sizes.append(max(conv.in_channels, conv.out_channels) * pixels)
+        if isinstance(layer, Downsample):
+            pixels //= 4
+    return sizes
+
+
+def _whole_map_budget(sizes: list[int], tile_fraction: float, dtype: torch.dtype) -> float:
+    """Values a whole map may hold: ``WHOLE_MAP_TILES`` × the bytes of the largest map of one tile (a ``tile_fraction``
+    of the image) in ``dtype``, stored in ``_storage(dtype)``."""
+    return WHOLE_MAP_TILES * dtype.itemsize / _storage(dtype).itemsize * max(sizes) * min(tile_fraction, 1.0)
 
 
 def _stat_passes(vae) -> int:
@@ -142,7 +188,7 @@ def _spans(length: int, tile: int, halo: int, align: int) -> list[tuple[int, int
 
 
 def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo: int, align: int, out_scale: float,
-               stat_passes: int) -> torch.Tensor:
+               stat_passes: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``fn(x)`` for a map-to-map network part ``fn`` whose GroupNorms are in ``modules``, tile by tile."""
     h, w = x.shape[-2:]
     tiles = [(rows, cols) for rows in _spans(h, tile, halo, align) for cols in _spans(w, tile, halo, align)]
@@ -162,7 +208,7 @@ def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo
         with _group_norm_hook(norms, previous.hook):
             y = fn(x[:, :, a:b, c:d])
         if out is None:
-            out = y.new_empty(*y.shape[:2], round(h * out_scale), round(w * out_scale))
+            out = y.new_empty(*y.shape[:2], round(h * out_scale), round(w * out_scale), dtype=out_dtype)
         s = out_scale
         out[:, :, round(r0 * s): round(r1 * s), round(c0 * s): round(c1 * s)] = (
             y[:, :, round((r0 - a) * s): round((r1 - a) * s), round((c0 - c) * s): round((c1 - c) * s)])
@@ -191,13 +237,8 @@ class _Statistics:
         mean, var = norm.statistics(core)  # (B, groups)
         count = core.shape[1] // norm.num_groups * core.shape[2] * core.shape[3]
         mean, m2 = mean.double(), var.double() * count
-        if norm not in self.moments:
-            self.moments[norm] = (count, mean, m2)
-            return
-        n, mean_a, m2_a = self.moments[norm]  # Chan et al.'s pairwise update: stable for any number of tiles
-        delta = mean - mean_a
-        total = n + count
-        self.moments[norm] = (total, mean_a + delta * (count / total), m2_a + m2 + delta.square() * (n * count / total))
+        part = (count, mean, m2)
+        self.moments[norm] = part if norm not in self.moments else merge_moments(self.moments[norm], part)
 
     def hook(self, norm: GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-image (mean, var) of ``norm``'s input."""
