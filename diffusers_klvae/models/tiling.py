@@ -121,7 +121,7 @@ def _tiled_encoder(vae, x: torch.Tensor) -> torch.Tensor:
                        stat_passes=_stat_passes(vae), out_dtype=store)
     else:  # conv_in computed in the model's dtype, its full-resolution output stored narrow
         h = conv_rows(encoder.conv_in, x, lambda band: band, out_dtype=store) if store != dtype else encoder.conv_in(x)
-        layers = layers[1:]
+        split = 1
     for layer in layers[split:]:
         h = layer(h)
     h = encoder.mid_block(h.to(dtype))
