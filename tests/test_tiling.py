@@ -83,6 +83,20 @@ def test_tiled_encode_equals_untiled_with_exact_statistics(vae64, size, tile, wh
     assert (approximate.mean - want.mean).abs().max() > 1e-4  # a tiled part ran
 
 
+def test_squeeze_excitation_gates_use_whole_image_means(vae64, monkeypatch):
+    """The gates' spatial mean is a whole-image statistic too: with exact statistics, tiles of an encoder with
+    squeeze-and-excitation gate like the whole image (the gates are made non-trivial first)."""
+    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", 0)
+    se = KLVAE(**CONFIG, encoder_squeeze_excitation=True).double().eval()
+    se.load_state_dict(vae64.state_dict(), strict=False)
+    for name, p in se.named_parameters():
+        if "squeeze_excitation.fc2" in name:
+            p.data = torch.randn_like(p)
+    x = smooth_image(98, 62, seed=5).double()
+    want, got, _ = untiled_exact_and_one_pass(se, lambda vae: vae.encode(x).latent_dist.mean, tile=40)
+    assert (got - want).abs().max() < 1e-4
+
+
 def test_image_within_the_whole_map_budget_is_one_exact_pass(vae):
     """Up to ~2×2 tiles everything is held whole (bfloat16 maps, float32 compute): GroupNorm statistics are exact, no
     statistics pass runs, and only bfloat16 rounding separates the result from the untiled one."""

@@ -191,7 +191,12 @@ def _downsample_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 class SqueezeExcitation(nn.Module):
     """Channel gating ``h * 2·sigmoid(fc2(act(fc1(mean_hw(h)))))``; fc2 starts at zero, so the gate starts at exactly 1
-    and a model loaded from plain KL-f8 weights gives the same outputs until it is fine-tuned."""
+    and a model loaded from plain KL-f8 weights gives the same outputs until it is fine-tuned.
+
+    Its spatial mean is a whole-image statistic like GroupNorm's: tiling sets ``stats_hook`` (same contract as
+    ``GroupNorm.stats_hook``) so that tiles are gated with the mean of the whole image."""
+
+    stats_hook = None
 
     def __init__(self, *, channels: int, act_fn: str = "silu"):
         super().__init__()
@@ -203,8 +208,18 @@ class SqueezeExcitation(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate = self.fc2(self.act(self.fc1(h.mean(dim=(2, 3), keepdim=True, dtype=self.fc1.weight.dtype))))  # (B, C, 1, 1)
+        dtype = self.fc1.weight.dtype
+        if self.stats_hook is None:
+            pooled = h.mean(dim=(2, 3), keepdim=True, dtype=dtype)
+        else:
+            pooled = self.stats_hook(self, h)[0][..., None, None].to(dtype)
+        gate = self.fc2(self.act(self.fc1(pooled)))  # (B, C, 1, 1)
         return h * (2.0 * torch.sigmoid(gate)).to(h.dtype)
+
+    def statistics(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, biased var) of h, each (B, C) float32."""
+        var, mean = channel_var_mean(h)
+        return mean, var
 
 
 class ResnetBlock(nn.Module):

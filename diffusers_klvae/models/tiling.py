@@ -7,8 +7,9 @@ the statistics of the *whole* image, and tiles are cropped, not blended:
 1. Whole-map part. The lower-resolution layers (decoder: ``conv_in``, the mid block with its attention over the whole
    latent, then the up levels; encoder: the mirror image) run on the whole map, as long as each layer's largest map
    takes at most ``WHOLE_MAP_TILES`` times the bytes of the largest map of one tile. Above latent resolution a float32
-   model stores these maps in bfloat16 and computed in float32 in bands of rows (``blocks.conv_rows``): GroupNorm statistics
-   are exact, the only difference from the untiled result is bfloat16 rounding of the stored maps (≥ 60 dB PSNR).
+   model stores these maps in bfloat16 and computes them in float32, in bands of rows (``blocks.conv_rows``):
+   GroupNorm statistics are exact, and the only difference from the untiled result is the bfloat16 rounding of the
+   stored maps (≥ 55 dB PSNR).
    When the whole image fits this budget (up to about 2×2 tiles), nothing else runs: one pass, exact statistics.
 2. Tiled part: the remaining high-resolution layers run tile by tile. Each tile is computed with a halo at least as
    wide as that part's receptive field, so the core of a tile sees exactly the pixels the untiled network would, and
@@ -23,8 +24,9 @@ the statistics of the *whole* image, and tiles are cropped, not blended:
 Only step 3 is approximate. Memory is bounded by one tile of the tiled part plus the whole-map part, which holds at
 most ``WHOLE_MAP_TILES`` times the bytes of a tile's largest map. See ``docs/tiling.md`` for measured figures.
 
-The statistics reach the GroupNorm modules through ``blocks.GroupNorm.stats_hook``, set only inside
-``_group_norm_hook`` for the duration of a pass and removed afterwards.
+The statistics reach the GroupNorm modules (and the spatial means of squeeze-and-excitation gates, the other
+whole-image statistic) through their ``stats_hook``, set only inside ``_group_norm_hook`` for the duration of a
+pass and removed afterwards.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .blocks import Downsample, GroupNorm, ResnetBlock, Upsample, conv_rows, merge_moments, norm_act_conv
+from .blocks import Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, conv_rows, merge_moments, norm_act_conv
 
 # Statistics passes of the tiled part (images beyond the whole-map budget) before its output pass. Each pass makes one
 # more GroupNorm exact and costs one more pass over the tiles; docs/tiling.md gives the fidelity of one.
@@ -192,7 +194,8 @@ def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo
     """``fn(x)`` for a map-to-map network part ``fn`` whose GroupNorms are in ``modules``, tile by tile."""
     h, w = x.shape[-2:]
     tiles = [(rows, cols) for rows in _spans(h, tile, halo, align) for cols in _spans(w, tile, halo, align)]
-    norms = [m for module in modules for m in module.modules() if isinstance(m, GroupNorm)]
+    # every whole-image statistic of the tiled part: GroupNorms, and the spatial means of squeeze-and-excitation gates
+    norms = [m for module in modules for m in module.modules() if isinstance(m, (GroupNorm, SqueezeExcitation))]
     previous = None
     for _ in range(max(stat_passes, 1)):
         current = _Statistics()
@@ -234,8 +237,8 @@ class _Statistics:
         self.moments: dict[GroupNorm, tuple[float, torch.Tensor, torch.Tensor]] = {}  # count, mean, M2 (float64)
 
     def add(self, norm: GroupNorm, core: torch.Tensor) -> None:
-        mean, var = norm.statistics(core)  # (B, groups)
-        count = core.shape[1] // norm.num_groups * core.shape[2] * core.shape[3]
+        mean, var = norm.statistics(core)  # (B, groups or channels)
+        count = core[0].numel() // mean.shape[1]
         mean, m2 = mean.double(), var.double() * count
         part = (count, mean, m2)
         self.moments[norm] = part if norm not in self.moments else merge_moments(self.moments[norm], part)
