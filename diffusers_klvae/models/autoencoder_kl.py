@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import (
+    ADDED_KV_ATTENTION_PROCESSORS,
+    CROSS_ATTENTION_PROCESSORS,
+    AttnAddedKVProcessor,
+    AttnProcessor,
+    FusedAttnProcessor2_0,
+)
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -46,10 +55,12 @@ class KLVAEOutput(DecoderOutput):
     latent_dist: DiagonalGaussianDistribution | None = None
 
 
-class KLVAE(ModelMixin, ConfigMixin):
+class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A VAE with KL loss: images → diagonal Gaussian latents → images. Config and weights are interchangeable with
-    diffusers' [`AutoencoderKL`].
+    diffusers' [`AutoencoderKL`], and so is the model API: [`ModelMixin`] (loading, saving, layerwise casting, group
+    offloading, gradient checkpointing), attention processors ([`AttentionMixin`]), PEFT adapters
+    ([`PeftAdapterMixin`]: ``add_adapter``, ``load_lora_adapter`` ...), slicing and tiling ([`AutoencoderMixin`]).
 
     Parameters:
         in_channels (`int`, *optional*, defaults to 3): channels of the input image.
@@ -83,6 +94,7 @@ class KLVAE(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ResnetBlock"]
+    _group_offload_block_modules = ["quant_conv", "post_quant_conv", "encoder", "decoder"]  # as AutoencoderKL
 
     @register_to_config
     def __init__(
@@ -136,21 +148,52 @@ class KLVAE(ModelMixin, ConfigMixin):
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → moments (B, 2·latent_channels, H/f, W/f); the only encode path."""
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            from .tiling import tiled_encode
-
-            return tiled_encode(self, x)
+            return self._tiled_encode(x)
         moments = self.encoder(x)
         return moments if self.quant_conv is None else self.quant_conv(moments)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f); the only decode path."""
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            from .tiling import tiled_decode
-
-            return tiled_decode(self, z)
+            return self._tiled_decode(z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """images → moments with seam-free tiling (``tiling.tiled_encode``)."""
+        from .tiling import tiled_encode
+
+        return tiled_encode(self, x)
+
+    def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """latents → images with seam-free tiling (``tiling.tiled_decode``)."""
+        from .tiling import tiled_decode
+
+        return tiled_decode(self, z)
+
+    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+        r"""Encode images tile by tile whatever ``use_tiling`` says (diffusers' public method; the tiles here are
+        seam-free: whole-image GroupNorm statistics, cropped halos, no blending; see ``enable_tiling``).
+
+        Args:
+            x (`torch.Tensor`): images in [-1, 1], (B, in_channels, H, W).
+            return_dict (`bool`, *optional*, defaults to `True`): return an [`AutoencoderKLOutput`] rather than a tuple.
+        """
+        self._check_input(x, self.config.in_channels, self.downsampling_factor, "image")
+        posterior = DiagonalGaussianDistribution(self._tiled_encode(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        r"""Decode latents tile by tile whatever ``use_tiling`` says (diffusers' public method; seam-free tiles).
+
+        Args:
+            z (`torch.Tensor`): unscaled latents, (B, latent_channels, h, w).
+            return_dict (`bool`, *optional*, defaults to `True`): return a [`DecoderOutput`] rather than a tuple.
+        """
+        self._check_input(z, self.config.latent_channels, 1, "latent")
+        decoded = self._tiled_decode(z)
+        return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         """Encode images in [-1, 1] of shape (B, in_channels, H, W), H and W multiples of the downsampling factor.
@@ -222,13 +265,7 @@ class KLVAE(ModelMixin, ConfigMixin):
                 raise ValueError(f"{what} {name} {size} is not a multiple of the downsampling factor {factor}: use {nearest}")
 
     # ------------------------------------------------------------------ runtime switches (diffusers' names)
-    def enable_slicing(self) -> None:
-        """Encode/decode a batch one image at a time (lower peak memory, same outputs)."""
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
+    # enable_slicing / disable_slicing / disable_tiling come from AutoencoderMixin
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
                       stat_passes: int | None = None) -> None:
         """Encode/decode large inputs at bounded memory, with whole-image GroupNorm statistics and no blending (see
@@ -260,8 +297,31 @@ class KLVAE(ModelMixin, ConfigMixin):
             self.tile_overlap_factor = float(tile_overlap_factor)
         self.use_tiling = True
 
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
+    # ------------------------------------------------------------------ attention processors (AutoencoderKL's API)
+    def set_default_attn_processor(self) -> None:
+        """Disable custom attention processors and use diffusers' plain ``AttnProcessor`` (as AutoencoderKL does)."""
+        processors = self.attn_processors.values()
+        if all(proc.__class__ in ADDED_KV_ATTENTION_PROCESSORS for proc in processors):
+            processor = AttnAddedKVProcessor()
+        elif all(proc.__class__ in CROSS_ATTENTION_PROCESSORS for proc in processors):
+            processor = AttnProcessor()
+        else:
+            raise ValueError(f"set_default_attn_processor expects diffusers' attention processors; got {next(iter(processors))}")
+        self.set_attn_processor(processor)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse the query, key and value projections of every attention into one ``to_qkv`` and use
+        ``FusedAttnProcessor2_0``; ``unfuse_qkv_projections`` undoes both (experimental in diffusers too)."""
+        self.original_attn_processors = self.attn_processors
+        super().fuse_qkv_projections()
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to the processors in use before ``fuse_qkv_projections``, without the fused ``to_qkv`` weights."""
+        if getattr(self, "original_attn_processors", None) is not None:
+            self.set_attn_processor(dict(self.original_attn_processors))
+            self.original_attn_processors = None
+        super().unfuse_qkv_projections()
 
     # ------------------------------------------------------------------ presets and files
     @classmethod

@@ -8,8 +8,12 @@ diffusers ``models/autoencoders/vae.py``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 NORM_EPS = 1e-6  # GroupNorm eps of the LDM autoencoder (not torch's 1e-5): weights were trained with it
@@ -22,9 +26,36 @@ ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GE
 # a residual block writes over its input: it lowers the peak memory of a 1024² decode by about half, and conv results
 # are the same up to float rounding. Smaller maps take the plain path: banding costs ~8% time (measured at 512², where
 # the memory is not the problem).
-# Maps *stored* in a narrower dtype than the weights (tiling holds whole maps in bfloat16) always run in bands: each
-# band is computed in the weights' dtype and its result stored back in the map's dtype.
+# Maps *stored* in a narrower dtype than they are computed in (tiling holds whole maps in bfloat16, inside
+# ``computing_in``) always run in bands: each band is computed in the compute dtype and stored back in the map's dtype.
 BAND_ELEMENTS = 2**25
+
+# The dtype maps are computed in while ``computing_in`` is active; otherwise a map is computed in its own dtype. It is
+# never read from the weights: under ``enable_layerwise_casting`` they are stored in float8/float16 and only cast to
+# the compute dtype inside their module's own forward (a hook), which is also why every conv below runs as a module
+# call and never as ``F.conv2d(x, conv.weight)`` (that would also bypass PEFT adapters and offloading hooks).
+_COMPUTE_DTYPE: torch.dtype | None = None
+
+
+@contextmanager
+def computing_in(dtype: torch.dtype):
+    """Inside the ``with`` block, maps stored in another dtype (bfloat16 whole maps of tiling) are computed in ``dtype``."""
+    global _COMPUTE_DTYPE
+    previous, _COMPUTE_DTYPE = _COMPUTE_DTYPE, dtype
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE = previous
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x is computed in: the ``computing_in`` dtype when set, else x's own."""
+    return _COMPUTE_DTYPE or x.dtype
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The wrapped layer of a PEFT adapter layer (``lora.Conv2d``), else the module: where geometry is read."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def conv3(c_in: int, c_out: int, **kw) -> nn.Conv2d:
@@ -57,14 +88,14 @@ class GroupNorm(nn.GroupNorm):
         return mean, var
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (scale, shift), each (B, C, 1, 1) in the weights' dtype, with ``norm(x) == x * scale + shift``."""
+        """Per-channel (scale, shift), each (B, C, 1, 1) in x's compute dtype, with ``norm(x) == x * scale + shift``."""
         mean, var = self.statistics(x) if self.stats_hook is None else self.stats_hook(self, x)
         per_group = x.shape[1] // self.num_groups
         rstd = torch.rsqrt(var + self.eps).repeat_interleave(per_group, dim=1)  # (B, C)
         mean = mean.repeat_interleave(per_group, dim=1)
         scale = rstd if self.weight is None else rstd * self.weight.float()
         shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
-        dtype = x.dtype if self.weight is None else self.weight.dtype
+        dtype = compute_dtype(x)
         return scale[..., None, None].to(dtype), shift[..., None, None].to(dtype)
 
 
@@ -122,11 +153,12 @@ def nearest_2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
-def _banded(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether inference on x takes the row-band path: large maps, and maps stored narrower than ``weight``."""
+def _banded(x: torch.Tensor) -> bool:
+    """Whether inference on x takes the row-band path: large maps, and maps stored in another dtype than they are
+    computed in (``computing_in``)."""
     if torch.is_grad_enabled():
         return False
-    return x.dtype != weight.dtype or (x.numel() > BAND_ELEMENTS and x.shape[2] > 2)
+    return x.dtype != compute_dtype(x) or (x.numel() > BAND_ELEMENTS and x.shape[2] > 2)
 
 
 def _band_rows(x: torch.Tensor) -> int:
@@ -136,30 +168,31 @@ def _band_rows(x: torch.Tensor) -> int:
 def conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False, out_dtype=None,
               inplace: bool = False) -> torch.Tensor:
     """``conv(pre(x))`` — or ``conv(nearest_2x(x))`` when ``upsample`` — for a 3×3 stride-1 conv with padding 1,
-    computed in bands of rows: each band reads its rows of x plus one halo row on each side (zero rows only at the
-    border of the map, as the conv's own padding would give), so ``pre(x)`` and the upsampled map are never whole.
-    Bands are computed in the weights' dtype; the result is stored in ``out_dtype`` (default: x's dtype), or over x
+    computed in bands of rows: each band reads its rows of x plus one halo row on each side, so ``pre(x)`` and the
+    upsampled map are never whole. The conv runs as a module call on the band: its own zero padding is right at the
+    map's border, and the output rows of the halo (padded with zeros instead of their neighbours) are dropped.
+    Bands are computed in x's compute dtype; the result is stored in ``out_dtype`` (default: x's dtype), or over x
     itself when ``inplace`` (same shape; the one row of ``pre(x)`` above each band is kept before it is overwritten).
     ``pre`` must return a new tensor when ``inplace``."""
     b, _, h, w = x.shape
     s = 2 if upsample else 1
-    out = x if inplace else torch.empty(b, conv.out_channels, s * h, s * w, dtype=out_dtype or x.dtype, device=x.device)
-    rows = max(1, BAND_ELEMENTS // (s * s * w * max(x.shape[1], conv.out_channels)))  # the larger of band in and out
+    channels_out = base_layer(conv).out_channels
+    dtype = compute_dtype(x)
+    out = x if inplace else torch.empty(b, channels_out, s * h, s * w, dtype=out_dtype or x.dtype, device=x.device)
+    rows = max(1, BAND_ELEMENTS // (s * s * w * max(x.shape[1], channels_out)))  # the larger of band in and out
     above = None  # inplace: pre(x) of the row above the band, saved before that row was overwritten
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
-        a, e = (r0 if inplace else max(r0 - 1, 0)), min(r1 + 1, h)  # input rows, with a one-row halo
-        band = pre(x[:, :, a:e].to(conv.weight.dtype))
-        if inplace:
+        a, e = max(r0 - 1, 0), min(r1 + 1, h)  # input rows of the band, with a one-row halo
+        if inplace:  # rows above r0 are overwritten already: the halo row above comes from `above`
+            band = pre(x[:, :, r0:e].to(dtype))
             band = band if above is None else torch.cat([above, band], dim=2)
-            a = max(r0 - 1, 0)
             above = band[:, :, r1 - 1 - a: r1 - a].clone()
-        if upsample:  # keep one high-resolution halo row above and below the band's output rows
+        else:
+            band = pre(x[:, :, a:e].to(dtype))
+        if upsample:
             band = nearest_2x(band)
-            band = band[:, :, (1 if r0 > 0 else 0): (2 * (r1 - a) + 1 if r1 < h else None)]
-        if r0 == 0 or r1 == h:  # zero rows at the map's border only, as the conv's own padding would give
-            band = F.pad(band, (0, 0, int(r0 == 0), int(r1 == h)))  # (B, C, s·(r1 - r0) + 2, s·W)
-        out[:, :, s * r0: s * r1] = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
+        out[:, :, s * r0: s * r1] = conv(band)[:, :, s * (r0 - a): s * (r1 - a)]
     return out
 
 
@@ -167,7 +200,8 @@ def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Ten
                   inplace: bool = False) -> torch.Tensor:
     """``conv(act(norm(x)))``; in inference on large or narrow-stored maps, in row bands (see ``conv_rows``), written
     over x when ``inplace`` (a map the caller no longer needs, as many channels in as out)."""
-    if not _banded(x, conv.weight) or conv.kernel_size != (3, 3) or conv.stride != (1, 1):
+    geometry = base_layer(conv)
+    if not _banded(x) or geometry.kernel_size != (3, 3) or geometry.stride != (1, 1):
         out = conv(norm_act(norm, act, x))
         return out if out_dtype is None else out.to(out_dtype)
     scale, shift = norm.scale_shift(x)
@@ -179,13 +213,14 @@ def _downsample_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(pad(x, (0, 1, 0, 1)))`` for the 3×3 stride-2 conv of ``Downsample``, in bands of output rows (output row
     j reads input rows 2j .. 2j + 2; the zero row below the map is the asymmetric padding)."""
     b, _, h, w = x.shape
-    out = torch.empty(b, conv.out_channels, (h - 2) // 2 + 1, (w - 2) // 2 + 1, dtype=x.dtype, device=x.device)
+    out = torch.empty(b, base_layer(conv).out_channels, (h - 2) // 2 + 1, (w - 2) // 2 + 1, dtype=x.dtype,
+                      device=x.device)
     rows = max(1, _band_rows(x) // 2)  # output rows per band
     for j0 in range(0, out.shape[2], rows):
         j1 = min(j0 + rows, out.shape[2])
-        band = x[:, :, 2 * j0: 2 * j1 + 1].to(conv.weight.dtype)
+        band = x[:, :, 2 * j0: 2 * j1 + 1].to(compute_dtype(x))
         band = F.pad(band, (0, 1, 0, 2 * (j1 - j0) + 1 - band.shape[2]))
-        out[:, :, j0:j1] = F.conv2d(band, conv.weight, conv.bias, stride=2)
+        out[:, :, j0:j1] = conv(band)
     return out
 
 
@@ -208,7 +243,7 @@ class SqueezeExcitation(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        dtype = self.fc1.weight.dtype
+        dtype = compute_dtype(h)  # not the weights': layerwise casting may store them narrower
         if self.stats_hook is None:
             pooled = h.mean(dim=(2, 3), keepdim=True, dtype=dtype)
         else:
@@ -245,10 +280,10 @@ class ResnetBlock(nn.Module):
             h = self.conv2(self.dropout(norm_act(self.norm2, self.nonlinearity, h)))
         if self.squeeze_excitation is not None:
             h = self.squeeze_excitation(h)
-        if self.conv_shortcut is not None and _banded(x, self.conv_shortcut.weight):  # added band by band: no full-size temporary
+        if self.conv_shortcut is not None and _banded(x):  # added band by band: no full-size temporary
             rows = _band_rows(x)
             for r0 in range(0, x.shape[2], rows):
-                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows].to(self.conv_shortcut.weight.dtype)))
+                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows].to(compute_dtype(x))))
             return h
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         if not torch.is_grad_enabled():
@@ -264,7 +299,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _banded(x, self.conv.weight):
+        if _banded(x):
             return _downsample_rows(self.conv, x)
         # torch conv has no asymmetric padding: pad (left 0, right 1, top 0, bottom 1), then conv with padding=0
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
@@ -278,15 +313,43 @@ class Upsample(nn.Module):
         self.conv = conv3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _banded(x, self.conv.weight):  # the ×2 map is never whole: upsample and convolve band by band
+        if _banded(x):  # the ×2 map is never whole: upsample and convolve band by band
             return conv_rows(self.conv, x, lambda band: band, upsample=True)
         return self.conv(nearest_2x(x))  # (B, C, 2H, 2W)
 
 
-class SelfAttention(nn.Module):
+class _CheckpointedStages(nn.Module):
+    """Runs a stage through diffusers' gradient-checkpointing function when ``enable_gradient_checkpointing`` set it."""
+
+    gradient_checkpointing = False
+
+    def _run(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(stage, x)
+        return stage(x)
+
+    @staticmethod
+    def _stages(blocks: nn.ModuleList) -> list[nn.Module]:
+        """The blocks (with grad, the unit of checkpointing), or in inference their layers one by one: a caller that
+        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak."""
+        if torch.is_grad_enabled():
+            return list(blocks)
+        return [layer for block in blocks for layer in block.layers()]
+
+
+class SelfAttention(nn.Module, AttentionModuleMixin):
     """Single-head spatial self-attention with a residual connection (the LDM mid-block ``AttnBlock``).
 
-    Linear ``to_q/to_k/to_v/to_out.0`` layers as in diffusers; LDM files store them as 1×1 convs (``q/k/v/proj_out``)."""
+    Linear ``to_q/to_k/to_v/to_out.0`` layers as in diffusers; LDM files store them as 1×1 convs (``q/k/v/proj_out``).
+    The computation is done by an attention processor, diffusers' protocol: ``processor(attn, hidden_states)``. The
+    default is diffusers' ``AttnProcessor2_0`` (what ``AutoencoderKL`` uses), and the attributes below are the ones
+    diffusers' processors read from an ``Attention`` module, at the values of AutoencoderKL's mid-block attention, so
+    that ``set_attn_processor(AttnProcessor())``, ``FusedAttnProcessor2_0`` (after ``fuse_projections``) or a custom
+    processor behave as they do on AutoencoderKL.
+    """
+
+    _default_processor_cls = AttnProcessor2_0
+    _available_processors = [AttnProcessor2_0]
 
     def __init__(self, *, channels: int, groups: int):
         super().__init__()
@@ -295,18 +358,21 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+        # diffusers' Attention(channels, heads=1, dim_head=channels, residual_connection=True, upcast_softmax=True)
+        self.heads, self.scale, self.rescale_output_factor = 1, channels**-0.5, 1.0
+        self.residual_connection, self.use_bias, self.is_cross_attention = True, True, False
+        self.upcast_attention, self.upcast_softmax, self.only_cross_attention = False, True, False
+        self.spatial_norm = self.norm_cross = self.norm_q = self.norm_k = None
+        self.set_processor(AttnProcessor2_0())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C); memory-efficient kernels where available
-        out = self.to_out[1](self.to_out[0](out))
-        return out.transpose(1, 2).reshape(b, c, h, w) + x
+        return self.processor(self, x)
 
 
-class MidBlock(nn.Module):
-    """resnet → (self-attention) → resnet at the lowest resolution."""
+class UNetMidBlock2D(_CheckpointedStages):
+    """resnet → (self-attention) → resnet at the lowest resolution. Named as diffusers' block so that code that
+    looks for it by class name (``test_gradient_checkpointing_is_applied``) finds it; with gradient checkpointing,
+    the second resnet is checkpointed, as there."""
 
     def __init__(self, *, channels: int, groups: int, act_fn: str, add_attention: bool = True):
         super().__init__()
@@ -319,7 +385,7 @@ class MidBlock(nn.Module):
         x = self.resnets[0](x)
         for attention in self.attentions:
             x = attention(x)
-        return self.resnets[1](x)
+        return self._run(self.resnets[1], x)
 
 
 class DownBlock(nn.Module):
@@ -362,23 +428,11 @@ class UpBlock(nn.Module):
         return x
 
 
-class _CheckpointedStages(nn.Module):
-    """Runs a stage through diffusers' gradient-checkpointing function when ``enable_gradient_checkpointing`` set it."""
-
-    gradient_checkpointing = False
-
-    def _run(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(stage, x)
-        return stage(x)
-
-    @staticmethod
-    def _stages(blocks: nn.ModuleList) -> list[nn.Module]:
-        """The blocks (with grad, the unit of checkpointing), or in inference their layers one by one: a caller that
-        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak."""
-        if torch.is_grad_enabled():
-            return list(blocks)
-        return [layer for block in blocks for layer in block.layers()]
+def upscale_dtype(decoder: nn.Module) -> torch.dtype:
+    """The dtype the decoder's up blocks compute in: their first parameter's (a GroupNorm weight), as diffusers'
+    ``Decoder`` reads it. Not a conv weight: ``enable_layerwise_casting`` stores those narrower (float8/float16) and
+    leaves norms in the compute dtype; ``upcast_vae`` keeps the up blocks in float32 and the mid block in float16."""
+    return next(iter(decoder.up_blocks.parameters())).dtype
 
 
 class Encoder(_CheckpointedStages):
@@ -394,7 +448,7 @@ class Encoder(_CheckpointedStages):
                       groups=groups, act_fn=act_fn, add_downsample=i != last, squeeze_excitation=squeeze_excitation)
             for i, channels in enumerate(block_out_channels)
         )
-        self.mid_block = MidBlock(channels=block_out_channels[-1], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(channels=block_out_channels[-1], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
         self.conv_norm_out = normalize(block_out_channels[-1], groups)
         self.conv_act = nn.SiLU()  # diffusers uses SiLU here whatever act_fn is
         self.conv_out = conv3(block_out_channels[-1], 2 * latent_channels)
@@ -420,7 +474,7 @@ class Decoder(_CheckpointedStages):
                     act_fn=act_fn, add_upsample=i != len(channels) - 1)
             for i, c in enumerate(channels)
         )
-        self.mid_block = MidBlock(channels=channels[0], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(channels=channels[0], groups=groups, act_fn=act_fn, add_attention=mid_block_add_attention)
         self.conv_norm_out = normalize(channels[-1], groups)
         self.conv_act = nn.SiLU()  # diffusers uses SiLU here whatever act_fn is
         self.conv_out = conv3(channels[-1], out_channels)
@@ -428,7 +482,7 @@ class Decoder(_CheckpointedStages):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
         x = self._run(self.mid_block, x)
-        x = x.to(self.up_blocks[0].resnets[0].conv1.weight.dtype)  # pipelines may keep only the mid block in fp32
+        x = x.to(upscale_dtype(self))  # pipelines may keep only the mid block in fp16 (upcast_vae)
         for stage in self._stages(self.up_blocks):
             x = self._run(stage, x)
         return norm_act_conv(self.conv_norm_out, self.conv_act, self.conv_out, x)

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .blocks import Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, conv_rows, merge_moments, norm_act_conv
+from .blocks import (Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, base_layer, computing_in, conv_rows,
+                     merge_moments, norm_act_conv, upscale_dtype)
 
 # Statistics passes of the tiled part (images beyond the whole-map budget) before its output pass. Each pass makes one
 # more GroupNorm exact and costs one more pass over the tiles; docs/tiling.md gives the fidelity of one.
@@ -60,10 +61,15 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
     if max(z.shape[-2:]) <= vae.tile_latent_min_size:  # one tile covers it: the untiled network, exactly
         return decoder(z)
     x = decoder.mid_block(decoder.conv_in(z))
-    dtype = decoder.up_blocks[0].resnets[0].conv1.weight.dtype
-    x = x.to(dtype)  # as Decoder.forward: the mid block may run in fp32
+    x = x.to(upscale_dtype(decoder))  # as Decoder.forward: the mid block may run in another dtype
+    with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
+        return _tiled_up_levels(vae, x, z.shape[-2] * z.shape[-1])
+
+
+def _tiled_up_levels(vae, x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The decoder from its up blocks on, for the mid block's output x (in the compute dtype) of ``pixels`` latents."""
+    decoder, dtype = vae.decoder, x.dtype
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
-    pixels = z.shape[-2] * z.shape[-1]
     sizes = _largest_maps(layers, pixels)
     budget = _whole_map_budget(sizes, vae.tile_latent_min_size**2 / pixels, dtype)
     split = next((i for i, size in enumerate(sizes) if size > budget), len(layers))
@@ -92,15 +98,17 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
 
     Tiles of the tiled part span at most ``vae.tile_sample_min_size`` pixels, halo included.
     """
-    encoder = vae.encoder
-    moments = encoder(x) if max(x.shape[-2:]) <= vae.tile_sample_min_size else _tiled_encoder(vae, x)  # one tile: exact
+    if max(x.shape[-2:]) <= vae.tile_sample_min_size:  # one tile covers it: the untiled network, exactly
+        moments = vae.encoder(x)
+    else:
+        with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
+            moments = _tiled_encoder(vae, x)
     return moments if vae.quant_conv is None else vae.quant_conv(moments)
 
 
 def _tiled_encoder(vae, x: torch.Tensor) -> torch.Tensor:
-    """``vae.encoder(x)`` with the whole-map and tiled parts of the module docstring."""
-    encoder = vae.encoder
-    dtype = encoder.conv_in.weight.dtype
+    """``vae.encoder(x)`` with the whole-map and tiled parts of the module docstring; x is in the compute dtype."""
+    encoder, dtype = vae.encoder, x.dtype
     layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
     pixels = x.shape[-2] * x.shape[-1]
     sizes = _largest_maps(layers, pixels)
@@ -140,6 +148,7 @@ def _largest_maps(layers: list[nn.Module], pixels: int) -> list[int]:
     sizes = []
     for layer in layers:
         conv = layer.conv1 if isinstance(layer, ResnetBlock) else layer.conv if isinstance(layer, (Upsample, Downsample)) else layer
+        conv = base_layer(conv)  # a PEFT adapter wraps the conv
         if isinstance(layer, Upsample):
             pixels *= 4
         sizes.append(max(conv.in_channels, conv.out_channels) * pixels)
@@ -171,8 +180,8 @@ def _receptive_field(layers: list[nn.Module], *, tail_convs: int = 0) -> float:
         elif isinstance(layer, Downsample):
             reach += 2 / scale  # 3×3 stride-2 conv: output j reads inputs 2j .. 2j + 2
             scale /= 2
-        elif isinstance(layer, nn.Conv2d):
-            reach += (layer.kernel_size[0] // 2) / scale
+        elif isinstance(base_layer(layer), nn.Conv2d):
+            reach += (base_layer(layer).kernel_size[0] // 2) / scale
         else:
             raise TypeError(f"no receptive field known for {type(layer).__name__}")
     return reach + tail_convs / scale
