@@ -30,7 +30,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import ACTIVATIONS, Decoder, Encoder
+from .blocks import ACTIVATIONS, Decoder, Encoder, _hooked
 from .posterior import DiagonalGaussianDistribution
 from .presets import list_presets, preset_config
 
@@ -164,12 +164,14 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         """images → moments with seam-free tiling (``tiling.tiled_encode``)."""
         from .tiling import tiled_encode
 
+        _check_unhooked(self.encoder, "encoder")
         return tiled_encode(self, x)
 
     def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         """latents → images with seam-free tiling (``tiling.tiled_decode``)."""
         from .tiling import tiled_decode
 
+        _check_unhooked(self.decoder, "decoder")
         return tiled_decode(self, z)
 
     def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
@@ -378,6 +380,14 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             config_dict["down_block_types"] = [DOWN_BLOCK_TYPES[0]] * len(config_dict["down_block_types"])
             config_dict["encoder_squeeze_excitation"] = True
         return super().extract_init_dict(config_dict, **kwargs)
+
+
+def _check_unhooked(part: nn.Module, name: str) -> None:
+    # Tiling calls the layers of the encoder/decoder one by one, never its forward: a hook there (block-level group
+    # offloading loads the weights of conv_in, the mid block and conv_out in it) would not run.
+    if _hooked(part):
+        raise ValueError(f"tiling runs the {name} layer by layer, past the hook on its forward (block-level group "
+                         "offloading); use enable_group_offload(..., offload_type='leaf_level') with tiling")
 
 
 def _resolve_config(config: dict | str | os.PathLike | None) -> dict[str, Any]:

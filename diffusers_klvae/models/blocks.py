@@ -72,7 +72,12 @@ class GroupNorm(nn.GroupNorm):
 
     stats_hook = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_scale_shift: bool = False):
+        """``norm(x)``, or with ``return_scale_shift`` its ``scale_shift(x)``: the band path asks for those through
+        the module call, so that hooks on the module (group offloading loads the weights, layerwise casting casts
+        them) run before the weights are read."""
+        if return_scale_shift:
+            return self.scale_shift(x)
         if self.stats_hook is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         scale, shift = self.scale_shift(x)
@@ -204,7 +209,7 @@ def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Ten
     if not _banded(x) or geometry.kernel_size != (3, 3) or geometry.stride != (1, 1):
         out = conv(norm_act(norm, act, x))
         return out if out_dtype is None else out.to(out_dtype)
-    scale, shift = norm.scale_shift(x)
+    scale, shift = norm(x, return_scale_shift=True)
     return conv_rows(conv, x, lambda band: _act_(act, torch.addcmul(shift, band, scale)), out_dtype=out_dtype,
                      inplace=inplace and out_dtype in (None, x.dtype))
 
@@ -331,10 +336,18 @@ class _CheckpointedStages(nn.Module):
     @staticmethod
     def _stages(blocks: nn.ModuleList) -> list[nn.Module]:
         """The blocks (with grad, the unit of checkpointing), or in inference their layers one by one: a caller that
-        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak."""
+        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak.
+        A block whose forward is wrapped (diffusers' group offloading, accelerate's hooks) runs whole: its hook loads
+        its weights."""
         if torch.is_grad_enabled():
             return list(blocks)
-        return [layer for block in blocks for layer in block.layers()]
+        return [layer for block in blocks for layer in ([block] if _hooked(block) else block.layers())]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether diffusers' hooks (``HookRegistry``: group offloading, layerwise casting) or accelerate's
+    (``add_hook_to_module``: cpu offload) wrap the module's forward."""
+    return getattr(module, "_diffusers_hook", None) is not None or getattr(module, "_hf_hook", None) is not None
 
 
 class SelfAttention(nn.Module, AttentionModuleMixin):
