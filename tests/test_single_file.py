@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # internal API: tests only
@@ -35,7 +36,7 @@ def randomized(model: KLVAE, seed: int = 0) -> KLVAE:
 
 def ldm_state(model: KLVAE, tmp_path) -> dict[str, torch.Tensor]:
     path = tmp_path / "ldm.safetensors"
-    model.save_single_file(path)
+    model.save_single_file(path, force=True)  # tiny test architectures: not a ComfyUI/A1111 file
     return load_file(path)
 
 
@@ -115,7 +116,7 @@ def test_single_file_round_trip_and_default_sd_config(tmp_path):
 def test_config_as_dict_folder_or_preset(tmp_path):
     model = randomized(KLVAE(**tiny_config(scaling_factor=0.5)))
     path = tmp_path / "tiny.safetensors"
-    model.save_single_file(path)
+    model.save_single_file(path, force=True)
     model.save_pretrained(tmp_path / "folder")
     by_dict = KLVAE.from_single_file(path, config=dict(model.config))
     by_folder = KLVAE.from_single_file(path, config=tmp_path / "folder")
@@ -140,7 +141,7 @@ def test_not_a_vae_file_names_the_key(tmp_path):
 def test_shape_mismatch_names_the_first_offending_key(tmp_path):
     model = KLVAE(**tiny_config(block_out_channels=(8, 32)))
     path = tmp_path / "wide.safetensors"
-    model.save_single_file(path)
+    model.save_single_file(path, force=True)
     with pytest.raises(ValueError) as err:
         KLVAE.from_single_file(path, config="tiny")
     message = str(err.value)
@@ -157,7 +158,117 @@ def test_shape_mismatch_names_the_first_offending_key(tmp_path):
 def test_architecture_mismatch_names_a_missing_key(tmp_path):
     model = KLVAE(**f4_config())
     path = tmp_path / "f4.safetensors"
-    model.save_single_file(path)
+    model.save_single_file(path, force=True)
     with pytest.raises(ValueError) as err:
         KLVAE.from_single_file(path, config="tiny")
     assert "unexpected" in str(err.value) and "config=" in str(err.value)
+
+
+# ------------------------------------------------------------------ argument parity with AutoencoderKL.from_single_file
+def hub_cache(tmp_path, repo_id: str, files: dict[str, bytes]) -> str:
+    """A Hugging Face cache holding one snapshot of ``repo_id`` (what a download leaves behind), so that Hub ids and
+    URLs resolve offline with ``local_files_only=True``."""
+    cache = tmp_path / "hf-cache"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return str(cache)
+
+
+def assert_same_model(ours: KLVAE, ref, dtype: torch.dtype = torch.float32) -> None:
+    """Same config values, weights, dtype and mode as diffusers' model."""
+    private = ("_name_or_path", "_class_name", "_diffusers_version", "_use_default_values")
+    ref_config = {k: v for k, v in ref.config.items() if k not in private}
+    assert {k: v for k, v in ours.config.items() if k in ref_config} == ref_config
+    assert_same_state(ours.state_dict(), ref.state_dict())
+    assert ours.dtype == ref.dtype == dtype
+    assert not ours.training and not ref.training
+
+
+@pytest.fixture
+def published(tmp_path):
+    """A tiny model saved as a pipeline-style repo: vae/config.json and an original-layout file at the root."""
+    model = randomized(KLVAE(**tiny_config(scaling_factor=0.5)))
+    model.save_pretrained(tmp_path / "repo" / "vae")
+    model.save_single_file(tmp_path / "repo" / "vae.safetensors", force=True)
+    return model, tmp_path / "repo"
+
+
+def test_from_single_file_local_arguments_match_diffusers(published):
+    from diffusers import AutoencoderKL
+
+    _, repo = published
+    path = str(repo / "vae.safetensors")
+    for kwargs in ({"config": str(repo), "subfolder": "vae"}, {"config": str(repo / "vae"), "torch_dtype": torch.float16},
+                   {"config": str(repo / "vae"), "dtype": torch.bfloat16, "scaling_factor": 0.25}):
+        ours, ref = KLVAE.from_single_file(path, **kwargs), AutoencoderKL.from_single_file(path, **kwargs)
+        assert_same_model(ours, ref, kwargs.get("torch_dtype", kwargs.get("dtype", torch.float32)))
+    assert ours.config.scaling_factor == 0.25
+    # a state dict instead of a file, with the SD checkpoint prefix
+    state = {f"first_stage_model.{k}": v for k, v in load_file(path).items()}
+    ours = KLVAE.from_single_file(state, config=str(repo), subfolder="vae")
+    assert_same_model(ours, AutoencoderKL.from_single_file(state, config=str(repo), subfolder="vae"))
+
+
+def test_from_single_file_hub_url_and_repo_config_match_diffusers(published, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    _, repo = published
+    cache = hub_cache(tmp_path, "someone/tiny-vae", {"vae/config.json": (repo / "vae" / "config.json").read_bytes(),
+                                                    "vae.safetensors": (repo / "vae.safetensors").read_bytes()})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)  # diffusers loads the config from there
+    url = "https://huggingface.co/someone/tiny-vae/blob/main/vae.safetensors"
+    kwargs = dict(config="someone/tiny-vae", subfolder="vae", local_files_only=True)
+    ours, ref = KLVAE.from_single_file(url, **kwargs), AutoencoderKL.from_single_file(url, **kwargs)
+    assert_same_model(ours, ref)
+    assert ours.config.scaling_factor == 0.5  # read from the Hub config, not the default SD config
+    with pytest.raises(ValueError, match="someone/missing"):
+        KLVAE.from_single_file(url, config="someone/missing", local_files_only=True)
+
+
+def test_from_single_file_rejects_unknown_arguments(published):
+    _, repo = published
+    with pytest.raises(TypeError, match="scaling_facter"):
+        KLVAE.from_single_file(repo / "vae.safetensors", config="tiny", scaling_facter=0.3)
+    with pytest.raises(TypeError, match="torch.dtype"):
+        KLVAE.from_single_file(repo / "vae.safetensors", config="tiny", torch_dtype="float16")
+
+
+# ------------------------------------------------------------------ what save_single_file refuses
+def meta_model(**overrides) -> KLVAE:
+    """An SD KL-f8 model with ``overrides`` on the meta device: save_single_file decides before reading weights."""
+    with torch.device("meta"):
+        return KLVAE(**{**preset_config("sd-kl-f8"), **overrides})
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"act_fn": "gelu"}, "act_fn='gelu' (needs 'silu')"),  # would load in ComfyUI with every key matching
+    ({"norm_num_groups": 16}, "norm_num_groups=16 (needs 32)"),  # idem
+    ({"mid_block_add_attention": False}, "mid_block_add_attention=False (needs True)"),
+    ({"layers_per_block": 1}, "layers_per_block=1 (needs 2)"),
+    ({"use_quant_conv": False}, "use_quant_conv=False (needs True)"),
+    ({"encoder_squeeze_excitation": True}, "encoder_squeeze_excitation=True (needs False)"),
+    ({"latent_channels": 16}, "use_quant_conv=True (needs False)"),  # ComfyUI detects 16 channels without quant convs
+    (preset_config("small"), "block_out_channels=[32, 64, 128, 128] (needs [128, 256, 512, 512])"),
+])
+def test_save_single_file_refuses_what_comfyui_and_a1111_decode_wrong(overrides, named, tmp_path):
+    path = tmp_path / "vae.safetensors"
+    with pytest.raises(ValueError, match=re.escape(named)):
+        meta_model(**overrides).save_single_file(path)
+    assert not path.exists()
+
+
+def test_save_single_file_accepts_the_sd_architectures_and_force_writes_any(tmp_path):
+    from diffusers_klvae.models.single_file import single_file_mismatches
+
+    for name in ("sd-kl-f8", "sdxl", "kl-f8-16ch"):
+        assert single_file_mismatches(KLVAE(**tiny_config()).config) and not single_file_mismatches(meta_model(**preset_config(name)).config)
+    model = randomized(KLVAE(**tiny_config(act_fn="gelu")))
+    model.save_single_file(tmp_path / "gelu.safetensors", force=True)  # for tools that read the config beside it
+    loaded = KLVAE.from_single_file(tmp_path / "gelu.safetensors", config=dict(model.config))
+    assert_same_state(loaded.state_dict(), model.state_dict())

@@ -16,6 +16,14 @@ import torch
 PREFIXES = ("first_stage_model.", "vae.", "model.")  # SD full checkpoints, some VAE-only exports, Lightning modules
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# The architecture that ComfyUI and AUTOMATIC1111 build for a VAE file, whatever it holds (ComfyUI's ddconfig:
+# ch 128, ch_mult 1,2,4,4, 2 res blocks, SiLU, 32 groups, attention in the mid blocks), in KLVAE config keys.
+SD_ARCHITECTURE = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                       act_fn="silu", latent_channels=4, norm_num_groups=32, use_quant_conv=True,
+                       use_post_quant_conv=True, mid_block_add_attention=True, encoder_squeeze_excitation=False)
+# (down/up block types follow: KLVAE allows only DownEncoderBlock2D/UpDecoderBlock2D, one per block_out_channels entry)
+# ComfyUI reads z_channels from decoder.conv_in and, without post_quant_conv, builds the 16-channel SD3/FLUX layout.
+SD_ARCHITECTURE_16CH = {**SD_ARCHITECTURE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -95,17 +103,34 @@ def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, t
     return out
 
 
-def load_single_file_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Convert the checkpoint at ``path`` and load it into ``model``; errors name the first offending key."""
+def checkpoint_state_dict(source, *, revision: str | None = None, disable_mmap: bool = False,
+                          **hub) -> dict[str, torch.Tensor]:
+    """A state dict, a local checkpoint file, or a Hub file URL (``https://huggingface.co/<repo>/blob/<rev>/<file>``,
+    downloaded with diffusers' ``load_single_file_checkpoint`` and its ``hub`` options) → its VAE keys, no prefix."""
+    if isinstance(source, dict):
+        if not all(isinstance(v, torch.Tensor) for v in source.values()):
+            raise ValueError("the state dict must map keys to tensors")
+        return _strip_prefix(source.get("state_dict", source), "the state dict")
+    from diffusers.loaders.single_file_utils import VALID_URL_PREFIXES, load_single_file_checkpoint
+
+    if not os.fspath(source).startswith(tuple(VALID_URL_PREFIXES)):
+        return read_checkpoint(source)
+
+    state = load_single_file_checkpoint(os.fspath(source), revision=revision, disable_mmap=disable_mmap, **hub)
+    return _strip_prefix(state, os.fspath(source))
+
+
+def load_single_file_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+    """Convert an LDM-layout (or diffusers-layout) state dict and load it into ``model``; errors name the first
+    offending key as ``source`` holds it."""
     levels = len(model.config.block_out_channels)
-    raw = read_checkpoint(path)
-    file_key = {_ldm_to_diffusers_key(k, levels): k for k in raw}  # errors name the key as the user sees it in the file
-    state = ldm_to_diffusers(raw, levels)
+    file_key = {_ldm_to_diffusers_key(k, levels): k for k in state}  # errors name the key as the user sees it
+    state = ldm_to_diffusers(state, levels)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{os.fspath(path)!r} does not match the model config: {len(missing)} missing keys "
+        raise ValueError(f"{source} does not match the model config: {len(missing)} missing keys "
                          f"(first: {missing[0] if missing else None!r}), {len(unexpected)} unexpected keys "
                          f"(first: {unexpected[0] if unexpected else None!r}); pass config= for a non-default architecture")
     for key, value in state.items():
@@ -115,16 +140,30 @@ def load_single_file_into(model: torch.nn.Module, path: str | os.PathLike) -> No
     model.load_state_dict(state, strict=True)
 
 
+def single_file_mismatches(config) -> dict[str, tuple]:
+    """Config keys whose values the original-layout loaders would not honour → (value, value they build).
+
+    ComfyUI builds the SD KL-f8 architecture whatever the file holds and loads with ``strict=False`` (a 16-channel
+    file without quant convs is the one variant it detects); AUTOMATIC1111 loads strictly into SD's VAE. A file of
+    another architecture fails there, or loads and decodes wrong (a different activation or group count loads with
+    every key matching)."""
+    config = dict(config)
+    target = SD_ARCHITECTURE_16CH if config.get("latent_channels") == 16 else SD_ARCHITECTURE
+    return {key: (_plain(config.get(key)), want) for key, want in target.items() if _plain(config.get(key)) != want}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def save_single_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights in the original LDM layout as ``.safetensors`` (no prefix)."""
+    """Write ``model``'s weights in the original LDM layout as ``.safetensors`` (no prefix), whatever the
+    architecture (``KLVAE.save_single_file`` checks it first)."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_single_file writes .safetensors only; got {path!r}")
-    if getattr(model.config, "encoder_squeeze_excitation", False):
-        raise ValueError("save_single_file writes the plain LDM layout, which ComfyUI/A1111 read; this model has "
-                         "encoder_squeeze_excitation=True, which they cannot load: use save_pretrained instead")
     levels = len(model.config.block_out_channels)
     state = diffusers_to_ldm({k: v.detach().contiguous() for k, v in model.state_dict().items()}, levels)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
