@@ -4,7 +4,8 @@ The staged folder is what every consumer expects from a VAE repo:
 
     config.json + diffusion_pytorch_model.safetensors   # AutoencoderKL.from_pretrained(repo) / pipelines' vae=
     diffusion_pytorch_model.ema.safetensors              # EMA weights, when given: from_pretrained(repo, variant="ema")
-    <repo-name>.safetensors                              # original LDM layout for ComfyUI / AUTOMATIC1111
+    <repo-name>.safetensors                              # original LDM layout for ComfyUI / AUTOMATIC1111, only
+                                                         # for the SD/SDXL architecture they hardcode
     images/*.png                                         # reconstruction grid, loss curves
     README.md                                            # model card: YAML metadata (model-index) + sections
 
@@ -41,7 +42,6 @@ CARD_NAME = "README.md"
 # first), so a downloaded snapshot would silently give the wrong model. The variant file name has no such ambiguity.
 EMA_VARIANT = "ema"
 EMA_WEIGHTS_NAME = f"diffusion_pytorch_model.{EMA_VARIANT}.safetensors"
-EMA_SUBFOLDER = "ema"  # where klvae-push looks for EMA weights inside a training output folder
 IMAGES_SUBFOLDER = "images"
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "klvae_template.md"
 
@@ -536,6 +536,7 @@ def render_model_card(
         import_line=import_line,
         pipeline_base=pipeline_base,
         single_file_name=single_file_name,
+        single_file_tools=single_file_tools(config) if single_file_name else None,
         has_ema=has_ema,
         training=training_rows(args, withheld),
         training_args_yaml=_yaml(args) if args else "",
@@ -581,6 +582,17 @@ def _stage_ema(vae, ema, folder: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="klvae-ema-") as tmp:
         ema.save_pretrained(tmp, safe_serialization=True, variant=EMA_VARIANT)
         shutil.copyfile(Path(tmp) / EMA_WEIGHTS_NAME, folder / EMA_WEIGHTS_NAME)
+
+
+def single_file_tools(config: Mapping) -> str | None:
+    """The tools that decode this architecture's original-layout file correctly, for the card; `None` when none do
+    (then no single file is staged): ComfyUI and AUTOMATIC1111 build the SD KL-f8 VAE, ComfyUI also its 16-channel
+    variant without quant convs."""
+    from diffusers_klvae.models.single_file import single_file_mismatches
+
+    if single_file_mismatches(config):
+        return None
+    return "ComfyUI" if config["latent_channels"] == 16 else "ComfyUI and AUTOMATIC1111"
 
 
 def _as_klvae(vae):
@@ -646,7 +658,7 @@ def stage_folder(
     base_model: str | None = None,
     datasets: str | Sequence[str] | None = None,
     license: str = DEFAULT_LICENSE,
-    single_file: bool = True,
+    single_file: bool | None = None,
 ) -> Path:
     """Write everything a Hub repo of this VAE needs into an empty ``folder``.
 
@@ -656,7 +668,8 @@ def stage_folder(
         repo_id (`str`): ``"user/name"``; the single file is named ``<name>.safetensors``.
         ema_vae (model or `diffusers.training_utils.EMAModel`, *optional*, defaults to `None`): saved as the ``ema``
             weights variant (``diffusion_pytorch_model.ema.safetensors``); it must share ``vae``'s architecture.
-        single_file (`bool`, *optional*, defaults to `True`): also write the original-layout single file.
+        single_file (`bool`, *optional*, defaults to `None`): also write the original-layout single file. `None`:
+            when the architecture is one ComfyUI/A1111 load (``KLVAE.save_single_file``); `True` requires it.
         metrics, metrics_model, images, training_args, base_model, datasets, license: see `render_model_card`;
             ``images`` are paths or PIL images.
 
@@ -674,7 +687,7 @@ def stage_folder(
     if ema_vae is not None:
         _stage_ema(vae, _materialize_ema(vae, ema_vae), folder)
     single_file_name = None
-    if single_file:
+    if single_file or (single_file is None and single_file_tools(vae.config)):
         single_file_name = f"{repo_id.split('/')[-1]}.safetensors"
         _as_klvae(vae).save_single_file(folder / single_file_name)
     staged_images = _stage_images(list(images or ()), folder)
@@ -910,20 +923,48 @@ def push_checkpoint_async(
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def _load_vae(model: Path):
-    """MODEL_DIR (diffusers folder, a pipeline folder with vae/, or an original-layout .safetensors) -> KLVAE."""
-    from diffusers_klvae import KLVAE
-
-    if model.is_file() and model.suffix == ".safetensors":
-        return KLVAE.from_single_file(os.fspath(model))
+def _model_subfolder(model: Path) -> str | None:
+    """Where config.json sits: the folder itself (``None``), or ``vae`` in a pipeline folder."""
     if (model / CONFIG_NAME).is_file():
-        return KLVAE.from_pretrained(os.fspath(model))
+        return None
     if (model / "vae" / CONFIG_NAME).is_file():
-        return KLVAE.from_pretrained(os.fspath(model), subfolder="vae")
+        return "vae"
     raise FileNotFoundError(
         f"no model at {os.fspath(model)!r}: expected a folder with config.json + {WEIGHTS_NAME}, a pipeline folder "
         "with vae/, or an original-layout .safetensors file"
     )
+
+
+def has_variant(model: str | os.PathLike, variant: str = EMA_VARIANT) -> bool:
+    """Whether a model folder (or a pipeline folder's ``vae/``) holds the ``variant`` weights."""
+    model = Path(model)
+    if model.is_file():
+        return False
+    subfolder = _model_subfolder(model)
+    return (model / (subfolder or "") / f"diffusion_pytorch_model.{variant}.safetensors").is_file()
+
+
+def load_vae(model: str | os.PathLike, variant: str | None = None):
+    """Load a trained VAE as a `KLVAE`: the one reader of the layout training writes.
+
+    Args:
+        model (path): a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, and the
+            EMA weights as the ``ema`` variant, ``diffusion_pytorch_model.ema.safetensors``, beside them: the final
+            output of training), a pipeline folder with ``vae/``, or an original-layout ``.safetensors`` file.
+        variant (`str`, *optional*, defaults to `None`): a weights variant, e.g. ``EMA_VARIANT`` for the EMA weights.
+    """
+    from diffusers_klvae import KLVAE
+
+    model = Path(model)
+    if model.is_file() and model.suffix == ".safetensors":
+        if variant is not None:
+            raise ValueError(f"a single file has no weights variants; got variant={variant!r} for {os.fspath(model)!r}")
+        return KLVAE.from_single_file(os.fspath(model))
+    subfolder = _model_subfolder(model)
+    if variant is not None and not has_variant(model, variant):
+        raise FileNotFoundError(f"no {variant!r} weights in {os.fspath(model)!r}: expected "
+                                f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
+    return KLVAE.from_pretrained(os.fspath(model), subfolder=subfolder, variant=variant)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -938,7 +979,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-model", help="this model's name in a multi-model metrics file (default: first)")
     parser.add_argument("--images", type=Path, nargs="+", default=[], help="reconstruction grid / loss-curve PNGs")
     parser.add_argument("--training-args", type=Path, help="JSON of the training arguments (secrets are dropped)")
-    parser.add_argument("--ema", type=Path, help="EMA weights folder (default: MODEL_DIR/ema when it exists)")
+    parser.add_argument("--no-ema", action="store_true",
+                        help=f"do not publish the EMA weights (the '{EMA_VARIANT}' variant in MODEL_DIR, published by default)")
     parser.add_argument("--base-model", help="Hub id of the VAE this one was fine-tuned from")
     parser.add_argument("--dataset", nargs="+", help="Hub ids of the training datasets")
     parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"Hub license id (default: {DEFAULT_LICENSE})")
@@ -967,11 +1009,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        vae = _load_vae(args.model_dir)
-        default_ema = args.model_dir / EMA_SUBFOLDER
-        ema_dir = args.ema or (default_ema if (default_ema / CONFIG_NAME).is_file() else None)
+        vae = load_vae(args.model_dir)
+        with_ema = not args.no_ema and has_variant(args.model_dir, EMA_VARIANT)
         options = dict(
-            ema_vae=_load_vae(ema_dir) if ema_dir else None, metrics=args.metrics,
+            ema_vae=load_vae(args.model_dir, variant=EMA_VARIANT) if with_ema else None, metrics=args.metrics,
             metrics_model=args.metrics_model or _metrics_row_name(args.metrics, args.model_dir), images=args.images,
             training_args=args.training_args, base_model=args.base_model, datasets=args.dataset, license=args.license,
         )

@@ -38,8 +38,8 @@ TRAINING_ARGS = {
     "output_dir": "/home/someone/outputs/run-7", "cache_dir": "~/cache",
     "loss": {"rec_loss": "l1", "kl_weight": 1e-6, "perceptual_weight": 1.0, "disc_weight": 0.5, "password": "x"},
 }
-EXPECTED_FILES = {
-    "README.md", "config.json", "diffusion_pytorch_model.safetensors", "tiny-klvae.safetensors",
+EXPECTED_FILES = {  # no single file: ComfyUI/A1111 would not decode the tiny architecture (see test_single_file_*)
+    "README.md", "config.json", "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.ema.safetensors", "images/reconstructions.png", "images/loss_curve.png",
 }
 
@@ -128,16 +128,6 @@ def test_staged_folder_loads_with_autoencoderkl_and_klvae(staged, vaes, photo_pa
     torch.testing.assert_close(from_diffusers, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(from_ema, expected_ema, rtol=0, atol=0)
     torch.testing.assert_close(from_ema_diffusers, expected_ema, rtol=1e-5, atol=1e-5)
-
-    # the single file is the original LDM layout (encoder.down.N, no prefix) and loads back to the same weights
-    single = load_file(staged / "tiny-klvae.safetensors")
-    assert "encoder.down.0.block.0.conv1.weight" in single
-    assert "encoder.down_blocks.0.resnets.0.conv1.weight" not in single
-    reloaded = KLVAE.from_single_file(staged / "tiny-klvae.safetensors", config=staged)
-    from_diffusers_single = AutoencoderKL.from_single_file(staged / "tiny-klvae.safetensors", config=str(staged))
-    for key, value in vae.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key], value), key
-        assert torch.equal(from_diffusers_single.state_dict()[key], value), key
 
 
 def _tiny_pipeline_parts(tmp_path: Path):
@@ -235,7 +225,8 @@ def test_model_card_metadata_round_trips(staged, vaes):
     assert f"| Latent shape at 512² | 4×{512 // factor}×{512 // factor} |" in text
     assert f"| Parameters | {n_params / 1e6:.2f} M" in text
     assert f'AutoencoderKL.from_pretrained("{REPO_ID}")' in text and "vae=vae)" in text
-    assert "tiny-klvae.safetensors" in text and 'variant="ema"' in text
+    assert 'variant="ema"' in text
+    assert "safetensors" not in text and "ComfyUI" not in text  # no single file for this architecture
     assert "| tiny-klvae (this model) | 24.51 ± 3.70 | 0.712 ± 0.130 | 0.091 ± 0.030 | 4.70 | 7 |" in text
     assert "| stabilityai/sd-vae-ft-mse | 24.00 ± 3.50 | – | – | – | 7 |" in text
     assert "of 7 someone/coco-val (validation) images at 256x256" in text and "`posterior=mode`" in text
@@ -381,7 +372,7 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
 
     vae, ema = vaes
     vae.save_pretrained(tmp_path / "model")
-    ema.save_pretrained(tmp_path / "model" / "ema")
+    ema.save_pretrained(tmp_path / "model", variant=hub.EMA_VARIANT)  # the layout training writes
     this_run = {**METRICS["results"][1], "model": str(tmp_path / "model"), "metrics": {"psnr": {"mean": 26.0}}}
     (tmp_path / "metrics.json").write_text(json.dumps({"results": [METRICS["results"][1], this_run]}))
     (tmp_path / "args.json").write_text(json.dumps(TRAINING_ARGS))
@@ -402,3 +393,42 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
 
     code = hub.main([str(tmp_path / "nowhere"), "--repo-id", REPO_ID, "--dry-run"])
     assert code == 1 and "no model at" in capsys.readouterr().err
+
+
+def meta_vae(preset: str, **overrides) -> KLVAE:
+    """A full-size preset on the meta device: its card is rendered from config and parameter counts alone."""
+    with torch.device("meta"):
+        return KLVAE(**{**KLVAE.preset_config(preset), **overrides})
+
+
+@pytest.mark.parametrize("preset, tools", [("sd-kl-f8", "ComfyUI and AUTOMATIC1111"), ("sdxl", "ComfyUI and AUTOMATIC1111"),
+                                           ("kl-f8-16ch", "ComfyUI"), ("small", None)])
+def test_single_file_and_its_instructions_only_for_architectures_the_tools_decode(preset, tools):
+    vae = meta_vae(preset)
+    assert hub.single_file_tools(vae.config) == tools
+    name = f"{REPO_ID.split('/')[-1]}.safetensors" if tools else None
+    text = hub.render_model_card(vae, repo_id=REPO_ID, single_file_name=name).text
+    assert ("ComfyUI/models/vae" in text) == (tools is not None)
+    assert ("stable-diffusion-webui/models/VAE" in text) == (tools == "ComfyUI and AUTOMATIC1111")
+    if tools:  # the diffusers line of the card works: a Hub file URL with the repo as config
+        assert f'from_single_file("https://huggingface.co/{REPO_ID}/blob/main/{name}", config="{REPO_ID}")' in text
+
+
+def test_staging_requires_a_loadable_architecture_for_a_requested_single_file(vaes, tmp_path):
+    vae, _ = vaes
+    with pytest.raises(ValueError, match=r"block_out_channels=\[8, 16\] \(needs \[128, 256, 512, 512\]\)"):
+        hub.stage_folder(vae, tmp_path / "repo", repo_id=REPO_ID, single_file=True)
+
+
+def test_squeeze_excitation_model_stages_and_loads(vaes, tmp_path):
+    se, ema = KLVAE(**TINY, encoder_squeeze_excitation=True).eval(), KLVAE(**TINY, encoder_squeeze_excitation=True).eval()
+    folder = hub.stage_folder(se, tmp_path / "repo", repo_id=REPO_ID, ema_vae=ema)
+    hub.validate_folder(folder)
+    assert files_in(folder) == {"README.md", "config.json", "diffusion_pytorch_model.safetensors",
+                                "diffusion_pytorch_model.ema.safetensors"}
+    for loaded, want in ((hub.load_vae(folder), se), (hub.load_vae(folder, variant=hub.EMA_VARIANT), ema)):
+        assert loaded.config.encoder_squeeze_excitation
+        for key, value in want.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    text = (folder / "README.md").read_text()
+    assert "from diffusers_klvae import KLVAE" in text and "ComfyUI" not in text
