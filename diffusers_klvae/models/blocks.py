@@ -442,10 +442,10 @@ class UpBlock(nn.Module):
 
 
 def upscale_dtype(decoder: nn.Module) -> torch.dtype:
-    """The dtype the decoder's up blocks compute in: their first parameter's (a GroupNorm weight), as diffusers'
-    ``Decoder`` reads it. Not a conv weight: ``enable_layerwise_casting`` stores those narrower (float8/float16) and
-    leaves norms in the compute dtype; ``upcast_vae`` keeps the up blocks in float32 and the mid block in float16."""
-    return next(iter(decoder.up_blocks.parameters())).dtype
+    """The dtype the decoder's up blocks compute in: their first GroupNorm's weight dtype, as diffusers' ``Decoder``
+    used to read it (for ``upcast_vae``, which keeps the mid block in float16 and the up blocks in float32). Not a
+    conv's: ``enable_layerwise_casting`` stores those in float8/float16 and never casts GroupNorms."""
+    return decoder.up_blocks[0].resnets[0].norm1.weight.dtype
 
 
 class Encoder(_CheckpointedStages):
