@@ -54,7 +54,7 @@ def train(cfg: training.TrainConfig) -> dict:
         val = data.take_validation_images(dataset, cfg.num_validation_images, image_column=cfg.image_column, resolution=cfg.resolution) if cfg.num_validation_images else None
     stream = data.make_train_stream(
         dataset, image_column=cfg.image_column, resolution=cfg.resolution, batch_size=cfg.train_batch_size,
-        center_crop=cfg.center_crop, random_flip=cfg.random_flip, shuffle_buffer_size=cfg.shuffle_buffer_size,
+        center_crop=cfg.center_crop, random_flip=cfg.random_flip, crop_zoom=cfg.crop_zoom, shuffle_buffer_size=cfg.shuffle_buffer_size,
         seed=seed, process_index=rank, num_processes=world, exclude=val.keys if val is not None else frozenset(),
         num_threads=cfg.dataloader_num_workers)
 
@@ -76,8 +76,7 @@ def train(cfg: training.TrainConfig) -> dict:
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     schedulers = training.build_schedulers(optimizers, name=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps,
                                            max_train_steps=cfg.max_train_steps, num_processes=world)
-    vae, disc, *prepared = accelerator.prepare(vae, disc, *optimizers, *schedulers)
-    optimizers, schedulers = tuple(prepared[:2]), tuple(prepared[2:])
+    vae, disc, optimizers, schedulers = training.prepare(accelerator, vae, disc, optimizers, schedulers)
     loss_fn.discriminator = disc  # the D loss goes through the DDP wrapper (gradient sync)
     loss_fn.to(accelerator.device)
     if ema is not None:
@@ -109,11 +108,9 @@ def train(cfg: training.TrainConfig) -> dict:
                 training.log_seen_images(out / f"seen_images-{rank}.txt", x)
             latent_mask, target = training.mask_batch(x, factor=factor, prob=cfg.latent_mask_prob, kind=cfg.mask_generator, generator=generator)
             logs = training.train_step(accelerator, vae, disc, loss_fn, optimizers, x, step, generator=generator, schedulers=schedulers,
-                                       max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
+                                       ema=ema, max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
                                        alternate_gan_steps=cfg.alternate_gan_steps)
         step += 1
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(vae).parameters())
 
         # 6) log: progress bar (loss terms, images/s, skipped images), trackers, curve history
         logs.update(images_per_s=images_per_update / (time.perf_counter() - t0), skipped=stream.skipped)

@@ -262,6 +262,7 @@ def preprocess_image(
     center_crop: bool = True,
     random_flip: bool = False,
     generator: torch.Generator | None = None,
+    crop_zoom: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """RGB PIL image -> (3, resolution, resolution) float32 in [-1, 1]: resize shorter side, crop, maybe flip.
 
@@ -269,9 +270,16 @@ def preprocess_image(
         resolution (`int`): output side in pixels.
         center_crop (`bool`, *optional*, defaults to True): center crop; False draws a random crop from ``generator``.
         random_flip (`bool`, *optional*, defaults to False): horizontal flip with probability 1/2 (from ``generator``).
-        generator (`torch.Generator`, *optional*): the source of the crop offset and the flip.
+        generator (`torch.Generator`, *optional*): the source of the zoom, the crop offset and the flip.
+        crop_zoom (`tuple`, *optional*, defaults to `(1.0, 1.0)`): the shorter side is resized to ``zoom * resolution``
+            with ``zoom`` uniform in this range (capped at the photo's own size), so crops show the image at several
+            scales; ``(1, 1)`` draws nothing (the whole shorter side in every crop).
     """
-    img = resize_and_crop(img, resolution, center_crop=center_crop, generator=generator)
+    zoom = 1.0
+    if crop_zoom != (1.0, 1.0):
+        low, high = crop_zoom
+        zoom = low + (high - low) * float(torch.rand((), generator=generator))
+    img = resize_and_crop(img, resolution, center_crop=center_crop, generator=generator, zoom=zoom)
     if random_flip and torch.rand((), generator=generator) < 0.5:
         img = ImageOps.mirror(img)
     return to_tensor(img)
@@ -396,6 +404,7 @@ class ImageStream:
         batch_size: int,
         center_crop: bool,
         random_flip: bool,
+        crop_zoom: tuple[float, float],
         shuffle_buffer_size: int,
         seed: int,
         process_index: int,
@@ -410,6 +419,7 @@ class ImageStream:
         self.batch_size = batch_size
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.crop_zoom = tuple(crop_zoom)
         self.shuffle_buffer_size = shuffle_buffer_size
         self.seed = seed
         self.process_index = process_index
@@ -518,7 +528,8 @@ class ImageStream:
             return pos, None, f"skip:image {name!r} is {img.size[0]}x{img.size[1]}, shorter side below min_size={self.min_size}"
         seed = _example_seed(self.seed, pos.epoch, self.process_index, pos.block, pos.offset)
         generator = torch.Generator().manual_seed(seed)
-        pixels = preprocess_image(img, resolution=self.resolution, center_crop=self.center_crop, random_flip=self.random_flip, generator=generator)
+        pixels = preprocess_image(img, resolution=self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                                  generator=generator, crop_zoom=self.crop_zoom)
         return pos, pixels, name
 
     def _loaded(self) -> Iterator[tuple[_Position, torch.Tensor | None, str]]:
@@ -592,6 +603,7 @@ def make_train_stream(
     batch_size: int,
     center_crop: bool = False,
     random_flip: bool = True,
+    crop_zoom: tuple[float, float] = (1.0, 1.0),
     shuffle_buffer_size: int = 1000,
     seed: int = 0,
     process_index: int = 0,
@@ -609,6 +621,7 @@ def make_train_stream(
         batch_size (`int`): images per batch of this process.
         center_crop (`bool`, *optional*, defaults to False): center crops instead of random crops.
         random_flip (`bool`, *optional*, defaults to True): horizontal flips with probability 1/2.
+        crop_zoom (`tuple`, *optional*, defaults to `(1.0, 1.0)`): random zoom range of the crops (``preprocess_image``).
         shuffle_buffer_size (`int`, *optional*, defaults to 1000): examples shuffled together per block; resuming
             re-reads at most this many raw files. 1 keeps the stored order.
         seed (`int`, *optional*, defaults to 0): seeds the block shuffles, crops and flips (same seed, same stream).
@@ -621,6 +634,8 @@ def make_train_stream(
     """
     if resolution < 1 or batch_size < 1 or shuffle_buffer_size < 1:
         raise ValueError(f"resolution, batch_size and shuffle_buffer_size must be >= 1, got {resolution}, {batch_size}, {shuffle_buffer_size}")
+    if not 1.0 <= crop_zoom[0] <= crop_zoom[1]:
+        raise ValueError(f"crop_zoom must be (low, high) with 1 <= low <= high, got {tuple(crop_zoom)}")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, num_processes={num_processes}), got {process_index}")
     image_column = check_image_column(dataset, image_column)
@@ -631,6 +646,7 @@ def make_train_stream(
         batch_size=batch_size,
         center_crop=center_crop,
         random_flip=random_flip,
+        crop_zoom=tuple(crop_zoom),
         shuffle_buffer_size=shuffle_buffer_size,
         seed=seed,
         process_index=process_index,

@@ -28,12 +28,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
 
 
-def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool = True, generator: torch.Generator | None = None) -> Image.Image:
-    """Resize the shorter side to ``resolution`` (bicubic), then crop a ``resolution``² square (center or random)."""
+def resize_and_crop(img: Image.Image, resolution: int, center_crop: bool = True, generator: torch.Generator | None = None,
+                    zoom: float = 1.0) -> Image.Image:
+    """Resize the shorter side to ``zoom * resolution`` (bicubic; never above the photo's own size unless that is below
+    ``resolution``), then crop a ``resolution``² square (center or random)."""
     w, h = img.size
-    scale = resolution / min(w, h)
+    side = max(resolution, min(round(resolution * zoom), min(w, h)))
+    scale = side / min(w, h)
     if scale != 1:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2

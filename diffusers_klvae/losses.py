@@ -1,8 +1,10 @@
 """Training loss of a KL autoencoder: L2/L1 + LPIPS + KL + PatchGAN with an adaptive weight.
 
 The recipe of CompVis latent-diffusion (``ldm/modules/losses/contperceptual.py``, ``LPIPSWithDiscriminator``)
-with the defaults of diffusers' ``train_autoencoderkl.py``, with the bugs of that example fixed: LPIPS has
-a gradient, the discriminator step never reaches the VAE, nothing GAN-related runs before ``disc_start``.
+at its scale: the per-pixel loss ``rec + perceptual_weight * LPIPS`` (LPIPS broadcast to every pixel) is summed
+over C, H, W and averaged over the batch, and so is the KL; ``kl_weight=1e-6`` therefore means what it means in
+LDM's KL-f8 config at every resolution. The bugs of diffusers' ``train_autoencoderkl.py`` are fixed: LPIPS has a
+gradient, the discriminator step never reaches the VAE, nothing GAN-related runs before ``disc_start``.
 
 API (stable; ``training.py`` relies on it)::
 
@@ -16,12 +18,17 @@ API (stable; ``training.py`` relies on it)::
 
 - ``W = unwrap_model(vae).decoder.conv_out.weight`` (the decoder's last layer, for the adaptive weight).
 - ``generator_loss`` logs ``loss, nll, rec, kl, g, d_weight, disc_factor`` and ``lpips`` (when
-  ``perceptual_weight > 0``); ``discriminator_loss`` logs ``d_loss, logits_real, logits_fake``. All logs
-  are Python floats (one device sync per call). Before ``disc_start``, ``g`` and ``d_weight`` log 0.
+  ``perceptual_weight > 0``); ``discriminator_loss`` logs ``d_loss, logits_real, logits_fake``. ``loss``,
+  ``nll`` and ``kl`` are per image (sums over pixels / latents); ``rec`` and ``lpips`` are means, readable
+  as MSE (or L1) and LPIPS. All logs are Python floats (one device sync per call). Before ``disc_start``,
+  ``g`` and ``d_weight`` log 0.
 - ``discriminator_loss`` raises before ``disc_start``: the loop must check ``discriminator_active(step)``.
 - Mixed precision: call under autocast with fp32 master weights. LPIPS, the discriminator, the
   reconstruction error and the KL run in fp32 (autocast off, inputs cast up): VGG features squared in
-  LPIPS' channel normalisation and the KL summed over a latent overflow fp16's 65504.
+  LPIPS' channel normalisation and the KL summed over a latent overflow fp16's 65504. The discriminator
+  must not be wrapped in autocast by ``accelerator.prepare`` (``training.prepare_discriminator`` removes
+  that wrapper). The adaptive weight takes the GAN gradient of a per-image sum, so no per-pixel
+  gradient is subnormal in fp16 (it equals the fp32 value within 1% at batch 32 x 512²; tests).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 _D_LOSS_FNS = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, g_scale: float = 1.0) -> torch.Tensor:
     """‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), clamped to [0, 1e4] and detached (Esser et al. 2021, eq. 7).
 
     Balances the GAN gradient against the reconstruction gradient at the decoder's last layer ``W``. Both
@@ -64,10 +71,13 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
         nll_loss (`torch.Tensor`): scalar reconstruction (+ perceptual) loss.
         g_loss (`torch.Tensor`): scalar generator (GAN) loss.
         last_layer (`torch.Tensor`): the parameter both losses depend on, e.g. ``decoder.conv_out.weight``.
+        g_scale (`float`, *optional*, defaults to 1.0): the gradient of ``g_scale * g_loss`` is taken and divided
+            by ``g_scale`` in float32: the same value, but under fp16 autocast the per-pixel gradients of a mean
+            over many logits would otherwise be subnormal (the patch count per image is a good scale).
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.float().norm() / (g_grad.float().norm() + ADAPTIVE_EPS)
+    g_grad = torch.autograd.grad(g_loss * g_scale, last_layer, retain_graph=True)[0]
+    weight = nll_grad.float().norm() / (g_grad.float().norm() / g_scale + ADAPTIVE_EPS)
     return weight.clamp(0.0, ADAPTIVE_MAX).detach()
 
 
@@ -90,8 +100,9 @@ def _fp32(device: torch.device):
 class KLVAELoss(nn.Module):
     """Loss of a KL-regularized autoencoder: reconstruction + perceptual + KL + adaptive PatchGAN.
 
-    ``loss = mean rec + perceptual_weight · mean LPIPS + kl_weight · KL + d_weight · disc_factor · g``
-    with ``KL`` summed over the latent and averaged over the batch, ``g = -mean D(x_rec)``, and
+    ``loss = nll + kl_weight · KL + d_weight · disc_factor · g`` where, as in LDM's ``contperceptual.py``,
+    ``nll = sum over C,H,W of (rec + perceptual_weight · LPIPS) / B`` (LPIPS, one value per image, counts at
+    every pixel), ``KL`` is summed over the latent and averaged over the batch, ``g = -mean D(x_rec)`` and
     ``d_weight = disc_weight · adaptive_weight(...)``; the GAN term starts at ``disc_start``.
 
     Args:
@@ -99,10 +110,11 @@ class KLVAELoss(nn.Module):
             ``accelerator.prepare``); a default ``NLayerDiscriminator()`` when `None`.
         perceptual (`nn.Module`, *optional*): LPIPS module called as ``perceptual(x, y) -> (B, 1, 1, 1)``;
             loaded with ``load_lpips(lpips_net)`` when `None` and ``perceptual_weight > 0``.
-        rec_loss (`str`, *optional*, defaults to `"l2"`): pixel loss, `"l2"` (mean squared error) or `"l1"`.
+        rec_loss (`str`, *optional*, defaults to `"l2"`): per-pixel error, `"l2"` (squared, diffusers' example) or
+            `"l1"` (absolute, LDM's `contperceptual.py`).
         perceptual_weight (`float`, *optional*, defaults to 0.5): LPIPS weight (0 disables and skips LPIPS).
-        kl_weight (`float`, *optional*, defaults to 1e-6): KL weight. The KL is summed over the latent but the
-            pixel loss is a mean, so this is much stronger than LDM's 1e-6 on a pixel-summed loss.
+        kl_weight (`float`, *optional*, defaults to 1e-6): KL weight, LDM's KL-f8 value (both the NLL and the
+            KL are per-image sums, so the balance does not change with resolution).
         disc_weight (`float`, *optional*, defaults to 0.5): multiplier of the adaptive GAN weight.
         disc_start (`int`, *optional*, defaults to 50001): first step with GAN terms (generator and D).
         disc_loss (`str`, *optional*, defaults to `"hinge"`): discriminator loss, `"hinge"` or `"vanilla"`.
@@ -185,27 +197,32 @@ class KLVAELoss(nn.Module):
         if inputs.shape != reconstructions.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} and reconstructions {tuple(reconstructions.shape)} differ")
         x, x_rec = inputs.float(), reconstructions.float()
+        batch = x.shape[0]
         with _fp32(x.device):
             diff = x - x_rec
-            rec = diff.pow(2).mean() if self.rec_loss == "l2" else diff.abs().mean()
-            nll = rec
-            logs = {"rec": rec}
+            rec = diff.pow(2) if self.rec_loss == "l2" else diff.abs()  # (B, 3, H, W)
+            pixel_nll = rec
+            logs = {"rec": rec.mean()}
             if self.perceptual_weight > 0:
-                p_loss = self.perceptual(x, x_rec).mean()  # no torch.no_grad(): the gradient reaches x_rec
-                nll = nll + self.perceptual_weight * p_loss
-                logs["lpips"] = p_loss
-            kl = kl_to_standard_normal(posterior).mean()
+                p_loss = self.perceptual(x, x_rec)  # (B, 1, 1, 1); no torch.no_grad(): the gradient reaches x_rec
+                pixel_nll = pixel_nll + self.perceptual_weight * p_loss  # broadcast to every pixel, as LDM does
+                logs["lpips"] = p_loss.mean()
+            # LDM's scale: summed over C, H, W, averaged over the batch. kl_weight=1e-6 means LDM's 1e-6 only so.
+            nll = pixel_nll.sum() / batch
+            kl = kl_to_standard_normal(posterior).sum() / batch
             loss = nll + self.kl_weight * kl
 
             g_loss = d_weight = torch.zeros((), device=x.device)
             if self.discriminator_active(global_step):
-                g_loss = -self._logits_without_disc_grad(x_rec).mean()
+                logits_fake = self._logits_without_disc_grad(x_rec)
+                g_loss = -logits_fake.mean()
                 if not torch.is_grad_enabled():
                     d_weight = torch.zeros((), device=x.device)
                 elif last_layer is None:
                     d_weight = torch.tensor(self.disc_weight, device=x.device)
                 else:
-                    d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer)
+                    patches = logits_fake[0].numel()
+                    d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer, g_scale=patches)
                 loss = loss + d_weight * self.disc_factor * g_loss
         logs.update(loss=loss, nll=nll, kl=kl, g=g_loss, d_weight=d_weight)
         logs = _to_floats(logs)

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,6 +69,7 @@ class TrainConfig:
     resolution: int = 256
     random_flip: bool = False
     center_crop: bool = False  # default random crops: more distinct views of each image
+    crop_zoom: tuple[float, float] = (1.0, 1.0)  # shorter side resized to zoom*resolution, zoom uniform in this range
     dataloader_num_workers: int = 0  # 0 keeps the stream position exact without worker bookkeeping
 
     # --- validation
@@ -88,7 +90,9 @@ class TrainConfig:
     adam_beta2: float = 0.9
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    # LDM and sgm do not clip. The loss is a per-image sum (gradient norms of 1e3-1e5), so a norm of 1.0 would clip
+    # every step; Adam is invariant to the gradient's scale, so the rates keep their meaning without it.
+    max_grad_norm: float = 0.0  # 0 disables clipping
 
     # --- loss (diffusers_klvae.losses.KLVAELoss; names of the losses issue, the example's as aliases)
     rec_loss: str = "l2"
@@ -162,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, default=d.resolution)
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--center_crop", action="store_true", help="center crops (default: random crops).")
+    g.add_argument("--crop_zoom", type=float, nargs=2, default=d.crop_zoom, metavar=("MIN", "MAX"),
+                   help="random crops at several scales: the shorter side is resized to zoom*resolution, zoom uniform "
+                        "in [MIN, MAX] (never beyond the photo's own size). Default 1 1.")
     g.add_argument("--dataloader_num_workers", type=int, default=d.dataloader_num_workers)
 
     g = p.add_argument_group("validation")
@@ -238,7 +245,7 @@ def parse_args(argv: Sequence[str] | None = None, *, check_data: bool = True) ->
     """
     ns = build_parser().parse_args(argv)
     values = vars(ns)
-    for key in ("data_files", "validation_images"):
+    for key in ("data_files", "validation_images", "crop_zoom"):
         values[key] = tuple(values[key])
     cfg = TrainConfig(**values)
     validate_config(cfg, check_data=check_data)
@@ -257,6 +264,8 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
+    if not 1.0 <= cfg.crop_zoom[0] <= cfg.crop_zoom[1]:
+        raise ValueError(f"--crop_zoom must be MIN MAX with 1 <= MIN <= MAX, got {' '.join(map(str, cfg.crop_zoom))}")
     if not 0.0 <= cfg.latent_mask_prob <= 1.0:
         raise ValueError(f"--latent_mask_prob must be in [0, 1], got {cfg.latent_mask_prob}")
     if not 0.0 < cfg.ema_decay < 1.0:
@@ -391,6 +400,18 @@ def build_schedulers(optimizers, *, name: str, warmup_steps: int, max_train_step
                                num_training_steps=max_train_steps * num_processes) for opt in optimizers)
 
 
+def prepare(accelerator, vae, disc, optimizers, schedulers):
+    """``accelerator.prepare`` of everything, with the discriminator left in fp32.
+
+    ``prepare`` wraps every model's forward in autocast under mixed precision; the discriminator's wrapper is
+    removed again (``keep_fp32_wrapper=False`` does that in place), because LDM's hinge loss on fp16 logits and
+    fp16 D gradients are what ``losses.py`` promises not to have. The VAE keeps its autocast.
+    """
+    vae, disc, *prepared = accelerator.prepare(vae, disc, *optimizers, *schedulers)
+    accelerator.unwrap_model(disc, keep_fp32_wrapper=False)
+    return vae, disc, tuple(prepared[:2]), tuple(prepared[2:])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the step
 # ----------------------------------------------------------------------------------------------------------
@@ -429,9 +450,10 @@ def mask_batch(x: torch.Tensor, *, factor: int, prob: float, kind: str = "boxes"
 
 
 def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor, step: int, *, generator: torch.Generator,
-               schedulers=(), max_grad_norm: float = 1.0, latent_mask: torch.Tensor | None = None,
+               schedulers=(), ema=None, max_grad_norm: float = 0.0, latent_mask: torch.Tensor | None = None,
                target: torch.Tensor | None = None, alternate_gan_steps: bool = False) -> dict[str, float]:
-    """One micro-batch: generator update, then (after ``disc_start``) discriminator update.
+    """One micro-batch: generator and (after ``disc_start``) discriminator backward; at the last micro-batch of an
+    update, both optimizer steps, both schedulers and the EMA.
 
     Args:
         accelerator: the ``Accelerator``; ``vae`` and ``disc`` are its prepared (maybe DDP) models.
@@ -441,8 +463,11 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
         batch (`torch.Tensor`): (B, 3, H, W) images in [-1, 1].
         step (`int`): optimizer updates done so far (decides ``disc_start``).
         generator (`torch.Generator`): CPU generator of the posterior sample (checkpointed, so resumes are exact).
-        schedulers (`tuple`, *optional*): stepped after their optimizers.
-        max_grad_norm (`float`, *optional*, defaults to 1.0): clip norm; 0 disables.
+        schedulers (`tuple`, *optional*): ``(vae_scheduler, disc_scheduler)``; both follow the training step (one
+            tick per update, whether or not their model was updated then), so ``--lr_scheduler`` means the same
+            schedule for both and the discriminator's is not frozen before ``disc_start``.
+        ema (`EMAModel`, *optional*): ticks once per update of the VAE (not on discriminator-only steps).
+        max_grad_norm (`float`, *optional*, defaults to 0.0): clip norm of each model's gradient; 0 disables.
         latent_mask (`torch.Tensor`, *optional*): (B, 1, h, w), 1 = keep, multiplies the latents before decoding.
         target (`torch.Tensor`, *optional*): what the reconstruction should be (pixel-masked image with masks).
         alternate_gan_steps (`bool`, *optional*, defaults to `False`): after ``disc_start`` update G on even
@@ -452,7 +477,6 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
         dict of floats for logging (every loss term of the loss module, plus ``lr``).
     """
     opt_vae, opt_disc = optimizers
-    sched_vae, sched_disc = schedulers if schedulers else (None, None)
     target = batch if target is None else target
     raw_vae = accelerator.unwrap_model(vae)
     gan_on = loss_fn.discriminator_active(step)
@@ -460,7 +484,7 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
     update_d = gan_on and not (alternate_gan_steps and step % 2 == 0)
     logs: dict[str, float] = {}
 
-    # one accumulate() for both updates: each call advances Accelerate's micro-step counter
+    # one accumulate() for both models: each call advances Accelerate's micro-step counter
     with accelerator.accumulate(vae, disc):
         # 1) the ONE forward through the prepared model (DDP hooks see it); posterior kept for the KL term.
         #    A D-only step (alternate_gan_steps) needs no VAE graph.
@@ -473,27 +497,50 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
                 g_loss, g_logs = loss_fn.generator_loss(target, reconstructions, out.latent_dist, step,
                                                         last_layer=raw_vae.decoder.conv_out.weight)
             accelerator.backward(g_loss)
-            if accelerator.sync_gradients and max_grad_norm > 0:
-                accelerator.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], max_grad_norm)
-            opt_vae.step()
-            if sched_vae is not None:
-                sched_vae.step()
-            opt_vae.zero_grad(set_to_none=True)
             logs.update(g_logs)
         if update_d:
-            # 3) discriminator on detached reconstructions, through the prepared (DDP) discriminator
-            with accelerator.autocast():
-                d_loss, d_logs = loss_fn.discriminator_loss(target, reconstructions.detach(), step)
+            # 3) discriminator on detached reconstructions, through the prepared (DDP) discriminator, in fp32
+            d_loss, d_logs = loss_fn.discriminator_loss(target, reconstructions.detach(), step)
             accelerator.backward(d_loss)
-            if accelerator.sync_gradients and max_grad_norm > 0:
-                accelerator.clip_grad_norm_(disc.parameters(), max_grad_norm)
-            opt_disc.step()
-            if sched_disc is not None:
-                sched_disc.step()
-            opt_disc.zero_grad(set_to_none=True)
             logs.update(d_logs)
+        if accelerator.sync_gradients:
+            # 4) the update: each optimizer on its own gradient, then schedulers (every step) and EMA (VAE steps)
+            vae_stepped = _step_optimizers(accelerator, (vae, opt_vae, update_g), (disc, opt_disc, update_d),
+                                           max_grad_norm=max_grad_norm)
+            with warnings.catch_warnings():  # the D's scheduler ticks before its first step (disc_start): intended
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+                for scheduler in schedulers:
+                    scheduler.step()
+            if ema is not None and vae_stepped:
+                ema.step(raw_vae.parameters())
     logs["lr"] = opt_vae.param_groups[0]["lr"]
     return {k: float(v) for k, v in logs.items()}
+
+
+def _step_optimizers(accelerator, *updates, max_grad_norm: float = 0.0) -> bool:
+    """Unscale, clip and step each ``(model, optimizer, wanted)`` on its own gradient; True if the first one stepped.
+
+    Accelerate holds one GradScaler (fp16) for all optimizers, so PyTorch's recipe for several optimizers applies:
+    ``unscale_`` and ``step`` each, ``update()`` once at the end. ``accelerator.clip_grad_norm_`` would unscale
+    every optimizer and a prepared optimizer's ``step()`` calls ``update()`` after itself: with a discriminator
+    gradient accumulated over micro-batches that divides part of it by the loss scale twice.
+    """
+    scaler = accelerator.scaler
+    scale = scaler.get_scale() if scaler is not None else None
+    for model, optimizer, wanted in updates:
+        if wanted:
+            if max_grad_norm > 0:
+                accelerator.unscale_gradients(optimizer=optimizer)  # this optimizer only
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer.optimizer)  # skipped when its gradient is not finite
+        optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        return updates[0][2]
+    scaler.update()  # lowers the scale when any step was skipped
+    return updates[0][2] and scaler.get_scale() >= scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -919,7 +966,7 @@ def metric_lpips(loss_fn):
 
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     """Trackers take scalars only: tuples become strings, None becomes ""."""
-    return {k: (", ".join(v) if isinstance(v, tuple) else "" if v is None else v) for k, v in cfg.to_dict().items()}
+    return {k: (", ".join(map(str, v)) if isinstance(v, tuple) else "" if v is None else v) for k, v in cfg.to_dict().items()}
 
 
 def history_every(max_train_steps: int, points: int = 2000) -> int:

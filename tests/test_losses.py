@@ -71,26 +71,41 @@ def test_adaptive_weight_matches_two_grad_calls():
 # ---- generator loss: each term against its formula
 
 
+def ldm_nll(x, x_rec, p_loss, *, rec_loss="l2", perceptual_weight=0.5):
+    """LDM's ``contperceptual.py`` (``LPIPSWithDiscriminator.forward``, logvar 0, no weights), written out:
+    rec_loss = |x - x_rec| (or its square, diffusers' l2); rec_loss = rec_loss + w * p_loss (p_loss (B,1,1,1));
+    nll_loss = torch.sum(rec_loss) / rec_loss.shape[0]."""
+    rec = (x - x_rec).abs() if rec_loss == "l1" else (x - x_rec) ** 2
+    rec = rec + perceptual_weight * p_loss
+    return torch.sum(rec) / rec.shape[0]
+
+
+def ldm_kl(posterior):
+    """``kl_loss = posteriors.kl(); kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]``."""
+    kl = posterior.kl()
+    return torch.sum(kl) / kl.shape[0]
+
+
 @pytest.mark.parametrize("rec_loss", ["l2", "l1"])
-def test_generator_terms_before_start_match_formulas(perceptual, rec_loss):
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    x_rec = torch.rand(2, 3, 32, 32) * 2 - 1
-    moments = torch.randn(2, 8, 4, 4)
+@pytest.mark.parametrize("res", [32, 64])
+def test_generator_loss_is_ldms_formula(perceptual, rec_loss, res):
+    """At two resolutions: the loss is LDM's, so kl_weight=1e-6 weighs the KL as LDM does at every size."""
+    x = torch.rand(2, 3, res, res) * 2 - 1
+    x_rec = torch.rand(2, 3, res, res) * 2 - 1
+    moments = torch.randn(2, 8, res // 8, res // 8)
     posterior = DiagonalGaussianDistribution(moments)
-    loss_fn = make_loss(perceptual, rec_loss=rec_loss, kl_weight=1e-3)
+    loss_fn = make_loss(perceptual, rec_loss=rec_loss)  # defaults: perceptual 0.5, kl 1e-6
     loss, logs = loss_fn.generator_loss(x, x_rec, posterior, global_step=START - 1)
 
-    diff = (x - x_rec).double()
-    rec = diff.pow(2).mean() if rec_loss == "l2" else diff.abs().mean()
-    mean, logvar = moments.double()[:, :4], moments.double()[:, 4:]
-    kl = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean()  # sum over C,H,W; mean over B
-    p = perceptual(x, x_rec).mean().double()
-    assert logs["rec"] == pytest.approx(rec.item(), rel=1e-5)
+    p_loss = perceptual(x, x_rec)
+    nll = ldm_nll(x.double(), x_rec.double(), p_loss.double(), rec_loss=rec_loss)
+    kl = ldm_kl(posterior)
+    assert loss.item() == pytest.approx((nll + 1e-6 * kl).item(), rel=1e-5)
+    assert logs["nll"] == pytest.approx(nll.item(), rel=1e-5)
     assert logs["kl"] == pytest.approx(kl.item(), rel=1e-5)
-    assert logs["kl"] == pytest.approx(posterior.kl().mean().item(), rel=1e-5)
-    assert logs["lpips"] == pytest.approx(p.item(), rel=1e-5)
-    assert logs["nll"] == pytest.approx((rec + 0.5 * p).item(), rel=1e-5)
-    assert loss.item() == pytest.approx((rec + 0.5 * p + 1e-3 * kl).item(), rel=1e-5)
+    diff = (x - x_rec).double()  # the readable logs: per-pixel mean error and mean LPIPS
+    assert logs["rec"] == pytest.approx((diff.pow(2) if rec_loss == "l2" else diff.abs()).mean().item(), rel=1e-5)
+    assert logs["lpips"] == pytest.approx(p_loss.mean().item(), rel=1e-5)
     assert logs["g"] == 0 and logs["d_weight"] == 0 and logs["disc_factor"] == 0
     assert all(isinstance(v, float) for v in logs.values())
 
@@ -102,22 +117,28 @@ def test_generator_after_start_adds_adaptive_gan_term(perceptual, batch):
     last = vae.decoder.conv_out.weight
     loss, logs = loss_fn.generator_loss(batch, x_rec, posterior, START, last_layer=last)
 
-    # reference, term by term, on the same graph
-    nll = (batch - x_rec).pow(2).mean() + 0.5 * perceptual(batch, x_rec).mean()
-    g = -loss_fn.discriminator(x_rec).mean()
+    # LDM's generator branch, term by term, on the same graph
+    nll = ldm_nll(batch, x_rec, perceptual(batch, x_rec))
+    g = -torch.mean(loss_fn.discriminator(x_rec))
     grad_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
     grad_g = torch.autograd.grad(g, last, retain_graph=True)[0]
-    d_weight = 0.5 * (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0, 1e4)
-    kl = posterior.kl().mean()
-    expected = nll + 1e-6 * kl + d_weight * 0.7 * g
+    d_weight = 0.5 * torch.clamp(torch.norm(grad_nll) / (torch.norm(grad_g) + 1e-4), 0.0, 1e4)
+    expected = nll + 1e-6 * ldm_kl(posterior) + d_weight * 0.7 * g
     assert logs["g"] == pytest.approx(g.item(), rel=1e-5)
     assert logs["d_weight"] == pytest.approx(d_weight.item(), rel=1e-4)
     assert logs["disc_factor"] == 0.7
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_adaptive_weight_gan_scale_changes_nothing_in_fp32():
+    w = torch.randn(4, 3, requires_grad=True)
+    nll = (w @ torch.randn(3)).pow(2).sum()
+    g = (torch.randn(4) @ w).sin().sum() * 1e-3
+    torch.testing.assert_close(adaptive_weight(nll, g, w, g_scale=900.0), adaptive_weight(nll, g, w), rtol=1e-5, atol=0)
+
+
 def test_perceptual_term_changes_vae_gradient(perceptual, batch):
-    # grad(loss, pw=0.5) == grad(loss, pw=0) + 0.5 * grad(LPIPS): the perceptual term reaches the weights
+    # grad(loss, pw=0.5) == grad(loss, pw=0) + 0.5 * 3HW * grad(mean LPIPS): LPIPS counts at every pixel, as in LDM
     vae = tiny_vae()
     params = [vae.decoder.conv_out.weight, vae.encoder.conv_in.weight]
 
@@ -129,10 +150,12 @@ def test_perceptual_term_changes_vae_gradient(perceptual, batch):
     with_p = grads(make_loss(perceptual, perceptual_weight=0.5))
     without_p = grads(make_loss(None, perceptual_weight=0.0))
     x_rec, _ = run_vae(vae, batch)
-    lpips_grad = torch.autograd.grad(perceptual(batch, x_rec).mean(), params)
+    pixels = x_rec[0].numel()
+    lpips_grad = torch.autograd.grad(pixels * perceptual(batch, x_rec).mean(), params)
     for w, wo, lp in zip(with_p, without_p, lpips_grad):
         assert not torch.allclose(w, wo)
-        torch.testing.assert_close(w, wo + 0.5 * lp, rtol=1e-4, atol=1e-7)
+        # atol: the mean-loss test's 1e-7, scaled as the gradients are (x 3HW)
+        torch.testing.assert_close(w, wo + 0.5 * lp, rtol=1e-4, atol=1e-7 * pixels)
 
 
 def test_validation_under_no_grad_weights_gan_zero(perceptual, batch):
@@ -155,9 +178,9 @@ def test_nothing_gan_runs_before_start(perceptual, batch, monkeypatch):
     loss_fn.discriminator.register_forward_pre_hook(lambda *a: calls.__setitem__("disc", calls["disc"] + 1))
     real_adaptive = losses.adaptive_weight
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls["adaptive"] += 1
-        return real_adaptive(*args)
+        return real_adaptive(*args, **kwargs)
 
     monkeypatch.setattr(losses, "adaptive_weight", spy)
     last = vae.decoder.conv_out.weight
