@@ -272,3 +272,19 @@ def test_save_single_file_accepts_the_sd_architectures_and_force_writes_any(tmp_
     model.save_single_file(tmp_path / "gelu.safetensors", force=True)  # for tools that read the config beside it
     loaded = KLVAE.from_single_file(tmp_path / "gelu.safetensors", config=dict(model.config))
     assert_same_state(loaded.state_dict(), model.state_dict())
+
+
+def test_from_single_file_original_config_matches_diffusers(tmp_path):
+    from diffusers import AutoencoderKL
+
+    levels = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    model = randomized(KLVAE(**levels, block_out_channels=(32, 64), layers_per_block=1))  # 32 groups: LDM's default
+    path = tmp_path / "ldm.safetensors"
+    model.save_single_file(path, force=True)
+    ddconfig = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, in_channels=3, out_ch=3, z_channels=4)
+    original = {"model": {"params": {"scale_factor": 0.3, "first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
+    ours, ref = (cls.from_single_file(str(path), original_config=original) for cls in (KLVAE, AutoencoderKL))
+    assert_same_model(ours, ref)
+    assert ours.config.scaling_factor == 0.3
+    with pytest.raises(ValueError, match="not both"):
+        KLVAE.from_single_file(path, config="tiny", original_config=original)
