@@ -1,5 +1,6 @@
-"""Seam-free tiling (models/tiling.py): tiled == untiled once the whole-image GroupNorm statistics are exact, for
-sizes that are not multiples of the tile; one tile == untiled; slicing == no slicing; the pipeline call path."""
+"""Tiling (models/tiling.py): tiled == untiled for any size and tile count (float64 models, maps stored exactly), up
+to the storage rounding otherwise; inputs within one tile take the plain path; slicing == no slicing; the pipeline
+call path. The device budget and the file store are checked in tests/test_tiling_budget.py."""
 
 import copy
 
@@ -8,13 +9,12 @@ import torch
 
 from diffusers_klvae import KLVAE
 from diffusers_klvae.models import tiling
-from diffusers_klvae.models.blocks import GroupNorm
+from diffusers_klvae.models.blocks import GroupNorm, SqueezeExcitation
 
 CONFIG = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-# With this many statistics passes, the statistics of the tiled part are exact (pass k makes its k-th GroupNorm
-# exact): at most 9 GroupNorms above latent resolution in the decoder (4 resnets + conv_norm_out), 4 in the encoder.
-EXACT_PASSES = 9
+TILE = 16  # pixels (8 latents): the sizes below are 2×2 to 8×8 tiles, none a multiple of the tile
+EXACT = 1e-10  # float64 model, float64 maps: tiled and untiled differ by summation order only (~1e-14 measured)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -22,103 +22,115 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return 10 * torch.log10(rng**2 / (x - ref).double().square().mean()).item()
 
 
+def perturb(model: KLVAE, seed: int = 0) -> KLVAE:
+    """Non-trivial norm gains, biases and squeeze-excitation gates: every layer matters."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.data = 1 + 0.25 * torch.randn(p.shape, generator=g)
+        elif name.endswith("bias"):
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+        elif "squeeze_excitation.fc2" in name:
+            p.data = torch.randn(p.shape, generator=g)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
-    model = KLVAE(**CONFIG).eval()
-    for name, p in model.named_parameters():  # non-trivial norm gains and biases: every layer matters
-        if "norm" in name and name.endswith("weight"):
-            p.data = 1 + 0.25 * torch.randn_like(p)
-        elif name.endswith("bias"):
-            p.data = 0.05 * torch.randn_like(p)
+    model = perturb(KLVAE(**CONFIG))
     yield model
     model.disable_tiling()
 
 
-def smooth_image(h: int, w: int, seed: int) -> torch.Tensor:
-    """A photo-like image: smooth gradients plus a little texture, in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 4, 4, generator=g) * 2 - 1
-    return (torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
-            + 0.1 * torch.randn(1, 3, h, w, generator=g)).clamp(-1, 1)
-
-
 @pytest.fixture(scope="module")
 def vae64(vae):
-    """The same model in float64: whole maps are then stored in float64 too, so tiled == untiled is checked exactly."""
+    """The same model in float64: the maps are stored in float64 too, so tiled == untiled is checked exactly."""
     return copy.deepcopy(vae).double()
 
 
-def untiled_exact_and_one_pass(vae64, call, *, tile: int):
-    """``call(vae64)`` untiled, tiled with exact statistics (EXACT_PASSES), and tiled with one statistics pass."""
+@pytest.fixture(scope="module")
+def se64():
+    """A float64 model with squeeze-and-excitation gates (their spatial mean is a whole-map statistic too)."""
+    torch.manual_seed(1)
+    return perturb(KLVAE(**CONFIG, encoder_squeeze_excitation=True), seed=1).double()
+
+
+def smooth_image(h: int, w: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """A photo-like image: smooth gradients plus a little texture, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 4, 4, generator=g) * 2 - 1
+    return (torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+            + 0.1 * torch.randn(batch, 3, h, w, generator=g)).clamp(-1, 1)
+
+
+def untiled_and_tiled(model, call, **tiling_options):
     with torch.no_grad():
-        want = call(vae64)
-        vae64.enable_tiling(tile_sample_min_size=tile, stat_passes=EXACT_PASSES)
-        exact = call(vae64)
-        vae64.enable_tiling(stat_passes=1)
-        approximate = call(vae64)
-    vae64.disable_tiling()
-    return want, exact, approximate
+        model.disable_tiling()
+        want = call(model)
+        model.enable_tiling(tile_sample_min_size=TILE, **tiling_options)
+        got = call(model)
+    model.disable_tiling()
+    model.tile_max_device_bytes = None
+    return want, got
 
 
-# Latent sizes and tiles (pixels, f = 2): a tiled part after whole-map levels (odd sizes too), and everything tiled
-# (no whole-map budget).
-@pytest.mark.parametrize("size, tile, whole_map_tiles", [((36, 22), 24, 2), ((21, 13), 16, 2), ((36, 22), 48, 0)])
-def test_tiled_decode_equals_untiled_with_exact_statistics(vae64, size, tile, whole_map_tiles, monkeypatch):
-    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
-    z = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(size[0]), dtype=torch.float64)
-    want, got, approximate = untiled_exact_and_one_pass(vae64, lambda vae: vae.decode(z).sample, tile=tile)
-    assert got.shape == want.shape
-    assert (got - want).abs().max() < 1e-4
-    assert (approximate - want).abs().max() > 1e-3  # a tiled part ran: one statistics pass is not exact
+# Budgets: None (default, from the tile: the maps of these sizes fit on the device), 4 kB (every map beyond the budget,
+# in host memory, and bands of one row), 40 kB (some maps on the device, bands of a few rows).
+BUDGETS = [None, 4_000, 40_000]
 
 
-@pytest.mark.parametrize("size, tile, whole_map_tiles", [((72, 44), 24, 2), ((98, 62), 40, 0)])
-def test_tiled_encode_equals_untiled_with_exact_statistics(vae64, size, tile, whole_map_tiles, monkeypatch):
-    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
-    x = smooth_image(*size, seed=size[1]).double()
-    want, got, approximate = untiled_exact_and_one_pass(vae64, lambda vae: vae.encode(x).latent_dist, tile=tile)
-    assert (got.mean - want.mean).abs().max() < 1e-4
-    assert (got.logvar - want.logvar).abs().max() < 1e-4
-    assert (approximate.mean - want.mean).abs().max() > 1e-4  # a tiled part ran
+@pytest.mark.parametrize("budget", BUDGETS, ids=["default", "4kB", "40kB"])
+@pytest.mark.parametrize("size", [(13, 11), (36, 22), (61, 57)], ids=["2x2", "5x3", "8x8"])
+def test_tiled_decode_equals_untiled(vae64, size, budget):
+    z = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(size[0]), dtype=torch.float64)
+    want, got = untiled_and_tiled(vae64, lambda model: model.decode(z).sample, max_device_bytes=budget)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    assert (got - want).abs().max() < EXACT
 
 
-def test_squeeze_excitation_gates_use_whole_image_means(vae64, monkeypatch):
-    """The gates' spatial mean is a whole-image statistic too: with exact statistics, tiles of an encoder with
-    squeeze-and-excitation gate like the whole image (the gates are made non-trivial first)."""
-    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", 0)
-    se = KLVAE(**CONFIG, encoder_squeeze_excitation=True).double().eval()
-    se.load_state_dict(vae64.state_dict(), strict=False)
-    for name, p in se.named_parameters():
-        if "squeeze_excitation.fc2" in name:
-            p.data = torch.randn_like(p)
+@pytest.mark.parametrize("budget", BUDGETS, ids=["default", "4kB", "40kB"])
+@pytest.mark.parametrize("size", [(26, 22), (98, 62), (126, 118)], ids=["2x2", "7x4", "8x8"])
+def test_tiled_encode_equals_untiled(vae64, size, budget):
+    x = smooth_image(*size, seed=size[1], batch=2).double()
+    want, got = untiled_and_tiled(vae64, lambda model: model.encode(x).latent_dist, max_device_bytes=budget)
+    assert (got.mean - want.mean).abs().max() < EXACT
+    assert (got.logvar - want.logvar).abs().max() < EXACT
+
+
+@pytest.mark.parametrize("budget", [None, 4_000], ids=["default", "4kB"])
+def test_squeeze_excitation_gates_use_whole_map_means(se64, budget):
+    """The gates pool with the mean of the whole map, not of a band: tiled == untiled with gates that matter."""
     x = smooth_image(98, 62, seed=5).double()
-    want, got, _ = untiled_exact_and_one_pass(se, lambda vae: vae.encode(x).latent_dist.mean, tile=40)
-    assert (got - want).abs().max() < 1e-4
+    want, got = untiled_and_tiled(se64, lambda model: model.encode(x).latent_dist.mean, max_device_bytes=budget)
+    assert (got - want).abs().max() < EXACT
+    assert all(m.stats_hook is None for m in se64.modules() if isinstance(m, (GroupNorm, SqueezeExcitation)))
 
 
-def test_image_within_the_whole_map_budget_is_one_exact_pass(vae):
-    """Up to ~2×2 tiles everything is held whole (bfloat16 maps, float32 compute): GroupNorm statistics are exact, no
-    statistics pass runs, and only bfloat16 rounding separates the result from the untiled one."""
-    z = torch.randn(1, 4, 40, 28, generator=torch.Generator().manual_seed(4))
-    x = smooth_image(80, 56, seed=4)
-    with torch.no_grad():
-        want_dec, want_enc = vae.decode(z).sample, vae.encode(x).latent_dist.mean
-        vae.enable_tiling(tile_sample_min_size=48)  # 80×56 is 1.9 tiles' area
-        got = {passes: (vae.decode(z).sample, vae.encode(x).latent_dist.mean) for passes in (1, 3) if not vae.enable_tiling(stat_passes=passes)}
-    vae.disable_tiling()
-    assert torch.equal(got[1][0], got[3][0]) and torch.equal(got[1][1], got[3][1])  # no tiled part: passes unused
-    assert psnr(got[1][0], want_dec) >= 50 and psnr(got[1][1], want_enc) >= 50
+@pytest.mark.parametrize("budget", [None, 4_000], ids=["default", "4kB"])
+def test_storage_rounding_is_the_only_difference(vae, budget):
+    """A float32 model at 8×8 tiles: maps stored in float32 give the untiled result to float rounding; stored in
+    bfloat16 (the default), to bfloat16 rounding."""
+    z = torch.randn(1, 4, 61, 57, generator=torch.Generator().manual_seed(2))
+    x = smooth_image(126, 118, seed=2)
+    for storage in (torch.float32, None):
+        vae.tile_storage_dtype = None
+        want_dec, got_dec = untiled_and_tiled(vae, lambda model: model.decode(z).sample, max_device_bytes=budget,
+                                              storage_dtype=storage)
+        want_enc, got_enc = untiled_and_tiled(vae, lambda model: model.encode(x).latent_dist.mean,
+                                              max_device_bytes=budget, storage_dtype=storage)
+        vae.tile_storage_dtype = None
+        if storage == torch.float32:
+            assert (got_dec - want_dec).abs().max() < 1e-4 and (got_enc - want_enc).abs().max() < 1e-4
+        else:
+            assert 0 < (got_dec - want_dec).abs().max()  # bfloat16 maps: not bit-identical
+            assert psnr(got_dec, want_dec) >= 50 and psnr(got_enc, want_enc) >= 50
 
 
-@pytest.mark.parametrize("whole_map_tiles", [2, 0])
-def test_tiling_beats_per_tile_statistics(vae, whole_map_tiles, monkeypatch):
-    """2×2 tiles on a photo-like image, with the whole-map budget (one exact pass) and without it (tiles, one
-    statistics pass): far closer to the untiled result than diffusers' tiling (per-tile GroupNorm, blended overlap)
-    with the same weights."""
+def test_tiling_beats_per_tile_statistics(vae):
+    """2×2 tiles on a photo-like image: far closer to the untiled result than diffusers' tiling (per-tile GroupNorm,
+    blended overlap) with the same weights."""
     from diffusers import AutoencoderKL
-
-    monkeypatch.setattr(tiling, "WHOLE_MAP_TILES", whole_map_tiles)
 
     ref = AutoencoderKL(**CONFIG).eval()
     ref.load_state_dict(vae.state_dict())
@@ -130,29 +142,48 @@ def test_tiling_beats_per_tile_statistics(vae, whole_map_tiles, monkeypatch):
         want = vae.decode(moments).sample
         for name, model in (("klvae", vae), ("diffusers", ref)):
             model.enable_tiling()
-            model.tile_sample_min_size, model.tile_latent_min_size, model.tile_stat_passes = 80, 40, 1
+            model.tile_sample_min_size, model.tile_latent_min_size = 80, 40
             scores[name] = (psnr(model.decode(moments).sample, want), psnr(model.encode(x).latent_dist.mean, moments))
             model.disable_tiling()
     (dec, enc), (ref_dec, ref_enc) = scores["klvae"], scores["diffusers"]
     assert dec >= ref_dec + 8 and enc >= ref_enc + 8, scores
 
 
-def test_one_tile_covering_the_input_is_exact(vae):
+def test_one_tile_covering_the_input_takes_the_plain_path(vae, monkeypatch):
     z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(7))
     x = smooth_image(24, 20, seed=7)
-    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_stat_passes = 64, 32, 1
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 24, 12
+    monkeypatch.setattr(tiling, "_conv_pass", None)  # the streamed path would call it
     with torch.no_grad():
-        assert (tiling.tiled_decode(vae, z) - vae._decode(z)).abs().max() < 1e-4
-        assert (tiling.tiled_encode(vae, x) - vae._encode(x)).abs().max() < 1e-4
+        assert torch.equal(tiling.tiled_decode(vae, z), vae._decode(z))
+        assert torch.equal(tiling.tiled_encode(vae, x), vae._encode(x))
+
+
+def test_autograd_on_runs_the_untiled_network(vae):
+    """Training through a tiled call: the untiled network runs (gradients need every activation anyway)."""
+    z = torch.randn(1, 4, 20, 20, generator=torch.Generator().manual_seed(6))
+    want = vae.decode(z).sample
+    vae.enable_tiling(tile_sample_min_size=TILE)
+    got = vae.decode(z).sample
+    vae.disable_tiling()
+    assert torch.equal(got, want) and got.requires_grad
 
 
 def test_hooks_are_removed_after_a_tiled_call(vae):
     z = torch.randn(1, 4, 20, 20)
-    vae.enable_tiling(tile_sample_min_size=16)
+    vae.enable_tiling(tile_sample_min_size=TILE)
     with torch.no_grad():
         vae.decode(z)
     vae.disable_tiling()
     assert all(m.stats_hook is None for m in vae.modules() if isinstance(m, GroupNorm))
+
+
+def test_enable_tiling_rejects_bad_options(vae):
+    for bad in (dict(max_device_bytes=0), dict(storage_dtype=torch.int8), dict(map_store="disk"),
+                dict(map_dir="/nonexistent/folder")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vae.enable_tiling(**bad)
+    vae.disable_tiling()
 
 
 def test_slicing_equals_no_slicing(vae):
@@ -179,4 +210,4 @@ def test_pipeline_call_path(vae):
         got = small.decode(latents / small.config.scaling_factor, return_dict=False)[0]
     assert got.shape == (1, 3, 40, 24)
     assert torch.isfinite(got).all()
-    assert psnr(got, want) >= 45  # 20×12 latents with tiles of 8: within the whole-map budget
+    assert psnr(got, want) >= 45

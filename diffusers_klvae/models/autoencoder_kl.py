@@ -138,7 +138,12 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         self.tile_sample_min_size = size  # diffusers' attribute names, so code that sets them by hand still works
         self.tile_latent_min_size = max(size // self.downsampling_factor, 1)
         self.tile_overlap_factor = 0.25
-        self.tile_stat_passes = None  # GroupNorm statistics passes of tiled calls; None: tiling.STAT_PASSES
+        # tiled calls (models/tiling.py): device budget in bytes (None: from the tile size), dtype of the stored maps
+        # (None: bfloat16 for a float32 model, else the model's), where maps beyond the budget go ("memory"/"file")
+        self.tile_max_device_bytes = None
+        self.tile_storage_dtype = None
+        self.tile_map_store = "memory"
+        self.tile_map_dir = None
 
     @property
     def downsampling_factor(self) -> int:
@@ -162,22 +167,22 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         return self.decoder(z)
 
     def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
-        """images → moments with seam-free tiling (``tiling.tiled_encode``)."""
+        """images → moments, streamed at bounded device memory (``tiling.tiled_encode``)."""
         from .tiling import tiled_encode
 
         _check_unhooked(self.encoder, "encoder")
         return tiled_encode(self, x)
 
     def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """latents → images with seam-free tiling (``tiling.tiled_decode``)."""
+        """latents → images, streamed at bounded device memory (``tiling.tiled_decode``)."""
         from .tiling import tiled_decode
 
         _check_unhooked(self.decoder, "decoder")
         return tiled_decode(self, z)
 
     def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
-        r"""Encode images tile by tile whatever ``use_tiling`` says (diffusers' public method; the tiles here are
-        seam-free: whole-image GroupNorm statistics, cropped halos, no blending; see ``enable_tiling``).
+        r"""Encode images with tiling whatever ``use_tiling`` says (diffusers' public method; here the untiled
+        network's result at bounded device memory: see ``enable_tiling``).
 
         Args:
             x (`torch.Tensor`): images in [-1, 1], (B, in_channels, H, W).
@@ -188,7 +193,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        r"""Decode latents tile by tile whatever ``use_tiling`` says (diffusers' public method; seam-free tiles).
+        r"""Decode latents with tiling whatever ``use_tiling`` says (diffusers' public method; see ``enable_tiling``).
 
         Args:
             z (`torch.Tensor`): unscaled latents, (B, latent_channels, h, w).
@@ -269,28 +274,30 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
 
     # ------------------------------------------------------------------ runtime switches (diffusers' names)
     # enable_slicing / disable_slicing / disable_tiling come from AutoencoderMixin
-    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None,
-                      stat_passes: int | None = None) -> None:
-        """Encode/decode large inputs at bounded memory, with whole-image GroupNorm statistics and no blending (see
-        ``docs/tiling.md`` for what it costs and how close to untiled it gets). The bare call works as in diffusers.
-
-        Memory follows the tile size: maps of up to about 2× a tile's bytes are held whole (a float32 model stores them
-        in bfloat16), which makes their GroupNorm statistics exact; an image within that budget (about 2×2 tiles) is
-        decoded in one pass to within bfloat16 rounding of the untiled result. Larger images run their
-        high-resolution layers tile by tile, with ``stat_passes`` statistics passes.
+    def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None, *,
+                      max_device_bytes: int | None = None, storage_dtype: torch.dtype | None = None,
+                      map_store: str | None = None, map_dir: str | os.PathLike | None = None) -> None:
+        """Encode/decode large inputs at bounded device memory, with the untiled network's result (up to the rounding of
+        the stored maps): the network runs layer by layer over whole maps held in a store, streaming bands of rows
+        through the device, with exact whole-map GroupNorm statistics and no blending (``models/tiling.py``,
+        ``docs/tiling.md``). The bare call works as in diffusers. Arguments left out keep their current values.
 
         Args:
             tile_sample_min_size (`int`, *optional*): tile size in pixels (default: the config's ``sample_size``);
-                inputs no larger than this are not tiled.
-            tile_overlap_factor (`float`, *optional*): kept for diffusers compatibility; KLVAE's tiles overlap by the
-                encoder's/decoder's receptive field (a cropped halo), so this value is not used for blending.
-            stat_passes (`int`, *optional*): GroupNorm statistics passes of the tiled part before its output pass
-                (default 1); one per GroupNorm of the tiled part makes its statistics exact.
+                inputs no larger than this take the untiled path, and it sets the default budget.
+            tile_overlap_factor (`float`, *optional*): kept for diffusers compatibility; nothing is blended, so this
+                value is not used.
+            max_device_bytes (`int`, *optional*): device bytes that the maps held on the device and the bands being
+                computed may take (default `None`: ``tiling.DEVICE_TILES`` = 4 times the bytes of the largest map of one
+                tile, about what diffusers' tiled decode holds). Maps beyond it live in host memory (or a file). The
+                weights, the input, the returned output and the mid-block attention on the whole latent come on top.
+            storage_dtype (`torch.dtype`, *optional*): dtype of the stored maps (default `None`: bfloat16 for a float32
+                model, else the model's dtype; ``torch.float32`` stores a float32 model's maps exactly).
+            map_store (`str`, *optional*): where maps beyond the budget live: ``"memory"`` (default; host memory,
+                pinned for CUDA) or ``"file"`` (memory-mapped temporary files: bounds RAM for CPU users).
+            map_dir (`str` or `os.PathLike`, *optional*): directory of the ``"file"`` maps (default: the system's
+                temporary directory).
         """
-        if stat_passes is not None:
-            if stat_passes < 1:
-                raise ValueError(f"stat_passes must be >= 1; got {stat_passes}")
-            self.tile_stat_passes = int(stat_passes)
         if tile_sample_min_size is not None:
             self.tile_sample_min_size = int(tile_sample_min_size)
             self.tile_latent_min_size = max(self.tile_sample_min_size // self.downsampling_factor, 1)
@@ -298,6 +305,22 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             if not 0 <= tile_overlap_factor < 1:
                 raise ValueError(f"tile_overlap_factor must be in [0, 1); got {tile_overlap_factor}")
             self.tile_overlap_factor = float(tile_overlap_factor)
+        if max_device_bytes is not None:
+            if max_device_bytes <= 0:
+                raise ValueError(f"max_device_bytes must be a positive number of bytes; got {max_device_bytes}")
+            self.tile_max_device_bytes = int(max_device_bytes)
+        if storage_dtype is not None:
+            if not (isinstance(storage_dtype, torch.dtype) and storage_dtype.is_floating_point):
+                raise ValueError(f"storage_dtype must be a floating-point torch.dtype; got {storage_dtype!r}")
+            self.tile_storage_dtype = storage_dtype
+        if map_store is not None:
+            if map_store not in ("memory", "file"):
+                raise ValueError(f"map_store must be 'memory' or 'file'; got {map_store!r}")
+            self.tile_map_store = map_store
+        if map_dir is not None:
+            if not os.path.isdir(map_dir):
+                raise ValueError(f"map_dir must be an existing directory; got {os.fspath(map_dir)!r}")
+            self.tile_map_dir = os.fspath(map_dir)
         self.use_tiling = True
 
     # ------------------------------------------------------------------ attention processors (AutoencoderKL's API)

@@ -1,146 +1,423 @@
-"""Seam-free tiled encode/decode at bounded memory.
+"""Tiled encode/decode equal to the untiled network, at device memory bounded by a budget.
 
-Per-tile GroupNorm statistics are what give diffusers' tiled VAE its seams: every tile normalizes with its own
-mean and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here GroupNorms normalize with
-the statistics of the *whole* image, and tiles are cropped, not blended:
+Per-tile GroupNorm statistics are what give diffusers' tiled VAE its seams: every tile normalizes with its own mean
+and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here there are no tiles to disagree:
+the network runs layer by layer over *whole* maps, and only the computation is cut into pieces.
 
-1. Whole-map part. The lower-resolution layers (decoder: ``conv_in``, the mid block with its attention over the whole
-   latent, then the up levels; encoder: the mirror image) run on the whole map, as long as each layer's largest map
-   takes at most ``WHOLE_MAP_TILES`` times the bytes of the largest map of one tile. Above latent resolution a float32
-   model stores these maps in bfloat16 and computes them in float32, in bands of rows (``blocks.conv_rows``):
-   GroupNorm statistics are exact, and the only difference from the untiled result is the bfloat16 rounding of the
-   stored maps (≥ 55 dB PSNR).
-   When the whole image fits this budget (up to about 2×2 tiles), nothing else runs: one pass, exact statistics.
-2. Tiled part: the remaining high-resolution layers run tile by tile. Each tile is computed with a halo at least as
-   wide as that part's receptive field, so the core of a tile sees exactly the pixels the untiled network would, and
-   only the core is kept. Cores cover the image without overlap, for any image size.
-3. Statistics pass (tiled part only): the tiles run once, each GroupNorm normalizing with the tile's own statistics
-   while its per-group moments over the tile's core are accumulated (Chan's parallel formula, float64) into
-   whole-image statistics. ``STAT_PASSES`` such passes may run, each normalizing with the previous pass's statistics
-   (pass k makes the k-th GroupNorm of the tiled part exact).
-4. Output pass: the tiles run again, every GroupNorm using the whole-image statistics, and the cores are written
-   into the result.
+- Every map between two layers lives whole in a store (``_Store``): on the compute device while the maps held there
+  fit ``MAP_SHARE`` of the budget, otherwise in host memory (pinned when the device is CUDA), or with
+  ``map_store="file"`` in a memory-mapped temporary file, so that a CPU user can bound RAM too.
+- A layer streams bands of full rows of its input through the device, each band with the halo rows its conv needs
+  (one row each side for a 3×3 conv), and writes its bands of output into a new map: nothing is recomputed, and the
+  band height is chosen so that the band's temporaries fit what the maps on the device leave of the budget.
+- GroupNorm statistics (and the spatial means of squeeze-and-excitation gates) are exact: while a layer writes its
+  output, the per-channel moments of every band are merged (Chan's formula, float64) into whole-map moments, which
+  the next layer's GroupNorm then uses for every band. So each layer is one sweep over its input, two for a resnet.
+- The mid-block attention runs on the whole latent-resolution map on the device, as untiled.
 
-Only step 3 is approximate. Memory is bounded by one tile of the tiled part plus the whole-map part, which holds at
-most ``WHOLE_MAP_TILES`` times the bytes of a tile's largest map. See ``docs/tiling.md`` for measured figures.
+The only difference from the untiled network is the rounding of the stored maps: a float32 model stores them in
+bfloat16 by default (``storage_dtype=torch.float32`` stores them exactly). The budget bounds the maps held on the
+device and the bands; it does not cover the weights, the returned output, the mid-block attention or the caller's
+input. Bands are full rows: a map so wide that one row of a layer's band exceeds the budget still runs, one row at a
+time, above the budget (tiles of width too would be needed there). See ``docs/tiling.md`` for measured figures.
 
-The statistics reach the GroupNorm modules (and the spatial means of squeeze-and-excitation gates, the other
-whole-image statistic) through their ``stats_hook``, set only inside ``_group_norm_hook`` for the duration of a
-pass and removed afterwards.
+The statistics reach the GroupNorm modules through their ``stats_hook``, set only for the duration of a pass
+(``_statistics_of``), so that every GroupNorm and conv still runs as a module call (hooks of layerwise casting,
+group offloading and PEFT adapters run as untiled).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import tempfile
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, base_layer, computing_in, conv_rows,
-                     merge_moments, norm_act_conv, upscale_dtype)
+from .blocks import (Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, _act_, base_layer, computing_in,
+                     merge_moments, nearest_2x, upscale_dtype)
 
-# Statistics passes of the tiled part (images beyond the whole-map budget) before its output pass. Each pass makes one
-# more GroupNorm exact and costs one more pass over the tiles; docs/tiling.md gives the fidelity of one.
-STAT_PASSES = 1
-# A layer runs on the whole map when its largest map, as stored, takes at most this many times the bytes of the largest
-# map of one tile in the model's dtype (diffusers' tiled decode holds about four such maps at its peak). A float32
-# model stores whole maps in bfloat16: 4× a tile's values.
-WHOLE_MAP_TILES = 2
-STORAGE_DTYPE = torch.bfloat16  # whole maps of a float32 model: half the memory, exponent range of float32
+# Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
+# holds about four such maps at its peak, so the default bounds device memory as its tiles do.
+DEVICE_TILES = 4
+# Of the budget, whole maps may take this share on the device (a resnet holds two at a time, its input and output);
+# the rest is for the bands being computed.
+MAP_SHARE = 0.75
+# The bytes of a band's tensors that the row estimate counts, times this, must fit: convolution kernels reorder and pad
+# their inputs in workspaces the estimate does not see.
+WORKSPACE_FACTOR = 1.5
+STORAGE_DTYPE = torch.bfloat16  # maps of a float32 model by default: half the memory, exponent range of float32
+MAP_STORES = ("memory", "file")
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f) (see the module docstring).
-
-    Tiles of the tiled part span at most ``vae.tile_latent_min_size`` latent pixels, halo included.
-    """
+    """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f), the untiled decoder's result up to the
+    rounding of the stored maps (see the module docstring). Latents no larger than ``vae.tile_latent_min_size``, and
+    calls with autograd on (gradients need every activation anyway), run the untiled decoder."""
     decoder = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
-    if max(z.shape[-2:]) <= vae.tile_latent_min_size:  # one tile covers it: the untiled network, exactly
+    if max(z.shape[-2:]) <= vae.tile_latent_min_size or torch.is_grad_enabled():
         return decoder(z)
-    x = decoder.mid_block(decoder.conv_in(z))
-    x = x.to(upscale_dtype(decoder))  # as Decoder.forward: the mid block may run in another dtype
-    with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
-        return _tiled_up_levels(vae, x, z.shape[-2] * z.shape[-1])
-
-
-def _tiled_up_levels(vae, x: torch.Tensor, pixels: int) -> torch.Tensor:
-    """The decoder from its up blocks on, for the mid block's output x (in the compute dtype) of ``pixels`` latents."""
-    decoder, dtype = vae.decoder, x.dtype
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
-    sizes = _largest_maps(layers, pixels)
-    budget = _whole_map_budget(sizes, vae.tile_latent_min_size**2 / pixels, dtype)
-    split = next((i for i, size in enumerate(sizes) if size > budget), len(layers))
-    x = x.to(_storage(dtype)) if split else x
-    for layer in layers[:split]:
-        x = layer(x)
-    tiled = layers[split:]
-    if not tiled:
-        return norm_act_conv(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, x, out_dtype=dtype)
-
-    def high_res(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dtype)
-        for layer in tiled:
-            t = layer(t)
-        return norm_act_conv(decoder.conv_norm_out, decoder.conv_act, decoder.conv_out, t)
-
-    scale = 2 ** sum(isinstance(layer, Upsample) for layer in layers[:split])  # resolution of x (× latent)
-    halo = math.ceil(_receptive_field(tiled, tail_convs=1))  # in pixels of x
-    tile = max(vae.tile_latent_min_size * scale, 1)
-    return _run_tiled(high_res, [*tiled, decoder.conv_norm_out], x, tile=tile, halo=halo, align=1,
-                      out_scale=vae.downsampling_factor // scale, stat_passes=_stat_passes(vae), out_dtype=dtype)
+    up_dtype = upscale_dtype(decoder)  # as Decoder.forward: the mid block may run in another dtype (upcast_vae)
+    store = _Store.for_call(vae, z, up_dtype, layers, vae.tile_latent_min_size**2)
+    with computing_in(z.dtype):  # z's dtype, not a weight's: layerwise casting stores those narrower
+        x = _conv_pass(store, decoder.conv_in, _Map.wrap(store, z))
+        x = _mid_block(store, decoder.mid_block, x)
+    store.dtype = up_dtype
+    with computing_in(up_dtype):
+        for layer in layers:
+            x = _layer(store, layer, x)
+        b, _, h, w = x.shape
+        out = _Map.wrap(store, torch.empty(b, base_layer(decoder.conv_out).out_channels, h, w, dtype=up_dtype,
+                                           device=z.device))
+        _conv_pass(store, decoder.conv_out, x, out, pre=_norm_act(decoder.conv_norm_out, decoder.conv_act, x, store))
+    x.free()
+    return out.tensor
 
 
 def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """images (B, in_channels, H, W) → moments (B, 2·latent_channels, H/f, W/f) (see the module docstring).
-
-    Tiles of the tiled part span at most ``vae.tile_sample_min_size`` pixels, halo included.
-    """
-    if max(x.shape[-2:]) <= vae.tile_sample_min_size:  # one tile covers it: the untiled network, exactly
-        moments = vae.encoder(x)
+    """images (B, in_channels, H, W) → moments (B, 2·latent_channels, H/f, W/f), the untiled encoder's result up to
+    the rounding of the stored maps (see the module docstring). Images no larger than ``vae.tile_sample_min_size``,
+    and calls with autograd on, run the untiled encoder."""
+    encoder = vae.encoder
+    if max(x.shape[-2:]) <= vae.tile_sample_min_size or torch.is_grad_enabled():
+        moments = encoder(x)
     else:
+        layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
+        store = _Store.for_call(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
         with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
-            moments = _tiled_encoder(vae, x)
+            h = _conv_pass(store, encoder.conv_in, _Map.wrap(store, x))
+            for layer in layers[1:]:
+                h = _layer(store, layer, h)
+            h = _mid_block(store, encoder.mid_block, h)
+            b, _, rows, cols = h.shape
+            out = _Map.wrap(store, torch.empty(b, base_layer(encoder.conv_out).out_channels, rows, cols, dtype=x.dtype,
+                                               device=x.device))
+            _conv_pass(store, encoder.conv_out, h, out, pre=_norm_act(encoder.conv_norm_out, encoder.conv_act, h, store))
+        h.free()
+        moments = out.tensor
     return moments if vae.quant_conv is None else vae.quant_conv(moments)
 
 
-def _tiled_encoder(vae, x: torch.Tensor) -> torch.Tensor:
-    """``vae.encoder(x)`` with the whole-map and tiled parts of the module docstring; x is in the compute dtype."""
-    encoder, dtype = vae.encoder, x.dtype
-    layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
-    pixels = x.shape[-2] * x.shape[-1]
-    sizes = _largest_maps(layers, pixels)
-    budget = _whole_map_budget(sizes, vae.tile_sample_min_size**2 / pixels, dtype)
-    split = max((i + 1 for i, size in enumerate(sizes) if size > budget), default=0)  # layers[split:] run whole
-    tiled = layers[:split]
-    scale = 0.5 ** sum(isinstance(layer, Downsample) for layer in tiled)  # resolution (× image) after the tiled part
-    align = round(1 / scale)  # tile edges on the grid of every stride-2 conv of the tiled part
+# ------------------------------------------------------------------ the map store
+class _Store:
+    """Where the whole maps of one tiled call live, and how many rows a band may have.
 
-    def high_res(t: torch.Tensor) -> torch.Tensor:
-        for layer in tiled:
-            t = layer(t)
-        return t
+    Args:
+        device (`torch.device`): the compute device.
+        dtype (`torch.dtype`): the compute dtype (bands are computed in it; ``dtype`` changes after the decoder's mid
+            block under ``upcast_vae``).
+        storage (`torch.dtype`): the dtype maps are stored in.
+        budget (`int`): bytes of the device the maps held there and the bands may take.
+        kind (`str`, defaults to ``"memory"``): where maps that do not fit the device go: ``"memory"`` (host memory,
+            pinned for CUDA) or ``"file"`` (a memory-mapped temporary file in ``folder``).
+        folder (`str`, *optional*): directory of the ``"file"`` maps (default: ``tempfile.gettempdir()``).
+    """
 
-    store = _storage(dtype)
-    if tiled:
-        halo = math.ceil(_receptive_field(tiled) / align) * align
-        tile = max(vae.tile_sample_min_size // align * align, align)
-        h = _run_tiled(high_res, tiled, x, tile=tile, halo=halo, align=align, out_scale=scale,
-                       stat_passes=_stat_passes(vae), out_dtype=store)
-    else:  # conv_in computed in the model's dtype, its full-resolution output stored narrow
-        h = conv_rows(encoder.conv_in, x, lambda band: band, out_dtype=store) if store != dtype else encoder.conv_in(x)
-        split = 1
-    for layer in layers[split:]:
-        h = layer(h)
-    h = encoder.mid_block(h.to(dtype))
-    return norm_act_conv(encoder.conv_norm_out, encoder.conv_act, encoder.conv_out, h)
+    def __init__(self, device: torch.device, dtype: torch.dtype, storage: torch.dtype, budget: int, *,
+                 kind: str = "memory", folder: str | None = None):
+        if kind not in MAP_STORES:
+            raise ValueError(f"map_store must be one of {MAP_STORES}; got {kind!r}")
+        self.device, self.dtype, self.storage, self.budget = device, dtype, storage, int(budget)
+        self.kind, self.folder = kind, folder
+        self.on_device = 0  # bytes of the whole maps held on the device now
+
+    @classmethod
+    def for_call(cls, vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> "_Store":
+        """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
+        times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
+        budget = getattr(vae, "tile_max_device_bytes", None)
+        if budget is None:
+            budget = DEVICE_TILES * max(_largest_maps(layers, tile_pixels)) * dtype.itemsize
+        storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
+        return cls(x.device, x.dtype, storage, budget, kind=getattr(vae, "tile_map_store", None) or "memory",
+                   folder=getattr(vae, "tile_map_dir", None))
+
+    def new(self, shape: tuple[int, ...]) -> "_Map":
+        """An empty map of ``shape`` (B, C, H, W): on the device while the maps there fit ``MAP_SHARE`` of the budget."""
+        nbytes = math.prod(shape) * self.storage.itemsize
+        if self.on_device + nbytes <= MAP_SHARE * self.budget:
+            self.on_device += nbytes
+            return _Map(self, torch.empty(shape, dtype=self.storage, device=self.device), counted=nbytes)
+        if self.kind == "file":
+            return _FileMap(self, shape)
+        pin = self.device.type == "cuda"  # pinned host memory: faster copies to and from the device
+        return _Map(self, torch.empty(shape, dtype=self.storage, pin_memory=pin))
+
+    def rows(self, per_row: float, halo: float = 0) -> int:
+        """Rows of a band whose tensors take ``per_row`` bytes per row (plus ``halo`` rows), within what the maps on the
+        device leave of the budget; at least one."""
+        free = self.budget - self.on_device
+        return max(1, int(free / (WORKSPACE_FACTOR * per_row)) - math.ceil(halo))
 
 
-def _storage(dtype: torch.dtype) -> torch.dtype:
-    """The dtype whole maps are stored in: bfloat16 for a float32 model (computed in float32 band by band)."""
-    return STORAGE_DTYPE if dtype == torch.float32 else dtype
+class _Map:
+    """A whole map (B, C, H, W) held as a tensor (on the device or in host memory), read and written in bands of rows.
+
+    While a pass writes it, the per-channel moments of the bands written are merged into whole-map moments
+    (``moments``: count per channel, mean and M2 in float64, each (B, C)): the GroupNorm statistics of the next layer.
+    """
+
+    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0):
+        self.store, self.tensor, self.counted = store, tensor, counted
+        self.moments = None
+
+    @classmethod
+    def wrap(cls, store: _Store, tensor: torch.Tensor) -> "_Map":
+        """A map over a tensor the caller owns (the input, the returned output): not counted in the budget."""
+        return cls(store, tensor)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 on the compute device in the compute dtype (a view when the map is stored that way: callers
+        must not write into it)."""
+        return self.tensor[:, :, r0:r1].to(self.store.device, self.store.dtype)
+
+    def _put(self, r0: int, band: torch.Tensor) -> None:
+        self.tensor[:, :, r0: r0 + band.shape[2]] = band
+
+    def begin(self) -> None:
+        """Start a pass writing the map: its moments restart from nothing."""
+        self.moments = None
+
+    def write(self, r0: int, band: torch.Tensor) -> None:
+        """Store the computed ``band`` at rows r0.., and merge its moments (of the computed values, before the
+        storage rounding: what the untiled network normalizes)."""
+        wide = band if band.dtype in (torch.float32, torch.float64) else band.float()  # half: float32 moments
+        var, mean = torch.var_mean(wide, dim=(2, 3), correction=0)
+        count = band.shape[2] * band.shape[3]
+        part = (count, mean.double(), var.double() * count)
+        self.moments = part if self.moments is None else merge_moments(self.moments, part)
+        self._put(r0, band)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, biased var) of the whole map, each (B, C) float64."""
+        n, mean, m2 = self.moments
+        return mean, m2 / n
+
+    def group_stats(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (mean, biased var) of the whole map, each (B, groups) float64 (every channel has n values)."""
+        n, mean, m2 = self.moments
+        b = mean.shape[0]
+        mean_c, m2_c = mean.view(b, groups, -1), m2.view(b, groups, -1)
+        mean_g = mean_c.mean(-1)
+        m2_g = m2_c.sum(-1) + n * (mean_c - mean_g[..., None]).square().sum(-1)
+        return mean_g, m2_g / (n * mean_c.shape[-1])
+
+    def free(self) -> None:
+        """Release the map (its device bytes return to the budget)."""
+        self.store.on_device -= self.counted
+        self.counted, self.tensor = 0, None
+
+
+class _FileMap(_Map):
+    """A map in a memory-mapped temporary file, laid out (H, B, C, W) so that a band of rows is one byte range. The
+    file is unlinked at once (the mapping keeps it until freed), and the pages of a band are dropped from the process
+    (``MADV_DONTNEED``) after each read or write, so that they count in the page cache, not in the process's RAM."""
+
+    def __init__(self, store: _Store, shape: tuple[int, ...]):
+        super().__init__(store, None)
+        self._shape = torch.Size(shape)
+        b, c, h, w = shape
+        self.row_bytes = b * c * w * store.storage.itemsize
+        fd, path = tempfile.mkstemp(prefix="klvae-map-", suffix=".bin", dir=store.folder)
+        try:
+            os.ftruncate(fd, max(h * self.row_bytes, 1))
+            self.file = np.memmap(path, dtype=np.uint8, mode="r+", shape=(h, self.row_bytes))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    def _rows(self, r0: int, r1: int) -> torch.Tensor:
+        b, c, _, w = self._shape
+        return torch.from_numpy(self.file[r0:r1]).view(self.store.storage).view(r1 - r0, b, c, w)
+
+    def _drop(self, r0: int, r1: int) -> None:
+        start = r0 * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        self.file._mmap.madvise(mmap.MADV_DONTNEED, start, r1 * self.row_bytes - start)
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        band = self._rows(r0, r1).permute(1, 2, 0, 3).to(self.store.device, self.store.dtype,
+                                                         memory_format=torch.contiguous_format)
+        self._drop(r0, r1)
+        return band
+
+    def _put(self, r0: int, band: torch.Tensor) -> None:
+        r1 = r0 + band.shape[2]
+        self._rows(r0, r1).copy_(band.permute(2, 0, 1, 3))
+        self._drop(r0, r1)
+
+    def free(self) -> None:
+        self.file = None  # the mapping closes with its last reference
+
+
+# ------------------------------------------------------------------ layers, streamed
+def _layer(store: _Store, layer: nn.Module, x: _Map) -> _Map:
+    """``layer(x)`` for a layer of the up/down blocks, as a new map; x is freed."""
+    if isinstance(layer, ResnetBlock):
+        return _resnet(store, layer, x)
+    if isinstance(layer, Upsample):
+        out = _conv_pass(store, layer.conv, x, kind="up")
+    elif isinstance(layer, Downsample):
+        out = _conv_pass(store, layer.conv, x, kind="down")
+    else:
+        raise TypeError(f"expected a ResnetBlock, Upsample or Downsample layer; got {type(layer).__name__}")
+    x.free()
+    return out
+
+
+def _resnet(store: _Store, block: ResnetBlock, x: _Map) -> _Map:
+    """``block(x)`` in two passes (three with a squeeze-and-excitation gate); x is freed.
+
+    conv1 writes a new map h; conv2 writes over h (the row above each band is kept before it is overwritten) and adds
+    the shortcut of x band by band: two maps at a time, as the untiled inference path."""
+    h = _conv_pass(store, block.conv1, x, pre=_norm_act(block.norm1, block.nonlinearity, x, store))
+    pre = _norm_act(block.norm2, block.nonlinearity, h, store)
+    shortcut = None if block.squeeze_excitation is not None else _shortcut(block, x)
+    _conv_pass(store, block.conv2, h, h, pre=pre, add=shortcut)
+    if block.squeeze_excitation is not None:  # the gate needs the whole-map mean of conv2's output: one more pass
+        _pointwise_pass(store, h, _gate(block, h, x))
+    x.free()
+    return h
+
+
+def _shortcut(block: ResnetBlock, x: _Map):
+    """Rows r0:r1 of the block's shortcut of x."""
+    if block.conv_shortcut is None:
+        return lambda r0, r1: x.read(r0, r1)
+    return lambda r0, r1: block.conv_shortcut(x.read(r0, r1))
+
+
+def _gate(block: ResnetBlock, h: _Map, x: _Map):
+    """Band r0:r1 of ``gate(h) + shortcut(x)``, the gate pooling with the whole-map mean of h."""
+    gate, shortcut = block.squeeze_excitation, _shortcut(block, x)
+    stats = h.channel_stats()  # now: the pass that rewrites h restarts its moments
+
+    def band(r0: int, r1: int) -> torch.Tensor:
+        with _statistics_of([gate], lambda module, t: stats):
+            return gate(h.read(r0, r1)).add_(shortcut(r0, r1))
+
+    return band
+
+
+def _mid_block(store: _Store, mid, x: _Map) -> _Map:
+    """resnet → attention on the whole map (on the device) → resnet; x is freed."""
+    x = _resnet(store, mid.resnets[0], x)
+    for attention in mid.attentions:
+        y = attention(x.read(0, x.shape[2]))
+        x.free()
+        x = store.new(tuple(y.shape))
+        x.begin()
+        x.write(0, y)
+        del y
+    return _resnet(store, mid.resnets[1], x)
+
+
+def _norm_act(norm: GroupNorm, act: nn.Module, x: _Map, store: _Store):
+    """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x. The scale and shift come
+    from the module call (``return_scale_shift``), so that hooks on the module run before its weights are read."""
+    probe = torch.empty(x.shape[0], x.shape[1], 1, 1, dtype=store.dtype, device=store.device)
+    with _statistics_of([norm], lambda module, t: x.group_stats(module.num_groups)):
+        scale, shift = norm(probe, return_scale_shift=True)
+    return lambda band: _act_(act, torch.addcmul(shift, band, scale))
+
+
+def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None, *, pre=None, kind: str = "same",
+               add=None) -> _Map:
+    """``conv(pre(x))`` (+ ``add(r0, r1)``, rows r0:r1 of a map to add) into ``out`` (default: a new map), streamed.
+
+    Args:
+        store (`_Store`): the store of the call.
+        conv (`nn.Module`): the conv, called as a module on each band.
+        x (`_Map`): the input map.
+        out (`_Map`, *optional*): where to write; may be x itself (a 3×3 conv with as many channels out as in).
+        pre (callable, *optional*): applied to each band of x before the conv (GroupNorm + activation).
+        kind (`str`, defaults to ``"same"``): ``"same"``: 3×3 (or 1×1) stride-1 conv with its padding; ``"up"``:
+            nearest ×2 upsampling then a 3×3 conv; ``"down"``: ``Downsample``'s stride-2 3×3 conv with LDM's
+            asymmetric padding (one zero row and column after the map).
+        add (callable, *optional*): rows of a map to add to the conv's output rows.
+
+    Each band reads its input rows with the halo the conv needs (one row each side; the conv's own zero padding is
+    right at the map's border, and the output rows of a halo are dropped).
+    """
+    geometry = base_layer(conv)
+    b, c_in, h, w = x.shape
+    c_out, k = geometry.out_channels, geometry.kernel_size[0]
+    halo = k // 2 if kind != "down" else 1
+    size = {"same": (h, w), "up": (2 * h, 2 * w), "down": ((h - 2) // 2 + 1, (w - 2) // 2 + 1)}[kind]
+    inplace = out is x
+    if out is None:
+        out = store.new((b, c_out, *size))
+    out.begin()
+    # bytes per output row of the band's tensors: input read (+ pre, + upsampled copy) and output (+ added map)
+    item, w_out = store.dtype.itemsize, size[1]
+    per_in_row = {"same": 1, "up": 0.5, "down": 2}[kind]
+    per_row = item * (per_in_row * w * c_in * 2 + (w_out * c_in if kind == "up" else 0) + w_out * c_out * 3)
+    rows = store.rows(per_row, halo=2 * halo)
+    if kind == "up":
+        rows = max(rows // 2, 1)  # iterate over input rows
+    above = None  # inplace: pre(x) of the row above the band, kept before that row was overwritten
+    step_out = {"same": 1, "up": 2, "down": 1}[kind]
+    n_out = size[0] if kind == "down" else h
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
+        if kind == "down":  # output rows r0:r1 read input rows 2·r0 .. 2·r1 (+ one zero row below the map)
+            band = x.read(2 * r0, min(2 * r1 + 1, h))
+            band = pre(band) if pre is not None else band
+            band = F.pad(band, (0, 1, 0, 2 * (r1 - r0) + 1 - band.shape[2]))
+            y = conv(band)
+        else:
+            a, e = max(r0 - halo, 0), min(r1 + halo, h)
+            if inplace:  # rows above r0 are overwritten already: the halo above comes from `above`
+                band = pre(x.read(r0, e))
+                band = band if above is None or halo == 0 else torch.cat([above, band], dim=2)
+                above = band[:, :, band.shape[2] - (e - r1) - halo: band.shape[2] - (e - r1)].clone()
+            else:
+                band = x.read(a, e)
+                band = pre(band) if pre is not None else band
+            if kind == "up":
+                band = nearest_2x(band)
+            y = conv(band)[:, :, step_out * (r0 - a): step_out * (r1 - a)]
+        if add is not None:
+            y = y + add(step_out * r0, step_out * r1)
+        out.write(step_out * r0, y)
+    return out
+
+
+def _pointwise_pass(store: _Store, out: _Map, band_of) -> None:
+    """Rewrite ``out`` band by band with ``band_of(r0, r1)`` (a map the same size as out's rows r0:r1)."""
+    b, c, h, w = out.shape
+    rows = store.rows(store.dtype.itemsize * w * c * 4)
+    out.begin()
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        out.write(r0, band_of(r0, r1))
+
+
+@contextmanager
+def _statistics_of(modules: list[nn.Module], hook):
+    """Make ``modules`` (GroupNorms, squeeze-and-excitation gates) take their statistics from ``hook``."""
+    for module in modules:
+        module.stats_hook = hook
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.stats_hook  # back to the class default (None): ordinary module
 
 
 def _largest_maps(layers: list[nn.Module], pixels: int) -> list[int]:
@@ -155,116 +432,3 @@ def _largest_maps(layers: list[nn.Module], pixels: int) -> list[int]:
         if isinstance(layer, Downsample):
             pixels //= 4
     return sizes
-
-
-def _whole_map_budget(sizes: list[int], tile_fraction: float, dtype: torch.dtype) -> float:
-    """Values a whole map may hold: ``WHOLE_MAP_TILES`` × the bytes of the largest map of one tile (a ``tile_fraction``
-    of the image) in ``dtype``, stored in ``_storage(dtype)``."""
-    return WHOLE_MAP_TILES * dtype.itemsize / _storage(dtype).itemsize * max(sizes) * min(tile_fraction, 1.0)
-
-
-def _stat_passes(vae) -> int:
-    """``vae.tile_stat_passes`` when set (e.g. by ``enable_tiling(stat_passes=...)``), else ``STAT_PASSES``."""
-    return int(getattr(vae, "tile_stat_passes", None) or STAT_PASSES)
-
-
-def _receptive_field(layers: list[nn.Module], *, tail_convs: int = 0) -> float:
-    """How far (in pixels of the input) an output pixel of ``layers`` (then ``tail_convs`` 3×3 convs) can see."""
-    scale, reach = 1.0, 0.0  # scale: resolution of the current map relative to the input
-    for layer in layers:
-        if isinstance(layer, ResnetBlock):
-            reach += 2 / scale  # two 3×3 convs
-        elif isinstance(layer, Upsample):
-            scale *= 2
-            reach += 1 / scale  # 3×3 conv after the ×2 upsampling
-        elif isinstance(layer, Downsample):
-            reach += 2 / scale  # 3×3 stride-2 conv: output j reads inputs 2j .. 2j + 2
-            scale /= 2
-        elif isinstance(base_layer(layer), nn.Conv2d):
-            reach += (base_layer(layer).kernel_size[0] // 2) / scale
-        else:
-            raise TypeError(f"no receptive field known for {type(layer).__name__}")
-    return reach + tail_convs / scale
-
-
-def _spans(length: int, tile: int, halo: int, align: int) -> list[tuple[int, int]]:
-    """Split [0, length) into near-equal cores (edges on multiples of ``align``) whose tiles, halo included, span
-    at most ``tile`` (or one core of ``align`` when the halo alone fills the tile)."""
-    core = max((tile - 2 * halo) // align * align, align)
-    count = math.ceil(length / core)
-    units = length // align
-    edges = [min(round(units * i / count) * align, length) for i in range(count + 1)]
-    edges[-1] = length
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
-
-
-def _run_tiled(fn, modules: list[nn.Module], x: torch.Tensor, *, tile: int, halo: int, align: int, out_scale: float,
-               stat_passes: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """``fn(x)`` for a map-to-map network part ``fn`` whose GroupNorms are in ``modules``, tile by tile."""
-    h, w = x.shape[-2:]
-    tiles = [(rows, cols) for rows in _spans(h, tile, halo, align) for cols in _spans(w, tile, halo, align)]
-    # every whole-image statistic of the tiled part: GroupNorms, and the spatial means of squeeze-and-excitation gates
-    norms = [m for module in modules for m in module.modules() if isinstance(m, (GroupNorm, SqueezeExcitation))]
-    previous = None
-    for _ in range(max(stat_passes, 1)):
-        current = _Statistics()
-        for (r0, r1), (c0, c1) in tiles:
-            a, b, c, d = max(r0 - halo, 0), min(r1 + halo, h), max(c0 - halo, 0), min(c1 + halo, w)
-            core = (r0 - a, r1 - a, c0 - c, c1 - c)
-            with _group_norm_hook(norms, current.recording_hook(core, b - a, previous)):
-                fn(x[:, :, a:b, c:d])
-        previous = current
-    out = None
-    for (r0, r1), (c0, c1) in tiles:
-        a, b, c, d = max(r0 - halo, 0), min(r1 + halo, h), max(c0 - halo, 0), min(c1 + halo, w)
-        with _group_norm_hook(norms, previous.hook):
-            y = fn(x[:, :, a:b, c:d])
-        if out is None:
-            out = y.new_empty(*y.shape[:2], round(h * out_scale), round(w * out_scale), dtype=out_dtype)
-        s = out_scale
-        out[:, :, round(r0 * s): round(r1 * s), round(c0 * s): round(c1 * s)] = (
-            y[:, :, round((r0 - a) * s): round((r1 - a) * s), round((c0 - c) * s): round((c1 - c) * s)])
-    return out
-
-
-@contextmanager
-def _group_norm_hook(norms: list[GroupNorm], hook):
-    """Make ``norms`` take their statistics from ``hook`` inside the ``with`` block."""
-    for norm in norms:
-        norm.stats_hook = hook
-    try:
-        yield
-    finally:
-        for norm in norms:
-            del norm.stats_hook  # back to the class default (None): ordinary GroupNorm
-
-
-class _Statistics:
-    """Whole-image GroupNorm statistics accumulated from the cores of the tiles, keyed by module."""
-
-    def __init__(self):
-        self.moments: dict[GroupNorm, tuple[float, torch.Tensor, torch.Tensor]] = {}  # count, mean, M2 (float64)
-
-    def add(self, norm: GroupNorm, core: torch.Tensor) -> None:
-        mean, var = norm.statistics(core)  # (B, groups or channels)
-        count = core[0].numel() // mean.shape[1]
-        mean, m2 = mean.double(), var.double() * count
-        part = (count, mean, m2)
-        self.moments[norm] = part if norm not in self.moments else merge_moments(self.moments[norm], part)
-
-    def hook(self, norm: GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-image (mean, var) of ``norm``'s input."""
-        n, mean, m2 = self.moments[norm]
-        return mean.float(), (m2 / n).float()
-
-    def recording_hook(self, core: tuple[int, int, int, int], tile_rows: int, previous: "_Statistics | None"):
-        """A hook that adds the moments over the tile's ``core`` (rows r0:r1, cols c0:c1 in pixels of the tile's
-        input map, which is ``tile_rows`` high) and normalizes with ``previous`` statistics, or the tile's own."""
-        r0, r1, c0, c1 = core
-
-        def hook(norm: GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            s = x.shape[2] / tile_rows  # this layer's resolution relative to the tile's input
-            self.add(norm, x[:, :, round(r0 * s): round(r1 * s), round(c0 * s): round(c1 * s)])
-            return norm.statistics(x) if previous is None else previous.hook(norm, x)
-
-        return hook
