@@ -10,7 +10,10 @@
 
 ``--model`` is a diffusers folder (``save_pretrained``, or a pipeline folder with a ``vae/`` subfolder), a
 single checkpoint file (``.safetensors``/``.ckpt``, original LDM layout), a preset name (random weights) or a
-Hub id. Bad paths and shapes end with a one-line error and exit code 2.
+Hub id. Image arguments may be files or folders (listed recursively); images are read by ``imaging``'s one
+reader, and one that it refuses (undecodable, decompression bomb, dangling symlink, FIFO...) is skipped with a
+warning naming it and the reason (``interpolate`` needs both of its images). Bad arguments, paths and shapes,
+non-finite latents or pixels (NaN/Inf) and a full disk end with a one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_support import EXIT_USAGE, OneLineParser, int_at_least, one_line, positive_float, writing
+
 logger = logging.getLogger(__name__)
 
-EXIT_USAGE = 2  # argparse's exit code for bad input; used for every user error
 FORWARDED = {  # subcommand -> (module, help); their own parsers handle the arguments
     "eval": ("diffusers_klvae.evaluation", "evaluate a model (PSNR, SSIM, LPIPS, rFID, masked PSNR): klvae eval --help"),
     "stats": ("diffusers_klvae.latent_stats", "latent statistics and scaling_factor fitting: klvae stats --help"),
@@ -54,21 +58,69 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     return vae.eval()
 
 
-def _load_images(paths, resolution: int | None, factor: int):
-    """Paths -> list of [-1, 1] tensors (3, H, W); sizes must be multiples of ``factor`` unless resized."""
-    from .imaging import load_image, resize_and_crop, to_tensor
+def _image_paths(args: list[str]) -> list[str]:
+    """Image arguments -> paths: a folder becomes its image files (``imaging.list_image_paths``, sorted)."""
+    from .imaging import list_image_paths
 
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such image: {path!r}")
-        img = load_image(path)
+    paths = []
+    for arg in args:
+        if os.path.isdir(arg):
+            paths += list_image_paths(arg)
+        elif not os.path.lexists(arg):  # a dangling symlink exists as a path: the reader names it
+            raise FileNotFoundError(f"no such image: {arg!r}")
+        else:
+            paths.append(arg)
+    return paths
+
+
+def _load_images(paths, resolution: int | None, factor: int, *, skip_unreadable: bool = True):
+    """Paths -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes must be multiples of ``factor`` unless resized.
+
+    An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
+    it raises); none readable raises ``ValueError``.
+    """
+    from .imaging import UnreadableImage, load_image, resize_and_crop, to_tensor
+
+    if resolution and resolution % factor:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
+    kept, images, skipped = [], [], []
+    for path in _image_paths(paths):
+        try:
+            img = load_image(path)
+        except UnreadableImage as err:
+            if not skip_unreadable:
+                raise
+            skipped.append(err)
+            logger.warning("skipped %s", err)
+            continue
         if resolution:
             img = resize_and_crop(img, resolution)
         elif img.width % factor or img.height % factor:
             raise ValueError(f"image {path!r} is {img.width}x{img.height}, not a multiple of {factor}: pass --resolution")
+        kept.append(path)
         images.append(to_tensor(img))
-    return images
+    if not images:
+        raise ValueError(f"no readable image among {len(skipped)} given: " + "; ".join(str(e) for e in skipped))
+    if skipped:
+        logger.warning("skipped %d of %d images (%s)", len(skipped), len(skipped) + len(images), ", ".join(sorted({e.reason for e in skipped})))
+    return kept, images
+
+
+def _check_finite(x, what: str) -> None:
+    """Refuse NaN/Inf: they would be written as black pixels (or poison everything decoded from them)."""
+    import torch
+
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
+
+
+def _save_image(image, path: Path) -> None:
+    """[-1, 1] tensor (3, H, W) -> PNG at ``path`` (a full disk is named)."""
+    from .imaging import to_pil
+
+    with writing(path):
+        to_pil(image).save(path)
 
 
 def _stack_same_size(images, paths):
@@ -112,23 +164,26 @@ def _output_file(path: str, suffix: str) -> Path:
 def cmd_reconstruct(args) -> None:
     import torch
 
-    from .imaging import reconstruction_grid, to_pil
+    from .imaging import reconstruction_grid
     from .latents import decode_latents, downsampling_factor, encode_images
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_dir(args.out)
-    images = _load_images(args.images, args.resolution, downsampling_factor(vae))
+    paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
     generator = _generator(args.seed)
     recs = []
-    for path, x in zip(args.images, images):  # one at a time: photos may differ in size
+    for path, x in zip(paths, images):  # one at a time: photos may differ in size
         latents = encode_images(vae, x, sample=args.sample, generator=generator)
         rec = decode_latents(vae, latents)[0].cpu()
-        to_pil(rec).save(out / f"{Path(path).stem}.png")
+        _check_finite(rec, f"the reconstruction of {path!r}")
+        _save_image(rec, out / f"{Path(path).stem}.png")
         recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
     if args.grid:
-        x_all, rec_all = _stack_same_size(images, args.images), torch.stack(recs)
-        reconstruction_grid(x_all, [rec_all]).save(_output_file(args.grid, ".png"))
+        x_all, rec_all = _stack_same_size(images, paths), torch.stack(recs)
+        grid = _output_file(args.grid, ".png")
+        with writing(grid):
+            reconstruction_grid(x_all, [rec_all]).save(grid)
         logger.info("wrote %s", args.grid)
 
 
@@ -139,17 +194,19 @@ def cmd_encode(args) -> None:
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".safetensors")
-    x = _stack_same_size(_load_images(args.images, args.resolution, downsampling_factor(vae)), args.images)
-    latents = encode_images(vae, x, sample=args.sample, generator=_generator(args.seed))
+    paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
+    latents = encode_images(vae, _stack_same_size(images, paths), sample=args.sample, generator=_generator(args.seed))
+    _check_finite(latents, "the encoded latents")  # a model overflowing (e.g. float16) must not leave a file of NaNs
     if args.scaled:
         latents = scale_latents(vae, latents)
     metadata = {
         "format": "klvae-latents",
         "space": "diffusion" if args.scaled else "raw",
         "scaling_factor": str(vae.config.scaling_factor),
-        "files": json.dumps([os.path.basename(p) for p in args.images]),
+        "files": json.dumps([os.path.basename(p) for p in paths]),
     }
-    save_file({LATENTS_KEY: latents.cpu().contiguous()}, str(out), metadata=metadata)
+    with writing(out):
+        save_file({LATENTS_KEY: latents.cpu().contiguous()}, str(out), metadata=metadata)
     logger.info("wrote latents %s (%s space) to %s", tuple(latents.shape), metadata["space"], out)
 
 
@@ -178,22 +235,23 @@ def _raw_latents(vae, latents, metadata: dict, space: str | None):
     channels = vae.config.latent_channels
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
+    _check_finite(latents, "the latents")
     return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
 
 
 def cmd_decode(args) -> None:
-    from .imaging import to_pil
     from .latents import decode_latents
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     latents, metadata = _read_latents(args.latents, args.key)
     out = _output_dir(args.out)
     images = decode_latents(vae, _raw_latents(vae, latents, metadata, args.space)).cpu()
+    _check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
     names = json.loads(metadata["files"]) if "files" in metadata else []
     if len(names) != len(images):
         names = [f"{i:04d}" for i in range(len(images))]
     for name, image in zip(names, images):
-        to_pil(image).save(out / f"{Path(name).stem}.png")
+        _save_image(image, out / f"{Path(name).stem}.png")
     logger.info("wrote %d images to %s", len(images), out)
 
 
@@ -202,13 +260,15 @@ def cmd_interpolate(args) -> None:
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
-    a, b = _load_images([args.image_a, args.image_b], args.resolution, downsampling_factor(vae))
-    _stack_same_size([a, b], [args.image_a, args.image_b])
-    frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
+    paths, (a, b) = _load_images([args.image_a, args.image_b], args.resolution, downsampling_factor(vae), skip_unreadable=False)
+    _stack_same_size([a, b], paths)
+    with writing(out):
+        frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
     if args.frames_dir:
         frames_dir = _output_dir(args.frames_dir)
         for i, frame in enumerate(frames):
-            frame.save(frames_dir / f"frame_{i:03d}.png")
+            with writing(frames_dir / f"frame_{i:03d}.png"):
+                frame.save(frames_dir / f"frame_{i:03d}.png")
     logger.info("wrote %d frames to %s", len(frames), out)
 
 
@@ -217,7 +277,8 @@ def cmd_sample(args) -> None:
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
-    sample_prior(vae, args.num, args.height, args.width, generator=_generator(args.seed), temperature=args.temperature, grid_path=out)
+    with writing(out):
+        sample_prior(vae, args.num, args.height, args.width, generator=_generator(args.seed), temperature=args.temperature, grid_path=out)
     logger.info("wrote %d prior samples to %s", args.num, out)
 
 
@@ -235,7 +296,7 @@ def cmd_preview(args) -> None:
     out = _output_file(args.output, ".png")
     factor = downsampling_factor(vae)
     if args.fit:
-        fit_images = _load_images(args.fit, args.resolution, factor)
+        _, fit_images = _load_images(args.fit, args.resolution, factor)
         factors = _fit_on(vae, fit_images)
         if args.store:
             _store_factors(Path(args.model), factors)
@@ -246,10 +307,11 @@ def cmd_preview(args) -> None:
         latents, metadata = _read_latents(args.latents, args.key)
         latents = _raw_latents(vae, latents, metadata, args.space)
         rows += [[to_pil(F.interpolate(latents_to_rgb(z[None], factors), scale_factor=factor, mode="nearest")[0])] for z in latents.cpu()]
-    for x in _load_images(args.images, args.resolution, factor):
+    for x in (_load_images(args.images, args.resolution, factor)[1] if args.images else []):
         preview = latents_to_rgb(encode_images(vae, x).cpu(), factors)  # (1, 3, h, w)
         rows.append([to_pil(x), to_pil(F.interpolate(preview, scale_factor=factor, mode="nearest")[0])])
-    save_grid(rows, out)
+    with writing(out):
+        save_grid(rows, out)
     logger.info("wrote %d previews to %s", len(rows), out)
 
 
@@ -275,7 +337,8 @@ def _store_factors(folder: Path, factors) -> None:
     config_path = folder / "config.json" if (folder / "config.json").is_file() else folder / "vae" / "config.json"
     config = json.loads(config_path.read_text())
     config["latent_rgb_factors"] = factors.tolist()
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with writing(config_path):
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("stored latent_rgb_factors in %s", config_path)
 
 
@@ -312,11 +375,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_resolution(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolution", type=int, default=None, help="resize the shorter side and center-crop to this square size (default: keep the size, which must be a multiple of the downsampling factor)")
+    parser.add_argument("--resolution", type=int_at_least(1), default=None, help="resize the shorter side and center-crop to this square size (default: keep the size, which must be a multiple of the downsampling factor)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klvae", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = OneLineParser(prog="klvae", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -353,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("-o", "--output", required=True, help="output .png (one row of frames)")
-    p.add_argument("--steps", type=int, default=8, help="frames, both ends included (default: 8)")
+    p.add_argument("--steps", type=int_at_least(2), default=8, help="frames, both ends included (default: 8)")
     p.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default: slerp")
     p.add_argument("--frames-dir", default=None, help="also write each frame to this folder")
     _add_resolution(p)
@@ -362,10 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="decode samples of the N(0, I) prior", description="Draws z ~ N(0, temperature^2 I) in diffusion space and decodes z / scaling_factor + shift_factor. Meaningful once the model's scaling_factor is fitted (klvae stats).")
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output .png grid")
-    p.add_argument("-n", "--num", type=int, default=8, help="number of samples (default: 8)")
-    p.add_argument("--height", type=int, default=256, help="pixel height, a multiple of the downsampling factor (default: 256)")
-    p.add_argument("--width", type=int, default=256, help="pixel width (default: 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="std multiplier of z (default: 1.0)")
+    p.add_argument("-n", "--num", type=int_at_least(1), default=8, help="number of samples (default: 8)")
+    p.add_argument("--height", type=int_at_least(1), default=256, help="pixel height, a multiple of the downsampling factor (default: 256)")
+    p.add_argument("--width", type=int_at_least(1), default=256, help="pixel width (default: 256)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="std multiplier of z (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_sample)
 
@@ -399,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_forwarded(command, rest)
         args = parser.parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        parser.exit(EXIT_USAGE, f"klvae {command}: error: {err}\n")
+    except (ValueError, OSError, RuntimeError) as err:  # OSError includes cli_support.DiskFull ("disk full while writing PATH")
+        parser.exit(EXIT_USAGE, f"klvae {command}: error: {one_line(err)}\n")
     return 0
 
 

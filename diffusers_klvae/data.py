@@ -12,7 +12,7 @@ Public API (keyword-only after the first argument)::
         # the image column's name; None auto-detects "image", "img", "jpg", "png", "webp", "jpeg".
         # ValueError listing the existing columns if it is missing.
 
-    decode_image(data: bytes, *, name: str) -> PIL.Image.Image          # RGB, EXIF-rotated; ValueError if unreadable
+    decode_image(data: bytes, *, name: str) -> PIL.Image.Image   # imaging's one reader (8-bit RGB); UnreadableImage if not
     preprocess_image(img, *, resolution, center_crop=True, random_flip=False, generator=None) -> Tensor (3, res, res)
 
     make_train_stream(dataset, *, image_column=None, resolution, batch_size, center_crop=False, random_flip=True,
@@ -24,7 +24,8 @@ Public API (keyword-only after the first argument)::
         examples()  -> yields {"pixel_values": (3, res, res)} one image at a time (same stream, same state)
         state_dict() -> dict                 # JSON-serialisable: exact position + counters; take it between batches
         load_state_dict(state, *, strict=True)
-        epoch: int; seen: int (images yielded); skipped: int (undecodable or too small); excluded: int (held out)
+        epoch: int; seen: int (images yielded); skipped: int (unreadable or too small); excluded: int (held out)
+        skip_reasons: dict[str, int]          # skipped images by reason ("undecodable", "dangling symlink", "too small"...)
 
     take_validation_images(dataset, n, *, image_column=None, resolution, min_size=None) -> ValidationImages
     load_validation_images(paths, *, resolution) -> ValidationImages
@@ -33,7 +34,7 @@ Public API (keyword-only after the first argument)::
 
 Typical use (what ``train_autoencoder.py`` does)::
 
-    ds = load_image_dataset(train_data_dir="assets/photos")
+    ds = load_image_dataset(train_data_dir="assets/photos")   # listed by imaging.list_image_paths
     val = take_validation_images(ds, 2, resolution=128)
     stream = make_train_stream(ds, resolution=128, batch_size=4, seed=0, exclude=val.keys,
                                process_index=accelerator.process_index, num_processes=accelerator.num_processes)
@@ -52,6 +53,7 @@ The pixel convention (see ``imaging``): float32 RGB in [-1, 1], shape (3, H, W);
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import itertools
@@ -59,14 +61,13 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .imaging import load_image, resize_and_crop, to_tensor
+from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, read_image_bytes, resize_and_crop, to_tensor
 
 if TYPE_CHECKING:  # datasets is a heavy import; only the functions that need it import it
     import datasets
@@ -74,7 +75,6 @@ if TYPE_CHECKING:  # datasets is a heavy import; only the functions that need it
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "webp", "jpeg")  # auto-detect order (webdataset keys last)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_SKIP_WARNINGS = 10  # log each of the first skipped images by name, then one summary line per SKIP_SUMMARY_EVERY
 SKIP_SUMMARY_EVERY = 100
 STATE_VERSION = 1
@@ -122,11 +122,13 @@ def load_image_dataset(
     Args:
         dataset_name (`str`, *optional*): a Hub dataset id (or anything ``datasets.load_dataset`` takes as ``path``).
         dataset_config_name (`str`, *optional*): its configuration name.
-        train_data_dir (`str`, *optional*): a local folder of images, read with the ``imagefolder`` builder
-            (sub-folders and ``metadata.jsonl`` work as in ``datasets``).
-        data_files (`str`, `list` or `dict`, *optional*): *.parquet, *.tar (webdataset), *.arrow or image files;
-            with ``dataset_name`` they are passed through to it.
-        image_paths (`list`, *optional*): explicit image files (tests, demos); column ``"image"``.
+        train_data_dir (`str`, *optional*): a local folder of images, listed recursively by
+            ``imaging.list_image_paths``: every image-named path is a row, unreadable ones (dangling symlinks,
+            FIFOs, folders named ``x.jpg``) included, so the stream counts them with their reason.
+        data_files (`str`, `list` or `dict`, *optional*): *.parquet, *.tar (webdataset), *.arrow or image files (image
+            files and globs of them are read like ``image_paths``); with ``dataset_name`` they are passed through to it.
+        image_paths (`list`, *optional*): explicit image files; column ``"image"``. A path that does not exist at all
+            raises (a typo); one that exists but is not a readable image is a counted skip.
         split (`str`, *optional*, defaults to `"train"`): the split to read.
         streaming (`bool`, *optional*): defaults to True for ``dataset_name`` (data too large for disk) and False for
             local sources (then the Arrow table is cut into ``num_shards`` shards so epochs and processes can shuffle
@@ -140,25 +142,21 @@ def load_image_dataset(
     sources = [s is not None for s in (train_data_dir, image_paths)] + [dataset_name is not None or data_files is not None]
     if sum(sources) != 1:
         raise ValueError("give exactly one of dataset_name (optionally with data_files), train_data_dir, data_files or image_paths")
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise FileNotFoundError(f"train_data_dir is not a folder: {os.fspath(train_data_dir)!r}")
+        image_paths = list_image_paths(train_data_dir)
+        if not image_paths:
+            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(train_data_dir)!r}")
+    elif dataset_name is None and data_files is not None and _builder_for(data_files) == "imagefolder":
+        image_paths = _expand_image_files(data_files, split)
     if image_paths is not None:
-        paths = [os.fspath(p) for p in image_paths]
-        if not paths:
-            raise ValueError("image_paths is empty")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"image file not found: {p!r}")
-        table = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=False))
-        return table.to_iterable_dataset(num_shards=max(1, min(num_shards, len(table))))
+        return _path_dataset(image_paths, num_shards)
 
     kwargs: dict[str, Any] = {"split": split, "cache_dir": cache_dir}
     if dataset_name is not None:
         streaming = True if streaming is None else streaming
         kwargs.update(path=dataset_name, name=dataset_config_name, data_files=data_files)
-    elif train_data_dir is not None:
-        if not os.path.isdir(train_data_dir):
-            raise FileNotFoundError(f"train_data_dir is not a folder: {os.fspath(train_data_dir)!r}")
-        streaming = False if streaming is None else streaming
-        kwargs.update(path="imagefolder", data_dir=os.fspath(train_data_dir))
     else:
         streaming = False if streaming is None else streaming
         kwargs.update(path=_builder_for(data_files), data_files=data_files)
@@ -166,6 +164,33 @@ def load_image_dataset(
     if isinstance(dataset, datasets.IterableDataset):
         return dataset
     return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
+
+
+def _expand_image_files(data_files: str | Sequence[str] | dict, split: str) -> list[str]:
+    """Image data_files (paths or globs; a dict is indexed by ``split``) -> paths, each glob sorted, in the given order."""
+    if isinstance(data_files, dict):
+        data_files = data_files[split]
+    patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    paths = []
+    for pattern in map(os.fspath, patterns):
+        paths += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not paths:
+        raise FileNotFoundError(f"data_files {patterns} match no file")
+    return paths
+
+
+def _path_dataset(image_paths: Sequence[str | os.PathLike], num_shards: int) -> "datasets.IterableDataset":
+    """Local image paths -> an IterableDataset with column ``"image"`` ({"path", "bytes": None}, decoded by the stream)."""
+    import datasets
+
+    paths = [os.fspath(p) for p in image_paths]
+    if not paths:
+        raise ValueError("image_paths is empty")
+    for p in paths:
+        if not os.path.lexists(p):  # a dangling symlink exists as a path: the reader counts it
+            raise FileNotFoundError(f"image file not found: {p!r}")
+    table = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=False))
+    return table.to_iterable_dataset(num_shards=max(1, min(num_shards, len(table))))
 
 
 def _column_names(dataset: "datasets.IterableDataset") -> list[str]:
@@ -223,36 +248,19 @@ def _read_bytes(value: Any) -> tuple[bytes, str]:
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
     name = path or "<bytes>"
-    if data is None:
-        if path is None:
-            raise ValueError("image has neither bytes nor path")
-        try:
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    data = f.read()
-            else:  # a remote file of a streamed dataset (hf://, zip://...::https://); auth from env/login cache
-                from datasets.utils.file_utils import xopen
+    if data is not None:
+        return data, name
+    if path is None:
+        raise UnreadableImage("<row>", "no image", "neither bytes nor path")
+    if os.path.lexists(path) or "://" not in path:
+        return read_image_bytes(path), name  # the one reader: FIFOs, folders and dangling symlinks refused by name
+    try:  # a remote file of a streamed dataset (hf://, zip://...::https://); auth from env/login cache
+        from datasets.utils.file_utils import xopen
 
-                with xopen(path, "rb") as f:
-                    data = f.read()
-        except OSError as err:
-            raise ValueError(f"cannot read {path!r}: {err}") from err
-    return data, name
-
-
-def decode_image(data: bytes, *, name: str) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (EXIF orientation applied). Raises ``ValueError`` naming the image if unreadable.
-
-    Truncated files raise (``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays off: half-grey images are bad targets).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")  # forces the full decode, so truncation is caught here
-    except Image.UnidentifiedImageError as err:  # its message names an anonymous BytesIO; say what it means
-        raise ValueError(f"cannot decode image {name!r}: not an image format PIL recognises") from err
-    except Exception as err:  # noqa: BLE001 -- untrusted bytes: PIL's plugins raise EOFError, struct.error, IndexError...
-        raise ValueError(f"cannot decode image {name!r}: {type(err).__name__}: {err}") from err
+        with xopen(path, "rb") as f:
+            return f.read(), name
+    except OSError as err:
+        raise UnreadableImage(path, "unreadable file", str(err)) from err
 
 
 def preprocess_image(
@@ -359,10 +367,11 @@ def load_validation_images(paths: Sequence[str | os.PathLike], *, resolution: in
         raise ValueError("no validation image paths given")
     images, keys = [], set()
     for path in paths:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"validation image not found: {os.fspath(path)!r}")
-        images.append(preprocess_image(load_image(path), resolution=resolution, center_crop=True))
-        keys.add(_fingerprint(Path(path).read_bytes()))
+        data = read_image_bytes(path)  # chosen by hand: an unreadable one raises (UnreadableImage names it)
+        images.append(preprocess_image(decode_image(data, name=os.fspath(path)), resolution=resolution, center_crop=True))
+        keys.add(_fingerprint(data))
     return ValidationImages(torch.stack(images), [os.path.basename(os.fspath(p)) for p in paths], frozenset(keys))
 
 
@@ -429,7 +438,8 @@ class ImageStream:
         self.num_threads = num_threads
         self._position = _Position(epoch=0, block=0, block_start=None, offset=0)
         self.seen = 0  # images handed out by this process
-        self.skipped = 0  # undecodable or smaller than min_size
+        self.skipped = 0  # unreadable or smaller than min_size
+        self.skip_reasons: dict[str, int] = {}  # the same, by UnreadableImage.reason
         self.excluded = 0  # held-out validation images met in the training stream
 
     @property
@@ -449,6 +459,7 @@ class ImageStream:
             "offset": pos.offset,
             "seen": self.seen,
             "skipped": self.skipped,
+            "skip_reasons": dict(self.skip_reasons),
             "excluded": self.excluded,
             # the stream's identity: resuming under different values cannot continue the same sequence
             "seed": self.seed,
@@ -469,6 +480,7 @@ class ImageStream:
             if strict:
                 raise ValueError(f"data stream state does not match this stream ({message}); pass strict=False to restart epoch {state['epoch']}")
         self.seen, self.skipped, self.excluded = state["seen"], state["skipped"], state["excluded"]
+        self.skip_reasons = dict(state.get("skip_reasons", {}))  # absent in states saved before reasons were counted
         if changed:
             logger.warning("data stream changed (%s): restarting epoch %d from its beginning", message, state["epoch"])
             self._position = _Position(epoch=state["epoch"], block=0, block_start=None, offset=0)
@@ -511,28 +523,26 @@ class ImageStream:
                 raise ValueError(f"process {self.process_index} of {self.num_processes} got no examples: the dataset (or its shard) is empty")
             epoch, block, block_start, offset = epoch + 1, 0, None, 0
 
-    def _load(self, item: tuple[_Position, Any]) -> tuple[_Position, torch.Tensor | None, str]:
-        """Raw value -> (position, tensor or None, reason/name). Pure function of the position: thread-safe."""
+    def _load(self, item: tuple[_Position, Any]) -> tuple[_Position, torch.Tensor | None, Any]:
+        """Raw value -> (position, tensor or None, outcome): None, "excluded" or the ``UnreadableImage`` that skipped
+        it. Pure function of the position: thread-safe."""
         pos, value = item
         try:
             data, name = _read_bytes(value)
-        except ValueError as err:
-            return pos, None, f"skip:{err}"
-        if self.exclude and _fingerprint(data) in self.exclude:
-            return pos, None, "excluded"
-        try:
+            if self.exclude and _fingerprint(data) in self.exclude:
+                return pos, None, "excluded"
             img = decode_image(data, name=name)
-        except ValueError as err:
-            return pos, None, f"skip:{err}"
-        if min(img.size) < self.min_size:
-            return pos, None, f"skip:image {name!r} is {img.size[0]}x{img.size[1]}, shorter side below min_size={self.min_size}"
+            if min(img.size) < self.min_size:
+                raise UnreadableImage(name, "too small", f"{img.size[0]}x{img.size[1]}, shorter side below min_size={self.min_size}")
+        except ValueError as err:  # UnreadableImage, or an unsupported column value
+            return pos, None, err if isinstance(err, UnreadableImage) else UnreadableImage("<row>", "unsupported value", str(err))
         seed = _example_seed(self.seed, pos.epoch, self.process_index, pos.block, pos.offset)
         generator = torch.Generator().manual_seed(seed)
         pixels = preprocess_image(img, resolution=self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
                                   generator=generator, crop_zoom=self.crop_zoom)
-        return pos, pixels, name
+        return pos, pixels, None
 
-    def _loaded(self) -> Iterator[tuple[_Position, torch.Tensor | None, str]]:
+    def _loaded(self) -> Iterator[tuple[_Position, torch.Tensor | None, Any]]:
         if self.num_threads <= 0:
             yield from map(self._load, self._raw())
             return
@@ -546,7 +556,7 @@ class ImageStream:
                 if len(pending) >= 4 * self.num_threads:
                     yield pending.popleft().result()
 
-    def _results(self) -> Iterator[tuple[_Position, torch.Tensor | None, str]]:
+    def _results(self) -> Iterator[tuple[_Position, torch.Tensor | None, Any]]:
         """``_loaded`` plus a guard: a whole epoch without one usable image raises instead of looping forever."""
         epoch, fresh, usable = self._position.epoch, self._position == _Position(self._position.epoch, 0, None, 0), False
         for result in self._loaded():
@@ -559,22 +569,23 @@ class ImageStream:
             usable = usable or pixels is not None
             yield result
 
-    def _commit(self, pos: _Position, reason: str) -> None:
-        """Advance the saved position past ``pos`` and count what happened to it."""
+    def _commit(self, pos: _Position, outcome: Any = None) -> None:
+        """Advance the saved position past ``pos`` and count what happened to it (``_load``'s outcome)."""
         self._position = _Position(pos.epoch, pos.block, pos.block_start, pos.offset + 1)
-        if reason == "excluded":
+        if outcome == "excluded":
             self.excluded += 1
-        elif reason.startswith("skip:"):
+        elif isinstance(outcome, UnreadableImage):
             self.skipped += 1
+            self.skip_reasons[outcome.reason] = self.skip_reasons.get(outcome.reason, 0) + 1
             if self.skipped <= MAX_SKIP_WARNINGS:
-                logger.warning("skipped %s (%d skipped so far)", reason[5:], self.skipped)
+                logger.warning("skipped %s (%d skipped so far)", outcome, self.skipped)
             elif self.skipped % SKIP_SUMMARY_EVERY == 0:
-                logger.warning("%d images skipped so far (latest: %s)", self.skipped, reason[5:])
+                logger.warning("%d images skipped so far, by reason %s (latest: %s)", self.skipped, self.skip_reasons, outcome)
 
     def examples(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ``{"pixel_values": (3, res, res)}`` one image at a time, forever, from the current state."""
-        for pos, pixels, reason in self._results():
-            self._commit(pos, reason if pixels is None else "")
+        for pos, pixels, outcome in self._results():
+            self._commit(pos, outcome)
             if pixels is not None:
                 self.seen += 1
                 yield {"pixel_values": pixels}
@@ -582,14 +593,14 @@ class ImageStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ``{"pixel_values": (batch_size, 3, res, res)}`` forever; ``state_dict()`` between batches is exact."""
         batch: list[torch.Tensor] = []
-        for pos, pixels, reason in self._results():
+        for pos, pixels, outcome in self._results():
             if pixels is None:
-                self._commit(pos, reason)
+                self._commit(pos, outcome)
                 continue
             batch.append(pixels)
             if len(batch) == self.batch_size:
                 # the position and counter move with the batch, not with the read-ahead
-                self._commit(pos, "")
+                self._commit(pos)
                 self.seen += len(batch)
                 yield {"pixel_values": torch.stack(batch)}
                 batch = []

@@ -1,6 +1,7 @@
-"""Reconstruction metrics with the field's protocol: PSNR, SSIM, LPIPS, rFID (and masked PSNR), one command.
+"""Reconstruction metrics under a named protocol: PSNR, SSIM, LPIPS, rFID (and masked PSNR), one command.
 
-Protocol (written into every result's ``settings``; references: sd-vae-ft-mse model card, LDM Table 8):
+Protocol ``"klvae"`` (the default; written into every result's ``settings`` with its name; references:
+sd-vae-ft-mse model card numbers, LDM Table 8):
 
 1. Resize the shorter side to ``resolution`` (bicubic) and center crop a square (``imaging.resize_and_crop``).
 2. Reconstruct with the posterior's ``mode()`` (``sample_posterior=True`` draws a seeded sample instead).
@@ -15,6 +16,11 @@ Protocol (written into every result's ``settings``; references: sd-vae-ft-mse mo
 8. ``masked_psnr`` (optional): encode, zero the latents under a random box mask aligned to the latent grid
    (``latents.random_pixel_mask`` + ``mask_to_latent``), decode, and compare with the pixel-masked image
    (holes mid-gray): PSNR over the kept pixels and over the hole pixels, per image.
+
+Protocol ``"lightningdit"`` replaces steps 1-2 by LightningDiT's ``evaluate_tokenizer.py`` (tensor bilinear
+antialiased resize + center crop, a seeded posterior sample); see ``eval_data``. The metrics live in ``metrics``,
+the sources in ``eval_data``, the results and files in ``eval_report``; all their public names are importable from
+here.
 
 Python::
 
@@ -31,23 +37,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import json
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .imaging import load_image, reconstruction_grid, resize_and_crop, to_tensor, to_uint8
+from .cli_support import OneLineParser, int_at_least, run_main
+from .eval_data import PROTOCOLS, ImageSource, Protocol, get_protocol, iter_batches  # noqa: F401 - public names
+from .eval_report import EvaluationResult, MetricSummary, results_table, write_report  # noqa: F401 - public names
+from .imaging import IMAGE_EXTENSIONS, reconstruction_grid, to_uint8  # noqa: F401 - IMAGE_EXTENSIONS: public name
+from .metrics import (  # noqa: F401 - public names of this module since before the split
+    PEAK,
+    SSIM_KERNEL_SIZE,
+    SSIM_SIGMA,
+    lpips_distance,
+    make_fid_metric,
+    psnr,
+    region_psnr,
+    rfid,
+    ssim,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,88 +76,14 @@ PER_IMAGE_KEYS = {  # metric -> the per-image values it produces
     "masked_psnr": ("masked_psnr_kept", "masked_psnr_hole"),
 }
 LOWER_IS_BETTER = frozenset({"lpips", "rfid"})
-PEAK = 255.0  # PSNR / SSIM data range: metrics are computed on uint8 values
-SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, the setting every VAE paper reports
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --output`
 
 
 # ----------------------------------------------------------------------------------------------------------
-# metrics: pure functions on uint8 images (B, 3, H, W)
+# models
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"expected two image batches of the same shape (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.dtype != torch.uint8 or y.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images (quantize with imaging.to_uint8 first), got {x.dtype} and {y.dtype}")
-
-
-@torch.no_grad()
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 images (B, C, H, W) in [0, 255]: ``10 log10(255² / MSE)`` over C×H×W.
-
-    Returns float64 (B,); identical images give ``+inf``.
-    """
-    _check_pair(x, y)
-    mse = (x.double() - y.double()).square().mean(dim=(1, 2, 3))
-    return 10.0 * torch.log10(PEAK**2 / mse)  # mse == 0 -> inf, no warning
-
-
-@torch.no_grad()
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM of uint8 images (B, C, H, W) in [0, 255], torchmetrics with Gaussian 11, σ 1.5, data_range 255.
-
-    Returns float32 (B,); identical images give 1.
-    """
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    _check_pair(x, y)
-    return structural_similarity_index_measure(
-        x.float(), y.float(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL_SIZE,
-        data_range=PEAK, reduction="none",
-    )
-
-
-@torch.no_grad()
-def lpips_distance(x: torch.Tensor, y: torch.Tensor, lpips_model: nn.Module) -> torch.Tensor:
-    """Per-image LPIPS of uint8 images (B, 3, H, W), mapped to [-1, 1] for the network (``perceptual.load_lpips``).
-
-    Returns float32 (B,); identical images give 0.
-    """
-    _check_pair(x, y)
-    device = next(lpips_model.parameters()).device
-    to_signed = lambda u: u.to(device).float() / 127.5 - 1.0  # noqa: E731 - uint8 -> [-1, 1], the inverse of to_uint8
-    return lpips_model(to_signed(x), to_signed(y)).reshape(x.shape[0]).float()
-
-
-def make_fid_metric(feature_extractor: nn.Module):
-    """torchmetrics ``FrechetInceptionDistance`` over ``feature_extractor`` (uint8 images -> features).
-
-    ``update(uint8_images, real=True/False)`` streams float64 sums; ``compute()`` gives the Fréchet distance.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    return FrechetInceptionDistance(feature=feature_extractor, normalize=False)
-
-
-@torch.no_grad()
-def rfid(originals: Iterable[torch.Tensor], reconstructions: Iterable[torch.Tensor], feature_extractor: nn.Module) -> float:
-    """Fréchet distance between two sets of uint8 image batches (B, 3, H, W), e.g. originals vs reconstructions.
-
-    Args:
-        originals, reconstructions: iterables of uint8 batches (at least 2 images each).
-        feature_extractor: ``fid.load_fid_inception()`` for a real rFID (``fid.random_feature_extractor`` in tests).
-    """
-    metric = make_fid_metric(feature_extractor)
-    for batch in originals:
-        metric.update(batch, real=True)
-    for batch in reconstructions:
-        metric.update(batch, real=False)
-    return float(metric.compute())
 
 
 @torch.no_grad()
@@ -173,26 +114,12 @@ def masked_reconstruct(vae: nn.Module, images: torch.Tensor, pixel_mask: torch.T
     return vae.decode(z).sample.float(), apply_pixel_mask(images.float(), region), region
 
 
-@torch.no_grad()
-def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR of uint8 images over the pixels where ``region`` (B, 1, H, W) is 1; NaN for an empty region."""
-    _check_pair(x, y)
-    weight = region.to(x.device).double().expand_as(x)
-    mse = ((x.double() - y.double()).square() * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
-    return 10.0 * torch.log10(PEAK**2 / mse)
-
-
 def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-# ----------------------------------------------------------------------------------------------------------
-# models and data
-# ----------------------------------------------------------------------------------------------------------
 
 
 def load_vae(spec: str | os.PathLike | nn.Module) -> nn.Module:
@@ -237,245 +164,6 @@ def load_vae(spec: str | os.PathLike | nn.Module) -> nn.Module:
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return 2 <= len(parts) <= 3 and all(parts) and not spec.startswith((".", "~")) and not Path(parts[-1]).suffix
-
-
-@dataclass
-class ImageSource:
-    """Images to evaluate, in a fixed order: a folder (recursive, sorted), a list of PIL images or paths, or an
-    HF dataset (a Hub name, streamed, or a ``datasets`` object). Unreadable images are skipped and counted.
-
-    Args:
-        data: the images (see above). A string that is not an existing path is read as a Hub dataset name.
-        split (`str`, *optional*, defaults to `"validation"`): split of an HF dataset.
-        image_column (`str`, *optional*): image column of an HF dataset (auto-detected when `None`).
-    """
-
-    data: Any
-    split: str = "validation"
-    image_column: str | None = None
-    skipped: int = 0
-    skipped_names: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        if isinstance(self.data, (str, os.PathLike)):
-            path = Path(self.data)
-            return os.fspath(path) if path.exists() else f"hf-dataset {self.data} (split {self.split})"
-        return f"{type(self.data).__name__} of images"
-
-    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
-        """Yield (name, RGB PIL image); unreadable entries are logged, counted in ``skipped`` and left out."""
-        self.skipped, self.skipped_names = 0, []
-        for name, load in self._entries():
-            try:
-                yield name, load()
-            except ValueError as err:
-                self.skipped += 1
-                self.skipped_names.append(name)
-                logger.warning("skipped unreadable image: %s", err)
-
-    def _entries(self) -> Iterator[tuple[str, Any]]:
-        data = self.data
-        if isinstance(data, (str, os.PathLike)):
-            path = Path(data).expanduser()
-            if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-                if not files:
-                    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {os.fspath(path)!r}")
-                return ((os.fspath(p.relative_to(path)), _loader(p)) for p in files)
-            if path.is_file():
-                return iter([(path.name, _loader(path))])
-            if not _looks_like_dataset_id(os.fspath(data)):
-                raise FileNotFoundError(f"data {os.fspath(data)!r}: no such folder or file (nor an HF dataset name)")
-            return self._hf_entries(_load_hf_dataset(os.fspath(data), self.split))
-        if _is_hf_dataset(data):
-            return self._hf_entries(data)
-        if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
-            return (_list_entry(i, item) for i, item in enumerate(data))
-        raise ValueError(f"data must be a folder, an HF dataset name or object, or a list of PIL images/paths; got {type(data).__name__}")
-
-    def _hf_entries(self, dataset) -> Iterator[tuple[str, Any]]:
-        import datasets
-
-        from .data import check_image_column, decode_image
-
-        column = check_image_column(dataset, self.image_column)
-        feature = (dataset.features or {}).get(column)
-        if isinstance(feature, datasets.Image) and feature.decode:  # decode ourselves: a bad file must not stop the stream
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        for i, example in enumerate(dataset):
-            value = example[column]
-            if isinstance(value, Image.Image):
-                yield f"{i:06d}", (lambda v=value: v.convert("RGB"))
-                continue
-            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-            name = f"{i:06d}" + (f" ({os.path.basename(path)})" if path else "")
-            if data is None and path is not None:
-                yield name, _loader(Path(path))
-            else:
-                yield name, (lambda d=data, n=name: decode_image(d, name=n))
-
-
-def _looks_like_dataset_id(text: str) -> bool:
-    """"name" or "org/name": what `datasets.load_dataset` resolves on the Hub; paths and file names are not."""
-    return bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1 and not Path(text).suffix
-
-
-def _loader(path: Path):
-    return lambda: load_image(path)
-
-
-def _list_entry(i: int, item) -> tuple[str, Any]:
-    if isinstance(item, Image.Image):
-        return f"{i:06d}", (lambda: item.convert("RGB"))
-    if isinstance(item, (str, os.PathLike)):
-        return os.path.basename(os.fspath(item)), _loader(Path(item))
-    raise ValueError(f"data[{i}] is a {type(item).__name__}: expected a PIL image or an image path")
-
-
-def _is_hf_dataset(data) -> bool:
-    module = type(data).__module__ or ""
-    return module.startswith("datasets.") and hasattr(data, "features")
-
-
-def _load_hf_dataset(name: str, split: str):
-    from .data import load_image_dataset
-
-    try:
-        return load_image_dataset(dataset_name=name, split=split, streaming=True)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
-        raise ValueError(f"data {name!r} is not a local folder and could not be opened as an HF dataset: {err}") from err
-
-
-def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Preprocessed batches: (names, (B, 3, resolution, resolution) in [-1, 1]), at most ``max_images`` images."""
-    names, tensors, taken = [], [], 0
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    for name, img in source:
-        names.append(name)
-        tensors.append(to_tensor(resize_and_crop(img, resolution, center_crop=True)))
-        taken += 1
-        if len(tensors) == batch_size:
-            yield names, torch.stack(tensors)
-            names, tensors = [], []
-        if max_images is not None and taken >= max_images:
-            break  # before reading the next image: nothing past the limit is decoded (or counted as skipped)
-    if tensors:
-        yield names, torch.stack(tensors)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# results
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MetricSummary:
-    """Mean ± std (population std over images) of one metric; set-level metrics (rFID) have ``std=None``."""
-
-    mean: float
-    std: float | None
-    count: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "MetricSummary":
-        array = np.asarray(values, dtype=np.float64)
-        array = array[~np.isnan(array)]  # NaN = metric undefined for that image (e.g. a mask without holes)
-        if array.size == 0:
-            return cls(float("nan"), None, 0)
-        if not np.isfinite(array).all():  # identical images: PSNR +inf; the mean is inf, the spread undefined
-            return cls(float(array.mean()), None, int(array.size))
-        return cls(float(array.mean()), float(array.std()), int(array.size))
-
-    def format(self, digits: int) -> str:
-        if self.count == 0:
-            return "–"
-        text = f"{self.mean:.{digits}f}"
-        return text if self.std is None else f"{text} ± {self.std:.{digits}f}"
-
-
-@dataclass
-class EvaluationResult:
-    """What :func:`evaluate` measured on one model.
-
-    Attributes:
-        model: a name for the model (its spec).
-        metrics: metric key -> :class:`MetricSummary` (``psnr``, ``ssim``, ``lpips``, ``rfid``,
-            ``masked_psnr_kept``, ``masked_psnr_hole``; only those requested).
-        count: images evaluated; ``skipped``: unreadable images left out (``skipped_names`` says which).
-        settings: the protocol and every option used.
-        per_image: metric key -> one value per image, in ``image_names`` order.
-        timings: seconds per stage (load, reconstruct, and each metric).
-        samples: the first ``keep_images`` originals and reconstructions (float [-1, 1], CPU), for grids.
-    """
-
-    model: str
-    metrics: dict[str, MetricSummary]
-    count: int
-    skipped: int
-    settings: dict[str, Any]
-    per_image: dict[str, list[float]]
-    image_names: list[str]
-    skipped_names: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("samples")
-        return _json_safe(data)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """JSON text (``+inf`` PSNR written as the string ``"inf"``, undefined values as ``null``); also written to ``path``."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    def to_markdown(self) -> str:
-        return results_table([self])
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-_COLUMNS = (  # (metric key, header, digits)
-    ("psnr", "PSNR ↑", 2),
-    ("ssim", "SSIM ↑", 3),
-    ("lpips", "LPIPS ↓", 3),
-    ("rfid", "rFID ↓", 2),
-    ("masked_psnr_kept", "masked PSNR kept ↑", 2),
-    ("masked_psnr_hole", "masked PSNR hole ↑", 2),
-)
-
-
-def results_table(results: Sequence[EvaluationResult]) -> str:
-    """A markdown table, one row per model, mean ± std per metric, then the protocol in one line."""
-    keys = [c for c in _COLUMNS if any(c[0] in r.metrics for r in results)]
-    header = "| model | " + " | ".join(h for _, h, _ in keys) + " | images | skipped |"
-    rule = "|---|" + "---:|" * (len(keys) + 2)
-    rows = [
-        f"| {r.model} | " + " | ".join(r.metrics[k].format(d) if k in r.metrics else "–" for k, _, d in keys)
-        + f" | {r.count} | {r.skipped} |"
-        for r in results
-    ]
-    return "\n".join([header, rule, *rows, "", _protocol_line(results[0].settings) if results else ""]).rstrip() + "\n"
-
-
-def _protocol_line(settings: dict) -> str:
-    return (
-        f"Protocol: shorter side -> {settings['resolution']} px (bicubic) + center crop; posterior "
-        f"{settings['posterior']}; uint8 quantization round((x+1)*127.5); PSNR per image (peak 255) then mean; "
-        f"SSIM Gaussian {SSIM_KERNEL_SIZE}/σ {SSIM_SIGMA}, data_range 255; LPIPS {settings.get('lpips_net', '-')}; "
-        f"rFID: {settings.get('fid_network', '-')}."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,7 +245,8 @@ def evaluate(
     batch_size: int = 8,
     metrics: Sequence[str] = DEFAULT_METRICS,
     max_images: int | None = None,
-    sample_posterior: bool = False,
+    sample_posterior: bool | None = None,
+    protocol: str = "klvae",
     lpips_net: str = "vgg",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -570,7 +259,7 @@ def evaluate(
     name: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Measure a VAE's reconstructions with the protocol of this module's docstring.
+    """Measure a VAE's reconstructions with a named protocol (this module's docstring).
 
     Args:
         vae_or_path: a VAE module or a spec for :func:`load_vae` (folder, single file, preset, Hub id).
@@ -579,7 +268,10 @@ def evaluate(
         batch_size (`int`, *optional*, defaults to 8): images per model call.
         metrics (`Sequence[str]`, *optional*, defaults to ``("psnr", "ssim", "lpips", "rfid")``): also ``"masked_psnr"``.
         max_images (`int`, *optional*): stop after this many readable images (all when `None`).
-        sample_posterior (`bool`, *optional*, defaults to `False`): decode a seeded posterior sample, not the mode.
+        sample_posterior (`bool`, *optional*): decode a seeded posterior sample instead of the mode; `None` takes the
+            protocol's choice (``"klvae"``: the mode, ``"lightningdit"``: a sample).
+        protocol (`str`, *optional*, defaults to `"klvae"`): ``"klvae"`` or ``"lightningdit"`` (``eval_data.PROTOCOLS``):
+            the preprocessing and the default posterior; its name goes into ``settings["protocol"]``.
         lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone, `"vgg"` or `"alex"`.
         device (*optional*): where to run; the model's device for a module, else CUDA when available, else CPU.
         dtype (*optional*): `"float16"`/`"bfloat16"` (or a torch dtype) runs the VAE under autocast; metrics stay float32.
@@ -595,6 +287,8 @@ def evaluate(
         :class:`EvaluationResult`.
     """
     metrics = _check_metrics(metrics)
+    chosen = get_protocol(protocol)
+    sample_posterior = chosen.sample_posterior if sample_posterior is None else sample_posterior
     vae = load_vae(vae_or_path)
     device = torch.device(device) if device is not None else _default_device(vae, vae_or_path)
     autocast_dtype = _autocast_dtype(dtype)
@@ -609,7 +303,7 @@ def evaluate(
     vae.to(device).eval()
     try:
         with torch.inference_mode():
-            for batch_names, x in _progress(iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images), meters, progress):
+            for batch_names, x in _progress(iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images, protocol=protocol), meters, progress):
                 x = x.to(device)
                 with meters.timed("reconstruct"), autocast():
                     x_rec = reconstruct(vae, x, sample_posterior=sample_posterior, generator=generator)
@@ -624,14 +318,14 @@ def evaluate(
     if not names:
         raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
     summaries = meters.summaries()
-    settings = _settings(resolution=resolution, sample_posterior=sample_posterior, seed=seed, batch_size=batch_size,
+    settings = _settings(protocol=chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, batch_size=batch_size,
                          max_images=max_images, metrics=metrics, device=device, dtype=autocast_dtype, source=source,
                          lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
     return EvaluationResult(
         model=name or _model_name(vae_or_path), metrics=summaries, count=len(names), skipped=source.skipped,
         settings=settings, per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
-        timings=dict(meters.timings), samples=samples,
+        skip_reasons=dict(source.skip_reasons), timings=dict(meters.timings), samples=samples,
     )
 
 
@@ -692,14 +386,16 @@ def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
     return (lpips_model if "lpips" in metrics else None), (fid_extractor if "rfid" in metrics else None)
 
 
-def _settings(*, resolution, sample_posterior, seed, batch_size, max_images, metrics, device, dtype, source, lpips_net,
+def _settings(*, protocol: Protocol, resolution, sample_posterior, seed, batch_size, max_images, metrics, device, dtype, source, lpips_net,
               lpips_model, fid_extractor) -> dict[str, Any]:
     from . import __version__
 
     settings = {
-        "data": source.describe(),
+        "protocol": protocol.name,
+        "data": source.describe(),  # the string hub.py parses ("hf-dataset NAME (split SPLIT)" or a path)
+        "data_source": source.spec(),  # the same as a structure: {"kind": "hf-dataset", "name": ..., "split": ...}
         "resolution": resolution,
-        "preprocessing": "resize shorter side (bicubic) + center crop",
+        "preprocessing": protocol.preprocessing,
         "posterior": f"sample (seed {seed})" if sample_posterior else "mode",
         "quantization": "uint8: round((x + 1) * 127.5), clamped to [0, 255]",
         "metrics": list(metrics),
@@ -728,7 +424,7 @@ def _model_name(spec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# comparison of several models, files
+# comparison of several models, command line
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -754,48 +450,10 @@ def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net
     return results, grid
 
 
-def write_report(results: Sequence[EvaluationResult], output_dir: str | os.PathLike, grid: Image.Image | None = None) -> dict[str, Path]:
-    """Write ``metrics.json``, ``metrics.md``, ``per_image.csv`` and ``grid.png`` (when given) into ``output_dir``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "metrics.json", "markdown": out / "metrics.md", "csv": out / "per_image.csv"}
-    files["json"].write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n")
-    table = results_table(results)
-    if grid is not None:
-        files["grid"] = out / "grid.png"
-        grid.save(files["grid"])
-        table += f"\nGrid ({files['grid'].name}): one row per image: original | " + " | ".join(r.model for r in results) \
-                 + " | amplified error of each, same order.\n"
-    files["markdown"].write_text(table)
-    _write_csv(results, files["csv"])
-    return files
-
-
-def _write_csv(results: Sequence[EvaluationResult], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in results for k in r.per_image))
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "image", *keys])
-        for r in results:
-            for i, image in enumerate(r.image_names):
-                writer.writerow([r.model, image, *(_csv_value(r.per_image.get(k), i) for k in keys)])
-
-
-def _csv_value(values, i: int) -> str:
-    if values is None:
-        return ""
-    return repr(float(values[i])) if math.isfinite(values[i]) else str(values[i])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="klvae-eval",
-        description="Evaluate VAEs (PSNR, SSIM, LPIPS, rFID) with the field's protocol and compare them on the same images.",
+        description="Evaluate VAEs (PSNR, SSIM, LPIPS, rFID) under a named protocol and compare them on the same images.",
     )
     parser.add_argument("--model", action="append", required=True,
                         help="diffusers folder, single file, preset name or Hub id; repeat to compare models")
@@ -803,37 +461,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
     parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
     parser.add_argument("--output", default=None, help="folder for metrics.json, metrics.md, per_image.csv, grid.png")
-    parser.add_argument("--resolution", type=int, default=256, help="center-crop side after resizing (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="klvae",
+                        help="klvae (PIL bicubic resize + center crop, posterior mode; default) or lightningdit "
+                             "(LightningDiT's evaluate_tokenizer.py: tensor bilinear antialiased resize + center crop, "
+                             "seeded posterior sample)")
+    parser.add_argument("--resolution", type=int_at_least(8), default=256, help="center-crop side after resizing (default: 256)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
+    parser.add_argument("--max-images", type=int_at_least(1), default=None, help="evaluate at most this many images")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
-    parser.add_argument("--sample-posterior", action="store_true", help="decode a seeded posterior sample instead of the mode")
+    parser.add_argument("--sample-posterior", action="store_true", default=None,
+                        help="decode a seeded posterior sample instead of the mode (the lightningdit protocol always does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"), default="float32",
                         help="autocast dtype of the VAE (metrics always run in float32)")
-    parser.add_argument("--grid-images", type=int, default=GRID_IMAGES, help="images in grid.png (0: no grid)")
+    parser.add_argument("--grid-images", type=int_at_least(0), default=GRID_IMAGES, help="images in grid.png (0: no grid)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``klvae-eval``: the table on stdout; a user error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.resolution < 8 or args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
-        sys.stderr.write("klvae-eval: error: --resolution >= 8, --batch-size >= 1 and --max-images >= 1 are required\n")
-        return 2
-    try:
-        results, grid = compare(
-            args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
-            device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
-            resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
-            sample_posterior=args.sample_posterior, dtype=args.dtype, seed=args.seed, split=args.split,
-            image_column=args.image_column,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.stderr.write(f"klvae-eval: error: {err}\n")  # one line, no traceback: the input was wrong
-        return 2
+    return run_main("klvae-eval", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    results, grid = compare(
+        args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
+        device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images, protocol=args.protocol,
+        sample_posterior=args.sample_posterior, dtype=args.dtype, seed=args.seed, split=args.split,
+        image_column=args.image_column,
+    )
     sys.stdout.write(results_table(results))  # the command's product: a table on stdout, pipeable
     if args.output:
         files = write_report(results, args.output, grid)

@@ -28,7 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .evaluation import ImageSource, _autocast_dtype, _default_device, _model_name, iter_batches, load_vae
+from .cli_support import OneLineParser, int_at_least, run_main, writing
+from .eval_data import ImageSource, iter_batches
+from .evaluation import _autocast_dtype, _default_device, _model_name, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ class LatentStatistics:
         stability: relative change from the first half to all images: ``std`` (|Δstd| / std),
             ``mean`` (|Δmean| / std), ``channel_std`` and ``channel_mean`` (worst channel, same units).
         histogram: ``edges`` (bins + 1) and per-channel ``counts``; ``clipped``: values beyond the range.
-        settings: resolution, posterior, data, model and the like.
+        skipped, skip_reasons: images the reader refused, and how many for each reason.
+        settings: resolution, posterior, data (``data``: a string; ``data_source``: a structure), model and the like.
     """
 
     all: Moments
@@ -71,6 +74,7 @@ class LatentStatistics:
     histogram: dict[str, Any] = field(repr=False)
     skipped: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # skipped images by reason (imaging.UnreadableImage)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +82,8 @@ class LatentStatistics:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            with writing(path):
+                Path(path).write_text(text + "\n")
         return text
 
     def config_update(self, per_channel: bool = False) -> dict[str, Any]:
@@ -111,6 +116,8 @@ class LatentStatistics:
             f"{100 * self.stability['mean']:.2f} % of std; worst channel: std {100 * self.stability['channel_std']:.2f} %, "
             f"mean {100 * self.stability['channel_mean']:.2f} % of its std.",
         ]
+        if self.skipped:
+            rows += ["", f"Skipped {self.skipped} images: " + ", ".join(f"{n} {r}" for r, n in sorted(self.skip_reasons.items())) + "."]
         return "\n".join(rows) + "\n"
 
 
@@ -222,8 +229,8 @@ def compute_latent_statistics(
         all=whole, first_half=half, first_batch=batch, scaling_factor=1.0 / whole.std, shift_factor=whole.mean,
         stability=_stability(half, whole),
         histogram={"edges": acc.edges.tolist(), "counts": acc.counts.tolist(), "clipped": acc.clipped},
-        skipped=source.skipped,
-        settings={"model": _model_name(vae_or_path), "data": source.describe(), "resolution": resolution,
+        skipped=source.skipped, skip_reasons=dict(source.skip_reasons),
+        settings={"model": _model_name(vae_or_path), "data": source.describe(), "data_source": source.spec(), "resolution": resolution,
                   "posterior": f"sample (seed {seed})" if sample_posterior else "mode", "batch_size": batch_size,
                   "latent_shape": list(z.shape[1:]), "device": str(device)},
     )
@@ -264,7 +271,8 @@ def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
                  f"{stats.scaling_factor:.5f}, mean {stats.all.mean:.4f}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with writing(path):
+        fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -285,7 +293,8 @@ def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_c
     if per_channel and len(stats.all.channel_mean) != channels:
         raise ValueError(f"statistics have {len(stats.all.channel_mean)} channels, the model {channels}")
     config.update(stats.config_update(per_channel))
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with writing(config_path):
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config_path
 
 
@@ -295,16 +304,16 @@ def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klvae-stats", description=(
+    parser = OneLineParser(prog="klvae-stats", description=(
         "Latent statistics of a VAE (global and per-channel mean/std, stability, histograms): the source of "
         "scaling_factor = 1/std, shift_factor and latents_mean/latents_std."))
     parser.add_argument("--model", required=True, help="diffusers folder, single file, preset name or Hub id")
     parser.add_argument("--data", required=True, help="image folder, or an HF dataset name (streamed)")
     parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
     parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--resolution", type=int_at_least(8), default=256)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
+    parser.add_argument("--max-images", type=int_at_least(2), default=None)
     parser.add_argument("--mode", action="store_true", help="use the posterior mean instead of a seeded sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="folder for latent_stats.json and latent_histogram.png")
@@ -318,22 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``klvae-stats``: the table on stdout; a user error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.per_channel and not args.write_config:
-            raise ValueError("--per-channel only applies with --write-config")
-        if args.write_config and not (Path(args.model) / "config.json").is_file() and not (Path(args.model) / "vae" / "config.json").is_file():
-            raise ValueError(f"--write-config needs a local diffusers-format model folder, got {args.model!r}")
-        stats = compute_latent_statistics(
-            args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
-            sample_posterior=not args.mode, seed=args.seed, device=args.device, dtype=args.dtype, split=args.split,
-            image_column=args.image_column,
-        )
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.stderr.write(f"klvae-stats: error: {err}\n")  # one line, no traceback: the input was wrong
-        return 2
-    sys.stdout.write(stats.to_markdown())  # the command's product, pipeable
+    return run_main("klvae-stats", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.per_channel and not args.write_config:
+        raise ValueError("--per-channel only applies with --write-config")
+    if args.write_config and not (Path(args.model) / "config.json").is_file() and not (Path(args.model) / "vae" / "config.json").is_file():
+        raise ValueError(f"--write-config needs a local diffusers-format model folder, got {args.model!r}")
+    stats = compute_latent_statistics(
+        args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
+        sample_posterior=not args.mode, seed=args.seed, device=args.device, dtype=args.dtype, split=args.split,
+        image_column=args.image_column,
+    )
+    sys.stdout.write(stats.to_markdown())  # the command's product, pipeable (skipped images counted in its last line)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

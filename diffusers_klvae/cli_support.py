@@ -1,0 +1,98 @@
+"""What the three commands (``klvae``, ``klvae-eval``, ``klvae-stats``) share: one-line errors with exit status 2.
+
+Every user error ends the same way: one line ``PROG: error: WHAT WAS EXPECTED`` on stderr, exit status 2, no
+traceback. Argument errors come from :class:`OneLineParser` and the ``type=`` checkers below; a full disk from
+:func:`writing`, which names the file being written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import math
+import os
+import sys
+from typing import Callable, Iterator
+
+EXIT_USAGE = 2  # argparse's exit code for bad input; used for every user error
+# what a full disk looks like when the writer is not Python's: torch.save (C++ streams) and safetensors (Rust)
+_DISK_FULL_TEXTS = ("basic_ios::clear", "iostream error", "No space left on device", "StorageFull", "code: 28")
+
+
+class DiskFull(OSError):
+    """The disk filled up while writing ``path``."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(errno.ENOSPC, f"disk full while writing {os.fspath(path)}")
+        self.path = os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (``OSError`` ENOSPC, or the iostream/IO error torch and safetensors raise) inside the block into
+    :class:`DiskFull` naming ``path``; other errors pass through."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DiskFull(path) from err
+        raise
+    except Exception as err:  # noqa: BLE001 - RuntimeError (torch), SafetensorError (safetensors): told apart by text
+        if any(text in str(err) for text in _DISK_FULL_TEXTS):
+            raise DiskFull(path) from err
+        raise
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line (messages from libraries may hold newlines)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def run_main(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's body; a user error (``ValueError``, ``OSError``, ``RuntimeError``) becomes one line on stderr
+    and exit status 2. Returns the body's exit status (0 when it returns None)."""
+    try:
+        return int(body() or 0)
+    except (ValueError, OSError, RuntimeError) as err:
+        sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
+        return EXIT_USAGE
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """``type=`` for an integer option that must be ``>= low``."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    check.__name__ = f"integer >= {low}"
+    return check
+
+
+def positive_float(text: str) -> float:
+    """``type=`` for a finite float option that must be > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value

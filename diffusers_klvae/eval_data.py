@@ -1,0 +1,228 @@
+"""What evaluation and latent statistics read: image sources (through ``imaging``'s one reader) and the named
+protocols' preprocessing.
+
+Protocols (``PROTOCOLS``; the name is written into every result):
+
+- ``"klvae"`` (default): PIL bicubic resize of the shorter side to ``resolution``, center crop
+  (``imaging.resize_and_crop``), posterior ``mode()``.
+- ``"lightningdit"``: as LightningDiT's ``evaluate_tokenizer.py`` (torchvision ``ToTensor``, ``Resize``,
+  ``CenterCrop``, ``Normalize(0.5, 0.5)``): the uint8 image as a float tensor in [0, 1], shorter side resized to
+  ``resolution`` with ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` (longer side
+  ``int(resolution * long / short)``, torchvision's rule), center crop with torchvision's rounding, mapped to
+  [-1, 1]; reconstruction from a posterior *sample* drawn with the evaluation's seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, resize_and_crop, to_rgb, to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# protocols
+# ----------------------------------------------------------------------------------------------------------
+
+
+def klvae_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB PIL image -> (3, resolution, resolution) in [-1, 1]: bicubic resize of the shorter side + center crop."""
+    return to_tensor(resize_and_crop(img, resolution, center_crop=True))
+
+
+def lightningdit_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB PIL image -> (3, resolution, resolution) in [-1, 1], as torchvision's ToTensor, Resize(resolution),
+    CenterCrop(resolution), Normalize(0.5, 0.5) on a tensor (bilinear, antialiased)."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255.0
+    h, w = x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    size = (resolution, int(resolution * long / short)) if h <= w else (int(resolution * long / short), resolution)
+    if size != (h, w):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = int(round((size[0] - resolution) / 2.0)), int(round((size[1] - resolution) / 2.0))
+    return x[:, top : top + resolution, left : left + resolution] * 2.0 - 1.0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named evaluation protocol: how images are prepared and which latent is decoded."""
+
+    name: str
+    preprocess: Callable[[Image.Image, int], torch.Tensor]
+    sample_posterior: bool  # the protocol's default; evaluate(sample_posterior=...) may override it
+    preprocessing: str  # written into the settings
+
+
+PROTOCOLS = {
+    "klvae": Protocol("klvae", klvae_preprocess, False, "resize shorter side (PIL bicubic) + center crop"),
+    "lightningdit": Protocol("lightningdit", lightningdit_preprocess, True,
+                             "LightningDiT evaluate_tokenizer.py: tensor resize shorter side (interpolate bilinear, "
+                             "antialias) + center crop (torchvision rounding)"),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
+    return PROTOCOLS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image sources
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSource:
+    """Images to evaluate, in a fixed order: a folder (``imaging.list_image_paths``: recursive, sorted), a list of
+    PIL images or paths, or an HF dataset (a Hub name, streamed, or a ``datasets`` object). Every image goes
+    through ``imaging``'s one reader; what it refuses is skipped and counted (``skipped``, ``skipped_names``,
+    ``skip_reasons``), never fatal.
+
+    Args:
+        data: the images (see above). A string that is not an existing path is read as a Hub dataset name.
+        split (`str`, *optional*, defaults to `"validation"`): split of an HF dataset.
+        image_column (`str`, *optional*): image column of an HF dataset (auto-detected when `None`).
+    """
+
+    data: Any
+    split: str = "validation"
+    image_column: str | None = None
+    skipped: int = 0
+    skipped_names: list[str] = field(default_factory=list)
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The source as one string: a path, ``"hf-dataset NAME (split SPLIT)"`` (``hub`` parses this form)."""
+        spec = self.spec()
+        if spec["kind"] == "hf-dataset":
+            return f"hf-dataset {spec['name']} (split {spec['split']})"
+        return spec.get("path") or f"{spec['type']} of images"
+
+    def spec(self) -> dict[str, Any]:
+        """The source as a structure: ``{"kind": "folder"|"file", "path"}``, ``{"kind": "hf-dataset", "name",
+        "split"}``, ``{"kind": "datasets-object", "type"}`` or ``{"kind": "images", "type", "count"}``."""
+        data = self.data
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            if path.is_dir() or path.is_file():
+                return {"kind": "folder" if path.is_dir() else "file", "path": os.fspath(path)}
+            return {"kind": "hf-dataset", "name": os.fspath(data), "split": self.split}
+        if _is_hf_dataset(data):
+            return {"kind": "datasets-object", "type": type(data).__name__}
+        return {"kind": "images", "type": type(data).__name__, "count": len(data) if hasattr(data, "__len__") else None}
+
+    def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
+        """Yield (name, RGB PIL image); what the reader refuses is logged, counted and left out."""
+        self.skipped, self.skipped_names, self.skip_reasons = 0, [], {}
+        for name, load in self._entries():
+            try:
+                yield name, load()
+            except ValueError as err:  # UnreadableImage (a ValueError), or an unexpected value in a dataset row
+                reason = err.reason if isinstance(err, UnreadableImage) else "undecodable"
+                self.skipped += 1
+                self.skipped_names.append(name)
+                self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+                logger.warning("skipped %s: %s", name, err)
+
+    def _entries(self) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
+        data = self.data
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data).expanduser()
+            if path.is_dir():
+                files = list_image_paths(path)
+                if not files:
+                    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {os.fspath(path)!r}")
+                return ((os.path.relpath(p, path), _loader(p)) for p in files)
+            if path.is_file():
+                return iter([(path.name, _loader(path))])
+            if not _looks_like_dataset_id(os.fspath(data)):
+                raise FileNotFoundError(f"data {os.fspath(data)!r}: no such folder or file (nor an HF dataset name)")
+            return self._hf_entries(_load_hf_dataset(os.fspath(data), self.split))
+        if _is_hf_dataset(data):
+            return self._hf_entries(data)
+        if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+            return (_list_entry(i, item) for i, item in enumerate(data))
+        raise ValueError(f"data must be a folder, an HF dataset name or object, or a list of PIL images/paths; got {type(data).__name__}")
+
+    def _hf_entries(self, dataset) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
+        from .data import _raw_images, _read_bytes, check_image_column
+
+        column = check_image_column(dataset, self.image_column)
+        for i, example in enumerate(_raw_images(dataset, column)):  # decoding off: a bad row must not stop the stream
+            value = example[column]
+            if isinstance(value, Image.Image):
+                yield f"{i:06d}", (lambda v=value: to_rgb(v))
+                continue
+            path = value.get("path") if isinstance(value, dict) else None
+            name = f"{i:06d}" + (f" ({os.path.basename(path)})" if path else "")
+            yield name, (lambda v=value, n=name: decode_image(_read_bytes(v)[0], name=n))
+
+
+def _looks_like_dataset_id(text: str) -> bool:
+    """"name" or "org/name": what `datasets.load_dataset` resolves on the Hub; paths and file names are not."""
+    return bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1 and not Path(text).suffix
+
+
+def _loader(path: str | os.PathLike) -> Callable[[], Image.Image]:
+    return lambda: load_image(path)
+
+
+def _list_entry(i: int, item) -> tuple[str, Callable[[], Image.Image]]:
+    if isinstance(item, Image.Image):
+        return f"{i:06d}", (lambda: to_rgb(item))
+    if isinstance(item, (str, os.PathLike)):
+        return os.path.basename(os.fspath(item)), _loader(item)
+    raise ValueError(f"data[{i}] is a {type(item).__name__}: expected a PIL image or an image path")
+
+
+def _is_hf_dataset(data) -> bool:
+    module = type(data).__module__ or ""
+    return module.startswith("datasets.") and hasattr(data, "features")
+
+
+def _load_hf_dataset(name: str, split: str):
+    from .data import load_image_dataset
+
+    try:
+        return load_image_dataset(dataset_name=name, split=split, streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
+        raise ValueError(f"data {name!r} is not a local folder and could not be opened as an HF dataset: {err}") from err
+
+
+def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None,
+                 protocol: str = "klvae") -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Preprocessed batches: (names, (B, 3, resolution, resolution) in [-1, 1]), at most ``max_images`` images.
+
+    Args:
+        source (`ImageSource`): the images.
+        resolution (`int`): output side.
+        batch_size (`int`): images per batch (the last one may be smaller).
+        max_images (`int` or `None`): stop after this many readable images (all when `None`).
+        protocol (`str`, *optional*, defaults to `"klvae"`): whose preprocessing (``PROTOCOLS``).
+    """
+    preprocess = get_protocol(protocol).preprocess
+    names, tensors, taken = [], [], 0
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    for name, img in source:
+        names.append(name)
+        tensors.append(preprocess(img, resolution))
+        taken += 1
+        if len(tensors) == batch_size:
+            yield names, torch.stack(tensors)
+            names, tensors = [], []
+        if max_images is not None and taken >= max_images:
+            break  # before reading the next image: nothing past the limit is decoded (or counted as skipped)
+    if tensors:
+        yield names, torch.stack(tensors)
