@@ -60,15 +60,14 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
     rounding of the stored maps (see the module docstring). Latents no larger than ``vae.tile_latent_min_size``, and
     calls with autograd on (gradients need every activation anyway), run the untiled decoder."""
     decoder = vae.decoder
-    if vae.post_quant_conv is not None:
-        z = vae.post_quant_conv(z)
     if max(z.shape[-2:]) <= vae.tile_latent_min_size or torch.is_grad_enabled():
-        return decoder(z)
+        return decoder(z if vae.post_quant_conv is None else vae.post_quant_conv(z))
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
     up_dtype = upscale_dtype(decoder)  # as Decoder.forward: the mid block may run in another dtype (upcast_vae)
     store = _Store.for_call(vae, z, up_dtype, layers, vae.tile_latent_min_size**2)
     with computing_in(z.dtype):  # z's dtype, not a weight's: layerwise casting stores those narrower
-        x = _conv_pass(store, decoder.conv_in, _Map.wrap(store, z))
+        # post_quant_conv (1×1) runs on conv_in's bands: not even the latents are transformed whole
+        x = _conv_pass(store, decoder.conv_in, _Map.wrap(store, z), pre=vae.post_quant_conv)
         x = _mid_block(store, decoder.mid_block, x)
     store.dtype = up_dtype
     with computing_in(up_dtype):
@@ -89,21 +88,22 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
     encoder = vae.encoder
     if max(x.shape[-2:]) <= vae.tile_sample_min_size or torch.is_grad_enabled():
         moments = encoder(x)
-    else:
-        layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
-        store = _Store.for_call(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
-        with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
-            h = _conv_pass(store, encoder.conv_in, _Map.wrap(store, x))
-            for layer in layers[1:]:
-                h = _layer(store, layer, h)
-            h = _mid_block(store, encoder.mid_block, h)
-            b, _, rows, cols = h.shape
-            out = _Map.wrap(store, torch.empty(b, base_layer(encoder.conv_out).out_channels, rows, cols, dtype=x.dtype,
-                                               device=x.device))
-            _conv_pass(store, encoder.conv_out, h, out, pre=_norm_act(encoder.conv_norm_out, encoder.conv_act, h, store))
-        h.free()
-        moments = out.tensor
-    return moments if vae.quant_conv is None else vae.quant_conv(moments)
+        return moments if vae.quant_conv is None else vae.quant_conv(moments)
+    layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
+    store = _Store.for_call(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
+    with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
+        h = _conv_pass(store, encoder.conv_in, _Map.wrap(store, x))
+        for layer in layers[1:]:
+            h = _layer(store, layer, h)
+        h = _mid_block(store, encoder.mid_block, h)
+        b, _, rows, cols = h.shape
+        channels = base_layer(vae.quant_conv or encoder.conv_out).out_channels
+        out = _Map.wrap(store, torch.empty(b, channels, rows, cols, dtype=x.dtype, device=x.device))
+        # quant_conv (1×1) runs on conv_out's bands, written straight into the returned moments
+        _conv_pass(store, encoder.conv_out, h, out, pre=_norm_act(encoder.conv_norm_out, encoder.conv_act, h, store),
+                   post=vae.quant_conv)
+    h.free()
+    return out.tensor
 
 
 # ------------------------------------------------------------------ the map store
@@ -337,8 +337,9 @@ def _norm_act(norm: GroupNorm, act: nn.Module, x: _Map, store: _Store):
 
 
 def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None, *, pre=None, kind: str = "same",
-               add=None) -> _Map:
-    """``conv(pre(x))`` (+ ``add(r0, r1)``, rows r0:r1 of a map to add) into ``out`` (default: a new map), streamed.
+               add=None, post=None) -> _Map:
+    """``post(conv(pre(x)))`` (+ ``add(r0, r1)``, rows r0:r1 of a map to add) into ``out`` (default: a new map),
+    streamed.
 
     Args:
         store (`_Store`): the store of the call.
@@ -350,6 +351,7 @@ def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None,
             nearest ×2 upsampling then a 3×3 conv; ``"down"``: ``Downsample``'s stride-2 3×3 conv with LDM's
             asymmetric padding (one zero row and column after the map).
         add (callable, *optional*): rows of a map to add to the conv's output rows.
+        post (callable, *optional*): applied to each band of the conv's output (a 1×1 conv).
 
     Each band reads its input rows with the halo the conv needs (one row each side; the conv's own zero padding is
     right at the map's border, and the output rows of a halo are dropped).
@@ -392,6 +394,8 @@ def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None,
             if kind == "up":
                 band = nearest_2x(band)
             y = conv(band)[:, :, step_out * (r0 - a): step_out * (r1 - a)]
+        if post is not None:
+            y = post(y)
         if add is not None:
             y = y + add(step_out * r0, step_out * r1)
         out.write(step_out * r0, y)

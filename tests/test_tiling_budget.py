@@ -1,0 +1,108 @@
+"""The device budget of tiling (``enable_tiling(max_device_bytes=...)``) and the map stores.
+
+On CPU the device and the host are the same memory, so the budget is checked with the maps beyond it in the file store
+(``map_store="file"``: numpy memory maps, which torch never allocates) while a dispatch mode counts every byte torch
+allocates during the call: the maps held "on the device" and the bands. Only the returned output may come on top."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from diffusers_klvae import KLVAE
+from diffusers_klvae.models import tiling
+
+# No mid-block attention: it runs on the whole latent map, outside the budget (docs/tiling.md).
+CONFIG = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, mid_block_add_attention=False,
+              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages torch allocates inside the ``with`` block while they live (``peak``): outputs
+    of an op that are neither an input's storage (views, in-place and ``out=`` ops) nor already counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in inputs and key not in self.counted:
+                    self.counted.add(key)
+                    self.live += nbytes
+                    weakref.finalize(storage, self._freed, key, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    model = KLVAE(**CONFIG).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.data = 1 + 0.25 * torch.randn_like(p)
+        elif name.endswith("bias"):
+            p.data = 0.05 * torch.randn_like(p)
+    return model
+
+
+def peak_bytes(call) -> tuple[int, torch.Tensor]:
+    with torch.no_grad(), LiveBytes() as counter:
+        out = call()
+    return counter.peak, out
+
+
+@pytest.mark.parametrize("budget", [30_000, 100_000, 400_000, 4_000_000])
+def test_device_budget_is_respected(vae, budget, tmp_path):
+    """8×6 tiles of 16 pixels: torch allocates at most the budget beyond the returned output, for decode and encode,
+    whether the maps go to the file store (small budgets) or stay on the device (the largest)."""
+    z = torch.randn(1, 4, 64, 48, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    untiled, _ = peak_bytes(lambda: vae._decode(z))
+    assert untiled > 2 * budget or budget == 4_000_000  # the counter sees the maps: the budget is a real bound
+    vae.enable_tiling(tile_sample_min_size=16, max_device_bytes=budget, map_store="file", map_dir=tmp_path)
+    try:
+        for call in (lambda: tiling.tiled_decode(vae, z), lambda: tiling.tiled_encode(vae, x)):
+            peak, out = peak_bytes(call)
+            assert peak - out.nbytes <= budget, (peak, out.nbytes)
+    finally:
+        vae.disable_tiling()
+        vae.tile_max_device_bytes, vae.tile_map_store, vae.tile_map_dir = None, "memory", None
+
+
+def test_maps_stay_on_the_device_while_they_fit(vae, monkeypatch):
+    """Maps go to the store beyond the budget only: with a budget that holds them, none is created in host memory."""
+    created = []
+    real = tiling._Store.new
+
+    def new(store, shape):
+        m = real(store, shape)
+        created.append(m.counted > 0)
+        return m
+
+    monkeypatch.setattr(tiling._Store, "new", new)
+    z = torch.randn(1, 4, 40, 36, generator=torch.Generator().manual_seed(2))
+    for budget, on_device in ((10_000_000, True), (50_000, False)):
+        created.clear()
+        vae.enable_tiling(tile_sample_min_size=16, max_device_bytes=budget)
+        with torch.no_grad():
+            vae.decode(z)
+        vae.disable_tiling()
+        assert created and all(c == on_device for c in created), (budget, created)
+    vae.tile_max_device_bytes = None
