@@ -142,7 +142,8 @@ def _output_dir(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {path!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -152,7 +153,8 @@ def _output_file(path: str, suffix: str) -> Path:
         raise ValueError(f"output {path!r} must end in {suffix}")
     if out.is_dir():
         raise ValueError(f"output {path!r} is a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -12,12 +12,15 @@ import contextlib
 import errno
 import math
 import os
+import shutil
 import sys
 from typing import Callable, Iterator
 
 EXIT_USAGE = 2  # argparse's exit code for bad input; used for every user error
-# what a full disk looks like when the writer is not Python's: torch.save (C++ streams) and safetensors (Rust)
-_DISK_FULL_TEXTS = ("basic_ios::clear", "iostream error", "No space left on device", "StorageFull", "code: 28")
+# what a full disk looks like when the writer is not Python's: torch.save (C++ streams: "basic_ios::clear: iostream
+# error", or "unexpected pos" from its zip writer) and safetensors (Rust: "No space left on device (os error 28)")
+_DISK_FULL_TEXTS = ("basic_ios::clear", "iostream error", "No space left on device", "os error 28")
+_NEARLY_FULL_BYTES = 1 << 20  # a write that failed for an unstated reason on a disk with less than this left: full
 
 
 class DiskFull(OSError):
@@ -44,9 +47,17 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
             raise DiskFull(path) from err
         raise
     except Exception as err:  # noqa: BLE001 - RuntimeError (torch), SafetensorError (safetensors): told apart by text
-        if any(text in str(err) for text in _DISK_FULL_TEXTS):
+        if any(text in str(err) for text in _DISK_FULL_TEXTS) or _nearly_full(path):
             raise DiskFull(path) from err
         raise
+
+
+def _nearly_full(path: str | os.PathLike) -> bool:
+    # torch's zip writer reports a full disk as "unexpected pos N vs M": ask the file system instead of the message
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def one_line(err: BaseException) -> str:

@@ -95,7 +95,8 @@ def decode_image(data: bytes, *, name: str) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(img), name=name)
     except UnreadableImage:
         raise
-    except Image.DecompressionBombError as err:  # PIL's own refusal (above twice the limit)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # PIL's own refusal (above twice the
+        # limit), or its warning when warnings are errors (python -W error)
         raise UnreadableImage(name, "decompression bomb", str(err)) from err
     except Image.UnidentifiedImageError as err:  # its message names an anonymous BytesIO; say what it means
         raise UnreadableImage(name, "undecodable", "not an image format PIL recognises") from err
