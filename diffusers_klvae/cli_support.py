@@ -47,7 +47,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
             raise DiskFull(path) from err
         raise
     except Exception as err:  # noqa: BLE001 - RuntimeError (torch), SafetensorError (safetensors): told apart by text
-        if any(text in str(err) for text in _DISK_FULL_TEXTS) or _nearly_full(path):
+        if any(text in str(err) for text in _DISK_FULL_TEXTS) or (isinstance(err, RuntimeError) and _nearly_full(path)):
             raise DiskFull(path) from err
         raise
 

@@ -1,0 +1,183 @@
+"""Issue 16: every error of `klvae`, `klvae-eval` and `klvae-stats` is one line naming what was expected, exit status 2,
+no traceback; a full disk names the file; non-finite latents or pixels are refused instead of written as black."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from diffusers_klvae import KLVAE, evaluation, latent_stats
+from diffusers_klvae.cli import main as klvae_main
+from diffusers_klvae.cli_support import DiskFull, writing
+from diffusers_klvae.imaging import load_image, resize_and_crop
+
+SIZE = 32
+COMMANDS = {"klvae": klvae_main, "klvae-eval": evaluation.main, "klvae-stats": latent_stats.main}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, photo_paths):
+    """A tiny f2 model folder, two 32x32 photos in a folder, latents files with NaN and Inf, a float TIFF with NaN."""
+    root = tmp_path_factory.mktemp("errors")
+    torch.manual_seed(0)
+    KLVAE.from_preset("tiny").save_pretrained(root / "model")
+    (root / "photos").mkdir()
+    for i, path in enumerate(photo_paths[:2]):
+        resize_and_crop(load_image(path), SIZE).save(root / "photos" / f"im{i}.png")
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        latents = torch.zeros(1, 4, 16, 16)
+        latents[0, 1, 2, 3] = value
+        save_file({"latents": latents}, str(root / f"{name}.safetensors"))
+    save_file({"latents": torch.zeros(1, 4, 16, 16)}, str(root / "zeros.safetensors"))
+    Image.fromarray(np.full((SIZE, SIZE), np.nan, dtype=np.float32), "F").save(root / "nan.tif")
+    return root
+
+
+def run(command: str, argv: list[str]) -> int:
+    """Exit status of a command, whether it returns it or exits (argparse and `klvae` exit)."""
+    try:
+        return COMMANDS[command](argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without progress bars (tqdm redraws, "evaluate: 2img [...]"); there must be no traceback either."""
+    assert "Traceback" not in stderr
+    return [line for line in stderr.strip().splitlines() if not re.match(r"^(evaluate|latent statistics): .*\]$", line)]
+
+
+BAD = [  # (command, argv, what the one line must say)
+    ("klvae", ["sample", "--model", "{model}", "-n", "0", "-o", "{w}/s.png"], "argument -n/--num: expected an integer >= 1, got 0"),
+    ("klvae", ["sample", "--model", "{model}", "--height", "abc", "-o", "{w}/s.png"], "expected an integer >= 1, got 'abc'"),
+    ("klvae", ["sample", "--model", "{model}", "--temperature", "nan", "-o", "{w}/s.png"], "expected a finite number > 0, got 'nan'"),
+    ("klvae", ["sample", "--model", "{model}", "--temperature", "0", "-o", "{w}/s.png"], "expected a finite number > 0, got '0'"),
+    ("klvae", ["interpolate", "--model", "{model}", "{w}/photos/im0.png", "{w}/photos/im1.png", "--steps", "1", "-o", "{w}/i.png"],
+     "argument --steps: expected an integer >= 2, got 1"),
+    ("klvae", ["reconstruct", "--model", "{model}", "{w}/photos", "--out", "{w}/o", "--resolution", "0"], "expected an integer >= 1, got 0"),
+    ("klvae", ["reconstruct", "--model", "{model}", "{w}/photos", "--out", "{w}/o", "--resolution", "33"],
+     "--resolution 33 is not a multiple of the model's downsampling factor 2"),
+    ("klvae", ["encode", "--model", "{model}", "-o", "{w}/z.safetensors"], "the following arguments are required: images"),
+    ("klvae", ["bogus"], "invalid choice: 'bogus'"),
+    ("klvae", ["decode", "--model", "{model}", "{w}/nan.safetensors", "--out", "{w}/dec_nan"], "the latents contain 1 NaN/Inf values of 1024"),
+    ("klvae", ["decode", "--model", "{model}", "{w}/inf.safetensors", "--out", "{w}/dec_inf"], "the latents contain 1 NaN/Inf values of 1024"),
+    ("klvae", ["encode", "--model", "{model}", "{w}/nan.tif", "-o", "{w}/z.safetensors"], "no readable image among 1 given"),
+    ("klvae", ["interpolate", "--model", "{model}", "{w}/photos/im0.png", "{w}/nan.tif", "-o", "{w}/i.png"], "non-finite pixels"),
+    ("klvae", ["reconstruct", "--model", "{model}", "{w}/nothing.png", "--out", "{w}/o"], "no such image"),
+    ("klvae", ["sample", "--model", "{model}", "--device", "nodevice", "-o", "{w}/s.png"], "nodevice"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--protocol", "dit"], "argument --protocol: invalid choice: 'dit'"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--resolution", "4"], "expected an integer >= 8, got 4"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--metrics", "psnr", "--device", "nodevice"], "nodevice"),
+    ("klvae-eval", ["--data", "{w}/photos"], "the following arguments are required: --model"),
+    ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--max-images", "1"], "argument --max-images: expected an integer >= 2, got 1"),
+    ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--per-channel"], "--per-channel only applies with --write-config"),
+]
+
+
+@pytest.mark.parametrize("command, argv, message", BAD, ids=[f"{c} {' '.join(a[:1] + a[-2:])}" for c, a, _ in BAD])
+def test_bad_input_is_one_line_naming_what_was_expected(work, command, argv, message, capsys):
+    argv = [a.format(model=work / "model", w=work) for a in argv]
+    assert run(command, argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    prog = f"klvae {argv[0]}" if command == "klvae" and argv[0] != "bogus" else command
+    assert err[0].startswith(f"{prog}: error: ") and message in err[0], err
+    assert "Traceback" not in err[0]
+
+
+def test_refused_latents_write_no_image(work, capsys):
+    assert run("klvae", ["decode", "--model", str(work / "model"), str(work / "nan.safetensors"), "--out", str(work / "dec_none")]) == 2
+    assert not any((work / "dec_none").glob("*.png"))  # before the fix: a black PNG and exit status 0
+
+
+def test_decoded_non_finite_pixels_are_refused(work, monkeypatch, capsys):
+    import diffusers_klvae.latents as latents_module
+
+    # finite latents, a model that overflows (as float16 can): the decoded NaNs must not become a black PNG
+    monkeypatch.setattr(latents_module, "decode_latents", lambda vae, z: torch.full((len(z), 3, SIZE, SIZE), float("nan")))
+    assert run("klvae", ["decode", "--model", str(work / "model"), str(work / "zeros.safetensors"), "--out", str(work / "dec_ovf")]) == 2
+    assert "the decoded images contain" in capsys.readouterr().err
+    assert not any((work / "dec_ovf").glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A folder on a full disk: a tiny tmpfs filled to the last byte when we may mount one (root), else a folder
+    whose writers raise ENOSPC (simulated)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(folder)],
+                                                  capture_output=True).returncode == 0
+    try:
+        if mounted:
+            _fill(folder)
+        else:
+            _simulate_full(folder, monkeypatch)
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def _fill(folder) -> None:
+    """Write unbuffered until the file system refuses even one byte."""
+    for i, size in enumerate((4096, 512, 1)):
+        with open(folder / f"filler{i}", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+
+
+def _simulate_full(folder, monkeypatch) -> None:
+    import pathlib
+
+    import safetensors.torch
+
+    def refuse(path):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for owner, name, path_arg in ((Image.Image, "save", 1), (pathlib.Path, "write_text", 0), (safetensors.torch, "save_file", 1)):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _i=path_arg, **k: refuse(a[_i]) or _o(*a, **k))
+
+
+@pytest.mark.parametrize("command, argv, written", [
+    ("klvae", ["decode", "--model", "{model}", "{w}/zeros.safetensors", "--out", "{full}"], "0000.png"),
+    ("klvae", ["encode", "--model", "{model}", "{w}/photos", "-o", "{full}/z.safetensors"], "z.safetensors"),
+    ("klvae", ["reconstruct", "--model", "{model}", "{w}/photos", "--out", "{full}"], "im0.png"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--metrics", "psnr", "--resolution", "32", "--output", "{full}"], "metrics.json"),
+    ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--resolution", "32", "--output", "{full}"], "latent_stats.json"),
+])
+def test_full_disk_is_one_line_naming_the_file(work, full_disk, command, argv, written, capsys):
+    argv = [a.format(model=work / "model", w=work, full=full_disk) for a in argv]
+    assert run(command, argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].endswith(f"error: disk full while writing {full_disk / written}"), err
+
+
+def test_torch_writer_on_a_full_disk_is_named(full_disk):
+    # torch.save reports a full disk in C++ terms ("unexpected pos ...", "basic_ios::clear: iostream error")
+    with pytest.raises(DiskFull, match=f"disk full while writing {full_disk / 'w.pt'}"):
+        with writing(full_disk / "w.pt"):
+            if os.path.ismount(full_disk):
+                torch.save(torch.zeros(100_000), full_disk / "w.pt")
+            else:
+                raise RuntimeError("basic_ios::clear: iostream error")
+    with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
+        with writing(full_disk / "x"):
+            raise ValueError("unrelated")
