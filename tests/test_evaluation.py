@@ -335,3 +335,66 @@ def test_offline_inception_matches_the_torchscript_network(photo_paths):
     assert fid_module.max_feature_difference(extractor, image) < 1e-4
     features = extractor(image)
     assert features.shape == (1, 2048) and features.min() >= 0  # pool3 after ReLU
+
+
+# ------------------------------------------------------------------------------------------------ protocols, data source
+
+
+def _torchvision_lightningdit(resolution):
+    """LightningDiT's evaluate_tokenizer.py transform, with torchvision itself (the reference)."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Resize(resolution), transforms.CenterCrop(resolution),
+                               transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])])
+
+
+def test_lightningdit_preprocessing_matches_torchvision(photo_paths):
+    from diffusers_klvae.eval_data import lightningdit_preprocess
+
+    reference = _torchvision_lightningdit(RES)
+    photo = load_image(photo_paths[0])
+    cases = [load_image(p) for p in photo_paths[:3]] + [photo.resize((45, 33)), photo.resize((33, 61)), photo.resize((RES, 40))]
+    for img in cases:  # landscape, portrait, odd sizes, shorter side already RES
+        torch.testing.assert_close(lightningdit_preprocess(img, RES), reference(img), rtol=0, atol=0)
+
+
+def test_lightningdit_protocol_decodes_a_seeded_posterior_sample(tiny_vae, photo_paths):
+    images = [load_image(p) for p in photo_paths[:3]]
+    result = evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), protocol="lightningdit", seed=3, progress=False)
+    x = torch.stack([_torchvision_lightningdit(RES)(img) for img in images])
+    with torch.no_grad():  # independent recomputation: torchvision preprocessing, posterior sample with the seed
+        z = tiny_vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(3))
+        rec = tiny_vae.decode(z).sample
+    a, b = to_uint8(x).double().numpy(), to_uint8(rec).double().numpy()
+    expected = 10 * np.log10(255.0**2 / ((a - b) ** 2).reshape(3, -1).mean(1))
+    np.testing.assert_allclose(result.per_image["psnr"], expected, rtol=1e-9)
+    assert result.settings["protocol"] == "lightningdit" and result.settings["posterior"] == "sample (seed 3)"
+    assert "LightningDiT" in result.settings["preprocessing"] and "Protocol lightningdit" in result.to_markdown()
+    assert json.loads(result.to_json())["settings"]["protocol"] == "lightningdit"
+    default = evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), seed=3, progress=False)
+    assert default.settings["protocol"] == "klvae" and default.settings["posterior"] == "mode"
+    assert "Protocol klvae" in default.to_markdown() and default.per_image["psnr"] != result.per_image["psnr"]
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), protocol="dit", progress=False)
+
+
+def test_cli_writes_the_protocol_into_every_file(tmp_path, image_dir, capsys):
+    assert main(["--model", "tiny", "--data", str(image_dir), "--resolution", str(RES), "--metrics", "psnr",
+                 "--protocol", "lightningdit", "--output", str(tmp_path)]) == 0
+    assert "Protocol lightningdit" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["results"][0]["settings"]["protocol"] == "lightningdit"
+    assert "Protocol lightningdit" in (tmp_path / "metrics.md").read_text()
+
+
+def test_settings_name_the_data_source_structurally_and_hub_still_reads_the_string(tiny_vae, image_dir):
+    from diffusers_klvae import hub
+    from diffusers_klvae.evaluation import ImageSource
+
+    source = ImageSource("org/coco-val", split="val")
+    assert source.spec() == {"kind": "hf-dataset", "name": "org/coco-val", "split": "val"}
+    assert hub._eval_dataset({"data": source.describe(), "resolution": 256}) == ("org/coco-val", "val", 256)
+    result = evaluate(tiny_vae, image_dir, resolution=RES, metrics=("psnr",), progress=False)
+    assert result.settings["data_source"] == {"kind": "folder", "path": str(image_dir)}
+    assert result.settings["data"] == str(image_dir)
+    listed = evaluate(tiny_vae, [load_image(p) for p in sorted(image_dir.glob("*.jpg"))[:2]], resolution=RES, metrics=("psnr",), progress=False)
+    assert listed.settings["data_source"] == {"kind": "images", "type": "list", "count": 2}
