@@ -86,12 +86,12 @@ def train(cfg: training.TrainConfig) -> dict:
     # 4) trackers, resume (last: it restores the RNG states the loop continues from)
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.tracker_project_name, config=training.tracker_config(cfg))
-    step, history = 0, []
+    step, history, train_seconds = 0, [], 0.0
     resume = training.resolve_resume_path(cfg.resume_from_checkpoint, out)
     if resume is not None:
         state = training.load_checkpoint(accelerator, resume, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
                                          generator=generator, data_stream=stream)
-        step, history = state["step"], state.get("history", [])
+        step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
     hub_futures, hub_api = [], training.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
@@ -113,7 +113,9 @@ def train(cfg: training.TrainConfig) -> dict:
         step += 1
 
         # 6) log: progress bar (loss terms, images/s, skipped images), trackers, curve history
-        logs.update(images_per_s=images_per_update / (time.perf_counter() - t0), skipped=stream.skipped)
+        step_seconds = time.perf_counter() - t0
+        train_seconds += step_seconds
+        logs.update(images_per_s=images_per_update / step_seconds, skipped=stream.skipped)
         accelerator.log(logs, step=step)
         progress.update(1)
         progress.set_postfix(training.postfix(logs), refresh=False)
@@ -122,10 +124,13 @@ def train(cfg: training.TrainConfig) -> dict:
 
         # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
         if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-            metrics = training.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn))
+            seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
+            metrics = training.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
+                                              extra=seen)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             path = training.save_checkpoint(accelerator, out, step, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
-                                            generator=generator, data_state=stream.state_dict(), training_state={"history": history},
+                                            generator=generator, data_state=stream.state_dict(),
+                                            training_state={"history": history, "train_seconds": train_seconds},
                                             total_limit=cfg.checkpoints_total_limit)
             if cfg.hub_push_checkpoints and accelerator.is_main_process:
                 hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id, api=hub_api))

@@ -508,7 +508,7 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
             vae_stepped = _step_optimizers(accelerator, (vae, opt_vae, update_g), (disc, opt_disc, update_d),
                                            max_grad_norm=max_grad_norm)
             with warnings.catch_warnings():  # the D's scheduler ticks before its first step (disc_start): intended
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
                 for scheduler in schedulers:
                     scheduler.step()
             if ema is not None and vae_stepped:
@@ -689,10 +689,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, va
     torch.save(_rng_state(generator), tmp / f"rng_state_{rank}.pt")
     (tmp / f"data_state_{rank}.json").write_text(json.dumps(data_state))
     if accelerator.is_main_process:
-        accelerator.unwrap_model(vae).save_pretrained(tmp / "vae")
+        save_final_model(accelerator, vae, ema, tmp / "vae")  # the one layout: raw weights + the "ema" variant
         accelerator.unwrap_model(disc).save_pretrained(tmp / "discriminator")
-        if ema is not None:
-            ema.save_pretrained(tmp / "vae_ema")
         torch.save({"vae": optimizers[0].state_dict(), "disc": optimizers[1].state_dict()}, tmp / "optimizers.pt")
         torch.save({"vae": schedulers[0].state_dict(), "disc": schedulers[1].state_dict()}, tmp / "schedulers.pt")
         if accelerator.scaler is not None:
@@ -701,6 +699,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, va
 
     if accelerator.is_main_process:
         state = {"step": step, "num_processes": accelerator.num_processes, **(training_state or {})}
+        if ema is not None:  # the EMA's counters (its weights are the "ema" variant in vae/)
+            state["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state))
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace
             shutil.rmtree(final)
@@ -711,29 +711,19 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, va
     return final
 
 
-def _load_safetensors_into(model: torch.nn.Module, folder: Path) -> None:
+def _load_weights_into(model: torch.nn.Module, file: Path) -> None:
     from safetensors.torch import load_file
 
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"expected one .safetensors file in {folder}, found {[f.name for f in files]}")
-    model.load_state_dict(load_file(files[0]), strict=True)
+    model.load_state_dict(load_file(file), strict=True)
 
 
-_EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+def _load_ema(ema, model, folder: Path, counters: dict) -> None:
+    """The EMA as ``save_checkpoint`` wrote it: shadow weights from the ``ema`` variant (read by the one reader,
+    ``hub.load_vae``), counters from ``training_state.json``."""
+    from .hub import EMA_VARIANT, load_vae
 
-
-def _load_ema(ema, model, folder: Path) -> None:
-    """Inverse of ``EMAModel.save_pretrained``: shadow weights from the safetensors file (in ``model``'s parameter
-    order), the EMA counters from its config.json (diffusers' ``EMAModel.from_pretrained`` would also build a
-    throw-away model and warn about the extra config keys)."""
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "config.json").read_text())
-    weights = load_file(next(folder.glob("*.safetensors")))
-    state = {k: config[k] for k in _EMA_STATE_KEYS}
-    state["shadow_params"] = [weights[name].to(p.dtype) for name, p in model.named_parameters()]
-    ema.load_state_dict(state)
+    weights = load_vae(folder, variant=EMA_VARIANT).state_dict()
+    ema.load_state_dict({**counters, "shadow_params": [weights[name].to(p.dtype) for name, p in model.named_parameters()]})
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, *, vae, disc, ema, optimizers, schedulers,
@@ -747,12 +737,14 @@ def load_checkpoint(accelerator, path: str | os.PathLike, *, vae, disc, ema, opt
                          f"{accelerator.num_processes}: exact resume needs the same number")
     rank = accelerator.process_index
     device = accelerator.device
-    _load_safetensors_into(accelerator.unwrap_model(vae), path / "vae")
-    _load_safetensors_into(accelerator.unwrap_model(disc), path / "discriminator")
+    from .hub import WEIGHTS_NAME
+
+    _load_weights_into(accelerator.unwrap_model(vae), path / "vae" / WEIGHTS_NAME)
+    _load_weights_into(accelerator.unwrap_model(disc), path / "discriminator" / WEIGHTS_NAME)
     if ema is not None:
-        if not (path / "vae_ema").is_dir():
-            raise ValueError(f"--use_ema but {path} has no vae_ema/ (it was saved without EMA)")
-        _load_ema(ema, accelerator.unwrap_model(vae), path / "vae_ema")
+        if "ema" not in state:
+            raise ValueError(f"--use_ema but {path} was saved without EMA: resume without --use_ema, or start a new run")
+        _load_ema(ema, accelerator.unwrap_model(vae), path / "vae", state["ema"])
         ema.to(device)
     opt_states = torch.load(path / "optimizers.pt", map_location=device, weights_only=True)
     optimizers[0].load_state_dict(opt_states["vae"])
@@ -789,7 +781,7 @@ def reconstruct(vae, images: torch.Tensor, *, batch_size: int = 8, autocast=None
 
 
 def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, output_dir: str | os.PathLike, *,
-                   lpips_model=None) -> dict[str, float]:
+                   lpips_model=None, extra: dict[str, Any] | None = None) -> dict[str, float]:
     """Reconstruct the validation images (EMA weights when ``ema`` is given), write the grid and the metrics.
 
     Main process only (the unwrapped model, no collectives). Writes ``validation/step-<step>.png`` (rows:
@@ -801,6 +793,7 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
         ema (`EMAModel`, *optional*): when given, validation uses its weights (and says so: ``weights="ema"``).
         images (`torch.Tensor`): (N, 3, H, W) in [-1, 1].
         lpips_model (*optional*): an LPIPS module taking [-1, 1] images (the evaluation's AlexNet if available).
+        extra (`dict`, *optional*): more fields for the metrics line (e.g. ``images_seen``, ``train_seconds``).
 
     Returns:
         dict with ``psnr``, ``ssim``, ``lpips`` (when a model is given), ``weights``.
@@ -812,7 +805,7 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
     with ema_weights(ema, raw):
         recs = reconstruct(raw, images, autocast=accelerator.autocast)
     originals, quantized = to_uint8(images), to_uint8(recs)  # the protocol scores the uint8 pictures
-    metrics: dict[str, Any] = {"step": step, "weights": "ema" if ema is not None else "raw", "count": int(images.shape[0]),
+    metrics: dict[str, Any] = {"step": step, **(extra or {}), "weights": "ema" if ema is not None else "raw", "count": int(images.shape[0]),
                                "psnr": float(psnr(originals, quantized).mean()),
                                "ssim": float(ssim(originals, quantized).mean())}
     if lpips_model is not None:
@@ -870,17 +863,43 @@ def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike
     return path
 
 
+def plot_validation_curve(points: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Held-out PSNR and LPIPS against images seen and training seconds (``validation/metrics.jsonl`` lines) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("psnr", "lpips") if all(m in p for p in points)]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(9, 2.6 * len(metrics)), squeeze=False)
+    for row, metric in enumerate(metrics):
+        for col, x_key in enumerate(("images_seen", "train_seconds")):
+            ax = axes[row, col]
+            ax.plot([p[x_key] for p in points], [p[metric] for p in points], marker="o", lw=1)
+            ax.set_xlabel("images seen" if x_key == "images_seen" else "training seconds")
+            ax.set_ylabel(f"held-out {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_final_model(accelerator, vae, ema, output_dir: str | os.PathLike) -> None:
     """``save_pretrained`` (safetensors) of the raw weights at ``output_dir`` and of the EMA weights as the ``ema``
     variant beside them (``diffusion_pytorch_model.ema.safetensors``, loaded with ``from_pretrained(output_dir,
     variant="ema")``), the layout ``hub.publish`` uploads."""
-    from .hub import EMA_VARIANT
+    from .hub import EMA_VARIANT, EMA_WEIGHTS_NAME
 
     raw = accelerator.unwrap_model(vae)
     raw.save_pretrained(output_dir, safe_serialization=True)
     if ema is not None:
         with ema_weights(ema, raw):
             raw.save_pretrained(output_dir, safe_serialization=True, variant=EMA_VARIANT)
+    else:  # a run resumed without --use_ema: an older EMA file must not sit beside the new weights
+        (Path(output_dir) / EMA_WEIGHTS_NAME).unlink(missing_ok=True)
 
 
 def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=(), hub_api=None) -> None:
