@@ -26,6 +26,17 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_io import (
+    _check_finite,
+    _generator,
+    _load_images,
+    _output_dir,
+    _output_file,
+    _raw_latents,
+    _read_latents,
+    _save_image,
+    _stack_same_size,
+)
 from .cli_support import EXIT_USAGE, OneLineParser, int_at_least, one_line, positive_float, writing
 
 logger = logging.getLogger(__name__)
@@ -40,7 +51,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model and image loading
+# model loading (files in and out: cli_io)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -56,106 +67,6 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     if dtype != "float32":  # diffusers' ModelMixin.to warns on every dtype cast, even a no-op one
         vae = vae.to(dtype=getattr(torch, dtype))
     return vae.eval()
-
-
-def _image_paths(args: list[str]) -> list[str]:
-    """Image arguments -> paths: a folder becomes its image files (``imaging.list_image_paths``, sorted)."""
-    from .imaging import list_image_paths
-
-    paths = []
-    for arg in args:
-        if os.path.isdir(arg):
-            paths += list_image_paths(arg)
-        elif not os.path.lexists(arg):  # a dangling symlink exists as a path: the reader names it
-            raise FileNotFoundError(f"no such image: {arg!r}")
-        else:
-            paths.append(arg)
-    return paths
-
-
-def _load_images(paths, resolution: int | None, factor: int, *, skip_unreadable: bool = True):
-    """Paths -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes must be multiples of ``factor`` unless resized.
-
-    An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
-    it raises); none readable raises ``ValueError``.
-    """
-    from .imaging import UnreadableImage, load_image, resize_and_crop, to_tensor
-
-    if resolution and resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
-    kept, images, skipped = [], [], []
-    for path in _image_paths(paths):
-        try:
-            img = load_image(path)
-        except UnreadableImage as err:
-            if not skip_unreadable:
-                raise
-            skipped.append(err)
-            logger.warning("skipped %s", err)
-            continue
-        if resolution:
-            img = resize_and_crop(img, resolution)
-        elif img.width % factor or img.height % factor:
-            raise ValueError(f"image {path!r} is {img.width}x{img.height}, not a multiple of {factor}: pass --resolution")
-        kept.append(path)
-        images.append(to_tensor(img))
-    if not images:
-        raise ValueError(f"no readable image among {len(skipped)} given: " + "; ".join(str(e) for e in skipped))
-    if skipped:
-        logger.warning("skipped %d of %d images (%s)", len(skipped), len(skipped) + len(images), ", ".join(sorted({e.reason for e in skipped})))
-    return kept, images
-
-
-def _check_finite(x, what: str) -> None:
-    """Refuse NaN/Inf: they would be written as black pixels (or poison everything decoded from them)."""
-    import torch
-
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
-
-
-def _save_image(image, path: Path) -> None:
-    """[-1, 1] tensor (3, H, W) -> PNG at ``path`` (a full disk is named)."""
-    from .imaging import to_pil
-
-    with writing(path):
-        to_pil(image).save(path)
-
-
-def _stack_same_size(images, paths):
-    import torch
-
-    sizes = {tuple(x.shape[-2:]) for x in images}
-    if len(sizes) > 1:
-        raise ValueError(f"images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): pass --resolution")
-    return torch.stack(images)
-
-
-def _generator(seed: int | None):
-    import torch
-
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def _output_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path!r} exists and is not a folder")
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _output_file(path: str, suffix: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise ValueError(f"output {path!r} must end in {suffix}")
-    if out.is_dir():
-        raise ValueError(f"output {path!r} is a folder")
-    with writing(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,35 +121,6 @@ def cmd_encode(args) -> None:
     with writing(out):
         save_file({LATENTS_KEY: latents.cpu().contiguous()}, str(out), metadata=metadata)
     logger.info("wrote latents %s (%s space) to %s", tuple(latents.shape), metadata["space"], out)
-
-
-def _read_latents(path: str, key: str):
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such latents file: {path!r}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            if key not in f.keys():
-                raise ValueError(f"{path!r} has no tensor {key!r} (has: {', '.join(f.keys())})")
-            return f.get_tensor(key), f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error type for a non-safetensors file
-        if isinstance(err, ValueError) and "has no tensor" in str(err):
-            raise
-        raise ValueError(f"cannot read {path!r} as safetensors: {err}") from err
-
-
-def _raw_latents(vae, latents, metadata: dict, space: str | None):
-    from .latents import unscale_latents
-
-    space = space or metadata.get("space", "raw")
-    if latents.ndim == 3:
-        latents = latents[None]
-    channels = vae.config.latent_channels
-    if latents.ndim != 4 or latents.shape[1] != channels:
-        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
-    _check_finite(latents, "the latents")
-    return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
 
 
 def cmd_decode(args) -> None:
