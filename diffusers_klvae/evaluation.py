@@ -36,11 +36,9 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,10 +51,12 @@ from .eval_data import PROTOCOLS, ImageSource, Protocol, get_protocol, iter_batc
 from .eval_report import EvaluationResult, MetricSummary, results_table, write_report  # noqa: F401 - public names
 from .imaging import IMAGE_EXTENSIONS, reconstruction_grid, to_uint8  # noqa: F401 - IMAGE_EXTENSIONS: public name
 from .metrics import (  # noqa: F401 - public names of this module since before the split
+    PER_IMAGE_KEYS,
     PEAK,
     SSIM_KERNEL_SIZE,
     SSIM_SIGMA,
     lpips_distance,
+    _Meters,
     make_fid_metric,
     psnr,
     region_psnr,
@@ -68,13 +68,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "rfid")
 METRICS = DEFAULT_METRICS + ("masked_psnr",)
-PER_IMAGE_KEYS = {  # metric -> the per-image values it produces
-    "psnr": ("psnr",),
-    "ssim": ("ssim",),
-    "lpips": ("lpips",),
-    "rfid": (),  # set-level
-    "masked_psnr": ("masked_psnr_kept", "masked_psnr_hole"),
-}
 LOWER_IS_BETTER = frozenset({"lpips", "rfid"})
 DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -169,72 +162,6 @@ def _looks_like_hub_id(spec: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------------
-
-
-class _Meters:
-    """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
-
-    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_metric, device: torch.device):
-        self.metrics = metrics
-        self.lpips_model, self.fid_metric, self.device = lpips_model, fid_metric, device
-        self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(self, stage: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it to completion
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-
-    def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
-        """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
-        if "psnr" in self.metrics:
-            with self.timed("psnr"):
-                self.values["psnr"] += psnr(x8, rec8).tolist()
-        if "ssim" in self.metrics:
-            with self.timed("ssim"):
-                self.values["ssim"] += ssim(x8, rec8).tolist()
-        if "lpips" in self.metrics:
-            with self.timed("lpips"):
-                self.values["lpips"] += lpips_distance(x8, rec8, self.lpips_model).tolist()
-        if "rfid" in self.metrics:
-            with self.timed("rfid"):
-                self.fid_metric.update(x8, real=True)
-                self.fid_metric.update(rec8, real=False)
-
-    def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
-        from .latents import random_pixel_mask
-
-        with self.timed("masked_psnr"):
-            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=_downsampling_factor(vae))
-            decoded, target, region = masked_reconstruct(vae, x, mask)
-            dec8, target8 = to_uint8(decoded), to_uint8(target)
-            self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
-            self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
-
-    def summaries(self) -> dict[str, MetricSummary]:
-        summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
-        if "rfid" in self.metrics:
-            with self.timed("rfid"):
-                summaries["rfid"] = self._rfid()
-        return summaries
-
-    def _rfid(self) -> MetricSummary:
-        count = int(self.fid_metric.real_features_num_samples)
-        if count < 2:
-            logger.warning("rFID needs at least 2 images, got %d: not computed", count)
-            return MetricSummary(float("nan"), None, count)
-        return MetricSummary(float(self.fid_metric.compute()), None, count)
-
-
-def _downsampling_factor(vae) -> int:
-    from .latents import downsampling_factor
-
-    return downsampling_factor(vae)
 
 
 def evaluate(

@@ -1,4 +1,5 @@
-"""Reconstruction metrics as pure functions on uint8 image batches (B, 3, H, W): PSNR, SSIM, LPIPS, rFID, region PSNR.
+"""Reconstruction metrics as pure functions on uint8 image batches (B, 3, H, W): PSNR, SSIM, LPIPS, rFID, region PSNR;
+and ``_Meters``, their accumulator over one evaluation pass.
 
 Every metric sees quantized images (``imaging.to_uint8``), the pictures a user would save. ``evaluation`` runs
 them with its protocol and re-exports them (``from diffusers_klvae.evaluation import psnr`` keeps working).
@@ -6,13 +7,30 @@ them with its protocol and re-exports them (``from diffusers_klvae.evaluation im
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .imaging import to_uint8
+
+if TYPE_CHECKING:  # eval_report reads this module's SSIM constants: a top-level import would be circular
+    from .eval_report import MetricSummary
+
+logger = logging.getLogger("diffusers_klvae.evaluation")
+
 PEAK = 255.0  # PSNR / SSIM data range: metrics are computed on uint8 values
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, the setting every VAE paper reports
+PER_IMAGE_KEYS = {  # metric -> the per-image values it produces
+    "psnr": ("psnr",),
+    "ssim": ("ssim",),
+    "lpips": ("lpips",),
+    "rfid": (),  # set-level
+    "masked_psnr": ("masked_psnr_kept", "masked_psnr_hole"),
+}
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -93,3 +111,74 @@ def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
     weight = region.to(x.device).double().expand_as(x)
     mse = ((x.double() - y.double()).square() * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
     return 10.0 * torch.log10(PEAK**2 / mse)
+
+
+class _Meters:
+    """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
+
+    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_metric, device: torch.device):
+        self.metrics = metrics
+        self.lpips_model, self.fid_metric, self.device = lpips_model, fid_metric, device
+        self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it to completion
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
+        """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
+        if "psnr" in self.metrics:
+            with self.timed("psnr"):
+                self.values["psnr"] += psnr(x8, rec8).tolist()
+        if "ssim" in self.metrics:
+            with self.timed("ssim"):
+                self.values["ssim"] += ssim(x8, rec8).tolist()
+        if "lpips" in self.metrics:
+            with self.timed("lpips"):
+                self.values["lpips"] += lpips_distance(x8, rec8, self.lpips_model).tolist()
+        if "rfid" in self.metrics:
+            with self.timed("rfid"):
+                self.fid_metric.update(x8, real=True)
+                self.fid_metric.update(rec8, real=False)
+
+    def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
+        from .evaluation import masked_reconstruct  # evaluation imports this module: import at call time
+        from .latents import random_pixel_mask
+
+        with self.timed("masked_psnr"):
+            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=_downsampling_factor(vae))
+            decoded, target, region = masked_reconstruct(vae, x, mask)
+            dec8, target8 = to_uint8(decoded), to_uint8(target)
+            self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
+            self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
+
+    def summaries(self) -> dict[str, MetricSummary]:
+        from .eval_report import MetricSummary  # at call time: see TYPE_CHECKING above
+
+        summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
+        if "rfid" in self.metrics:
+            with self.timed("rfid"):
+                summaries["rfid"] = self._rfid()
+        return summaries
+
+    def _rfid(self) -> MetricSummary:
+        from .eval_report import MetricSummary
+
+        count = int(self.fid_metric.real_features_num_samples)
+        if count < 2:
+            logger.warning("rFID needs at least 2 images, got %d: not computed", count)
+            return MetricSummary(float("nan"), None, count)
+        return MetricSummary(float(self.fid_metric.compute()), None, count)
+
+
+def _downsampling_factor(vae) -> int:
+    from .latents import downsampling_factor
+
+    return downsampling_factor(vae)
