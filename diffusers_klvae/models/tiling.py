@@ -53,6 +53,7 @@ MAP_SHARE = 0.75
 WORKSPACE_FACTOR = 1.5
 STORAGE_DTYPE = torch.bfloat16  # maps of a float32 model by default: half the memory, exponent range of float32
 MAP_STORES = ("memory", "file")
+FAULT_AROUND_BYTES = 2**20  # above Linux's fault-around window (64 kB by default): see _FileMap._drop
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
@@ -247,12 +248,16 @@ class _FileMap(_Map):
         return torch.from_numpy(self.file[r0:r1]).view(self.store.storage).view(r1 - r0, b, c, w)
 
     def _drop(self, r0: int, r1: int) -> None:
-        start = r0 * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        self.file._mmap.madvise(mmap.MADV_DONTNEED, start, r1 * self.row_bytes - start)
+        # FAULT_AROUND_BYTES more on each side: a read fault also maps the neighbouring cached pages (the kernel's
+        # fault-around), rows of bands already dropped among them
+        start = max(r0 * self.row_bytes - FAULT_AROUND_BYTES, 0) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(r1 * self.row_bytes + FAULT_AROUND_BYTES, len(self.file._mmap))
+        self.file._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
-        band = self._rows(r0, r1).permute(1, 2, 0, 3).to(self.store.device, self.store.dtype,
-                                                         memory_format=torch.contiguous_format)
+        b, c, _, w = self._shape
+        band = torch.empty(b, c, r1 - r0, w, dtype=self.store.dtype, device=self.store.device)
+        band.copy_(self._rows(r0, r1).permute(1, 2, 0, 3))  # a copy: the file's pages are dropped next
         self._drop(r0, r1)
         return band
 
