@@ -127,6 +127,28 @@ def test_storage_rounding_is_the_only_difference(vae, budget):
             assert psnr(got_dec, want_dec) >= 50 and psnr(got_enc, want_enc) >= 50
 
 
+def test_custom_attention_processor_runs_on_the_whole_map(vae64):
+    """The streamed attention is diffusers' AttnProcessor2_0 computed band by band; another processor (here diffusers'
+    AttnProcessor, whose result is the same) is called on the whole map: either way tiled == untiled."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    z = torch.randn(1, 4, 36, 22, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    calls = []
+
+    class Counting(AttnProcessor):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(tuple(hidden_states.shape))
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    vae64.set_attn_processor(Counting())
+    try:
+        want, got = untiled_and_tiled(vae64, lambda model: model.decode(z).sample, max_device_bytes=4_000)
+    finally:
+        vae64.set_attn_processor(AttnProcessor2_0())
+    assert calls == [(1, 16, 36, 22)] * 2  # untiled, then tiled: the whole map
+    assert (got - want).abs().max() < EXACT
+
+
 def test_tiling_beats_per_tile_statistics(vae):
     """2×2 tiles on a photo-like image: far closer to the untiled result than diffusers' tiling (per-tile GroupNorm,
     blended overlap) with the same weights."""

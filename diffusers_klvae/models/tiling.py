@@ -13,12 +13,13 @@ the network runs layer by layer over *whole* maps, and only the computation is c
 - GroupNorm statistics (and the spatial means of squeeze-and-excitation gates) are exact: while a layer writes its
   output, the per-channel moments of every band are merged (Chan's formula, float64) into whole-map moments, which
   the next layer's GroupNorm then uses for every band. So each layer is one sweep over its input, two for a resnet.
-- The mid-block attention runs on the whole latent-resolution map on the device, as untiled.
+- The mid-block attention attends over the whole latent-resolution map: its keys and values are held whole on the
+  device (two latent-sized maps), and the queries are streamed in bands.
 
 The only difference from the untiled network is the rounding of the stored maps: a float32 model stores them in
 bfloat16 by default (``storage_dtype=torch.float32`` stores them exactly). The budget bounds the maps held on the
-device and the bands; it does not cover the weights, the returned output, the mid-block attention or the caller's
-input. Bands are full rows: a map so wide that one row of a layer's band exceeds the budget still runs, one row at a
+device and the bands; it does not cover the weights, the returned output, the caller's input, or the attention's keys
+and values (counted while they live, but held whatever the budget). Bands are full rows: a map so wide that one row of a layer's band exceeds the budget still runs, one row at a
 time, above the budget (tiles of width too would be needed there). See ``docs/tiling.md`` for measured figures.
 
 The statistics reach the GroupNorm modules through their ``stats_hook``, set only for the duration of a pass
@@ -37,6 +38,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from .blocks import (Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, _act_, base_layer, computing_in,
@@ -320,16 +322,61 @@ def _gate(block: ResnetBlock, h: _Map, x: _Map):
 
 
 def _mid_block(store: _Store, mid, x: _Map) -> _Map:
-    """resnet → attention on the whole map (on the device) → resnet; x is freed."""
+    """resnet → attention over the whole map → resnet; x is freed."""
     x = _resnet(store, mid.resnets[0], x)
     for attention in mid.attentions:
-        y = attention(x.read(0, x.shape[2]))
-        x.free()
-        x = store.new(tuple(y.shape))
-        x.begin()
-        x.write(0, y)
-        del y
+        x = _attention(store, attention, x)
     return _resnet(store, mid.resnets[1], x)
+
+
+def _attention(store: _Store, attn, x: _Map) -> _Map:
+    """``attn(x)`` (single-head self-attention over all pixels, with residual); x is freed.
+
+    With diffusers' default processor (``AttnProcessor2_0``, what it computes is known), streamed: the keys and values
+    of the whole map are computed band by band and held on the device (two maps of the latent's size, counted against
+    the budget while they live, and allowed beyond it), then each band of queries attends to all of them. Any other
+    processor (a custom one, ``FusedAttnProcessor2_0`` after ``fuse_qkv_projections``) gets the whole map on the
+    device, as untiled."""
+    b, c, h, w = x.shape
+    if type(attn.processor) is not AttnProcessor2_0 or attn.heads != 1:
+        y = attn(x.read(0, h))
+        x.free()
+        out = store.new(tuple(y.shape))
+        out.begin()
+        out.write(0, y)
+        return out
+    probe = torch.empty(b, c, 1, 1, dtype=store.dtype, device=store.device)
+    with _statistics_of([attn.group_norm], lambda module, t: x.group_stats(module.num_groups)):
+        scale, shift = attn.group_norm(probe, return_scale_shift=True)
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, rows, W) → normalized (B, rows·W, C)
+        return torch.addcmul(shift, t, scale).flatten(2).transpose(1, 2)
+
+    kv_bytes = 2 * b * h * w * c * store.dtype.itemsize
+    store.on_device += kv_bytes
+    keys = torch.empty(b, 1, h * w, c, dtype=store.dtype, device=store.device)
+    values = torch.empty_like(keys)
+    rows = store.rows(store.dtype.itemsize * w * c * 4)
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        t = tokens(x.read(r0, r1))
+        keys[:, 0, r0 * w: r1 * w] = attn.to_k(t)
+        values[:, 0, r0 * w: r1 * w] = attn.to_v(t)
+    out = store.new((b, c, h, w))
+    out.begin()
+    rows = store.rows(store.dtype.itemsize * w * c * 6)  # band, queries, attention output, projection, residual sum
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        residual = x.read(r0, r1)
+        query = attn.to_q(tokens(residual))[:, None]
+        y = F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)[:, 0]
+        y = attn.to_out[1](attn.to_out[0](y.to(query.dtype)))
+        y = y.transpose(1, 2).reshape(b, c, r1 - r0, w) + residual
+        out.write(r0, y / attn.rescale_output_factor)
+    del keys, values
+    store.on_device -= kv_bytes
+    x.free()
+    return out
 
 
 def _norm_act(norm: GroupNorm, act: nn.Module, x: _Map, store: _Store):
