@@ -443,9 +443,12 @@ def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None,
             else:
                 band = x.read(a, e)
                 band = pre(band) if pre is not None else band
-            if kind == "up":
-                band = nearest_2x(band)
-            y = conv(band)[:, :, step_out * (r0 - a): step_out * (r1 - a)]
+            if kind == "up":  # the conv needs one upsampled row each side, not the two that one input row gives
+                u0, u1 = max(2 * r0 - 1, 0), min(2 * r1 + 1, 2 * h)  # upsampled rows it reads
+                band = nearest_2x(band)[:, :, u0 - 2 * a: u1 - 2 * a]
+                y = conv(band)[:, :, 2 * r0 - u0: 2 * r1 - u0]
+            else:
+                y = conv(band)[:, :, r0 - a: r1 - a]
         if post is not None:
             y = post(y)
         if add is not None:
