@@ -168,14 +168,15 @@ class _Map:
     (``moments``: count per channel, mean and M2 in float64, each (B, C)): the GroupNorm statistics of the next layer.
     """
 
-    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0):
-        self.store, self.tensor, self.counted = store, tensor, counted
+    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0, track: bool = True):
+        self.store, self.tensor, self.counted, self.track = store, tensor, counted, track
         self.moments = None
 
     @classmethod
     def wrap(cls, store: _Store, tensor: torch.Tensor) -> "_Map":
-        """A map over a tensor the caller owns (the input, the returned output): not counted in the budget."""
-        return cls(store, tensor)
+        """A map over a tensor the caller owns (the input, the returned output): not counted in the budget, and no
+        layer normalizes it (no moments)."""
+        return cls(store, tensor, track=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -196,6 +197,9 @@ class _Map:
     def write(self, r0: int, band: torch.Tensor) -> None:
         """Store the computed ``band`` at rows r0.., and merge its moments (of the computed values, before the
         storage rounding: what the untiled network normalizes)."""
+        if not self.track:
+            self._put(r0, band)
+            return
         wide = band if band.dtype in (torch.float32, torch.float64) else band.float()  # half: float32 moments
         var, mean = torch.var_mean(wide, dim=(2, 3), correction=0)
         count = band.shape[2] * band.shape[3]
