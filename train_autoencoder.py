@@ -43,8 +43,13 @@ def train(cfg: training.TrainConfig) -> dict:
         set_seed(cfg.seed)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rank, world = accelerator.process_index, accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
+    with training.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
+        return _train(cfg, accelerator, out, seed)
+
+
+def _train(cfg: training.TrainConfig, accelerator, out: Path, seed: int) -> dict:
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     # 1) data: held-out validation images, then this process's shard of the stream (validation images excluded)
     dataset = data.load_image_dataset(**training.data_source_kwargs(cfg))
@@ -88,16 +93,22 @@ def train(cfg: training.TrainConfig) -> dict:
         accelerator.init_trackers(cfg.tracker_project_name, config=training.tracker_config(cfg))
     step, history, train_seconds = 0, [], 0.0
     resume = training.resolve_resume_path(cfg.resume_from_checkpoint, out)
-    if resume is not None:
+    metrics = {}
+    if resume is None:
+        training.check_no_earlier_run(out)
+    else:
+        if accelerator.is_main_process:
+            training.set_aside_newer_checkpoints(out, resume)
+        accelerator.wait_for_everyone()
         state = training.load_checkpoint(accelerator, resume, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
                                          generator=generator, data_stream=stream)
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
+        metrics = state.get("metrics", {})  # the last validation, for the model card of a run killed in its final save
     hub_futures, hub_api = [], training.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
-    metrics = {}
 
     while step < cfg.max_train_steps:
         # 5) one update = gradient_accumulation_steps micro-batches; masks and posterior draw from `generator`
@@ -130,7 +141,7 @@ def train(cfg: training.TrainConfig) -> dict:
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             path = training.save_checkpoint(accelerator, out, step, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
                                             generator=generator, data_state=stream.state_dict(),
-                                            training_state={"history": history, "train_seconds": train_seconds},
+                                            training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics},
                                             total_limit=cfg.checkpoints_total_limit)
             if cfg.hub_push_checkpoints and accelerator.is_main_process:
                 hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
@@ -151,4 +162,7 @@ if __name__ == "__main__":
         config = training.parse_args(sys.argv[1:])
     except (ValueError, FileNotFoundError) as err:  # bad arguments: one clear line before any work, no traceback
         sys.exit(f"train_autoencoder.py: error: {err}")
-    train(config)
+    try:
+        train(config)
+    except training.OutputDirError as err:  # the folder is taken: one line, nothing touched
+        sys.exit(f"train_autoencoder.py: error: {err}")

@@ -624,14 +624,34 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a marked checkpoint cannot be resumed (a file missing, an unreadable marker), or None if it can."""
+    from .hub import WEIGHTS_NAME
+
+    path = Path(path)
+    try:
+        world = int(json.loads((path / CHECKPOINT_MARKER).read_text())["num_processes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {CHECKPOINT_MARKER} ({type(err).__name__}: {err})"
+    needed = [f"vae/{WEIGHTS_NAME}", f"discriminator/{WEIGHTS_NAME}", "optimizers.pt", "schedulers.pt",
+              *(f"{kind}_{rank}.{ext}" for rank in range(world) for kind, ext in (("rng_state", "pt"), ("data_state", "json")))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest COMPLETE ``checkpoint-<step>`` folder, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest complete ``checkpoint-<step>`` folder that has all its files, or None; newer broken ones are
+    skipped with a warning naming what they lack."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping %s: %s", path, problem)
+    return None
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``--resume_from_checkpoint``: None -> None; "latest" -> newest complete one (None if none yet); else the folder."""
+    """``--resume_from_checkpoint``: None -> None; "latest" -> newest usable one (None if none yet); else the folder."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -642,7 +662,74 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os
     path = Path(resume_from_checkpoint)
     if not is_complete_checkpoint(path):
         raise ValueError(f"{path} is not a complete checkpoint-<step> folder (no {CHECKPOINT_MARKER})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"cannot resume from {path}: {problem}")
     return path
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot take this run (another run holds it, or it holds an earlier run's results)."""
+
+
+def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
+    """A new run must not overwrite an earlier run's checkpoints or model silently."""
+    output_dir = Path(output_dir)
+    found = [p.name for p in list_checkpoints(output_dir)] + [n for n in ("config.json",) if (output_dir / n).is_file()]
+    if found:
+        raise OutputDirError(f"--output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with "
+                         "--resume_from_checkpoint latest, or choose another --output_dir")
+
+
+def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume: Path) -> list[Path]:
+    """Resuming from an older checkpoint abandons the newer ones: move them to ``abandoned-<time>/`` (not deleted),
+    so a later ``latest`` continues this run, not the abandoned one."""
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume)]
+    if not newer:
+        return []
+    import time
+
+    aside = Path(output_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    moved = [Path(shutil.move(os.fspath(p), os.fspath(aside / p.name))) for p in newer]
+    logger.warning("resuming from %s: moved the newer %s aside to %s", resume.name, ", ".join(p.name for p in newer), aside)
+    return moved
+
+
+class output_dir_lock:
+    """Context manager: an exclusive lock on ``output_dir`` for the run's life; a second run refuses with the holder's pid.
+
+    ``fcntl.flock`` (POSIX) is released by the kernel when the process dies, so a killed run leaves no stale lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
+        self.path = Path(output_dir) / ".train.lock"
+        self.enabled = enabled
+        self.file = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise OutputDirError(f"--output_dir {self.path.parent} is in use by another training run (pid {holder}): "
+                               "wait for it to end or choose another --output_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+        return False
 
 
 def _prune_checkpoints(output_dir: Path, keep: int | None) -> None:

@@ -343,3 +343,72 @@ def test_push_to_hub_and_checkpoint_pushes_go_through_hub_api(photos_dir, tmp_pa
     assert {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.ema.safetensors", "README.md"} <= set(final)
     assert "my-vae.safetensors" not in final  # the tiny preset has no original-layout single file (ComfyUI would misread it)
     assert "hf_xxxx" not in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- the output folder
+
+
+def quick_args(photos_dir, out, *extra):
+    return base_args(photos_dir, out, "--perceptual_weight", "0", "--disc_start", "100", *extra)
+
+
+def test_second_run_on_a_busy_folder_refuses_with_the_holders_pid(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with training.output_dir_lock(out):  # what a running training holds
+        with pytest.raises(training.OutputDirError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+            run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing written, nothing lost
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))  # the lock goes with its holder
+
+
+def test_new_run_refuses_a_folder_with_an_earlier_run(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "earlier"
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))
+    before = weights(out)
+    with pytest.raises(training.OutputDirError, match="holds an earlier run .*--resume_from_checkpoint latest"):
+        run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--seed", "1"))
+    assert_identical(weights(out), before, "the earlier run's model")
+
+
+def test_latest_falls_back_past_a_checkpoint_without_weights(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "fallback"
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    (out / "checkpoint-2" / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # marked complete, weights gone
+    assert training.find_latest_checkpoint(out) == out / "checkpoint-1"
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2: missing vae/diffusion_pytorch_model"):
+        training.resolve_resume_path(str(out / "checkpoint-2"), out)
+    (out / "checkpoint-1" / training.CHECKPOINT_MARKER).write_text("{not json")
+    assert training.find_latest_checkpoint(out) is None  # a corrupt marker is skipped too, not a JSONDecodeError
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "rollback"
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "1"))
+    abandoned = weights(out / "checkpoint-3" / "vae")
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                             "--resume_from_checkpoint", str(out / "checkpoint-1")))
+    aside = list(out.glob("abandoned-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert_identical(weights(aside[0] / "checkpoint-3" / "vae"), abandoned, "the abandoned checkpoint (moved, not deleted)")
+    assert training.find_latest_checkpoint(out) == out / "checkpoint-2"  # `latest` continues the new run
+
+
+def test_resume_without_ema_leaves_no_stale_ema_file(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "no-ema"
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1", "--use_ema"))
+    assert (out / "diffusion_pytorch_model.ema.safetensors").is_file()
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert not (out / "diffusion_pytorch_model.ema.safetensors").exists()
+
+
+def test_a_kill_during_the_final_save_keeps_the_cards_metrics(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "final"
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--validation_steps", "2"))
+    card = (out / "README.md").read_text()
+    assert "PSNR" in card
+    for name in ("README.md", "config.json", "diffusion_pytorch_model.safetensors"):  # the final save, cut short
+        (out / name).unlink()
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--validation_steps", "2", "--resume_from_checkpoint", "latest"))
+    metric_lines = [line for line in card.splitlines() if "PSNR" in line or "psnr" in line]
+    assert metric_lines and set(metric_lines) <= set((out / "README.md").read_text().splitlines())
