@@ -68,10 +68,11 @@ def peak_bytes(call) -> tuple[int, torch.Tensor]:
     return counter.peak, out
 
 
-@pytest.mark.parametrize("budget", [30_000, 100_000, 400_000, 4_000_000])
+@pytest.mark.parametrize("budget", [40_000, 100_000, 400_000, 4_000_000])
 def test_device_budget_is_respected(vae, budget, tmp_path):
     """8×6 tiles of 16 pixels: torch allocates at most the budget beyond the returned output, for decode and encode,
-    whether the maps go to the file store (small budgets) or stay on the device (the largest)."""
+    whether the maps go to the file store (small budgets) or stay on the device (the largest). (Bands of one row
+    take ~31 kB here: a smaller budget is exceeded by that floor, as documented.)"""
     z = torch.randn(1, 4, 64, 48, generator=torch.Generator().manual_seed(0))
     x = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
     untiled, _ = peak_bytes(lambda: vae._decode(z))
@@ -93,7 +94,7 @@ def test_maps_stay_on_the_device_while_they_fit(vae, monkeypatch):
 
     def new(store, shape):
         m = real(store, shape)
-        created.append(m.counted > 0)
+        created.append(m.on_device)
         return m
 
     monkeypatch.setattr(tiling._Store, "new", new)
@@ -154,9 +155,10 @@ print(status("VmHWM") - before - out.nbytes)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
 def test_file_store_bounds_ram(tmp_path):
-    """A 768² decode with a 1 MiB budget: with the maps in host memory the process holds two 16-channel maps (26 MB
-    measured); with the file store, 2-3 MB (the budget, plus library code pages that kernels first used at this size
-    fault in): the pages of a band are dropped after each access."""
+    """A 768² decode with a 1 MiB budget: with the maps in host memory the process holds a resnet's input and output
+    maps at full resolution (20-26 MB measured: 28 MB less what the warm-up left in the heap); with the file store, 2-3
+    MB (the budget, plus library code pages that kernels first used at this size fault in): the pages of a band are
+    dropped after each access."""
     import subprocess
     import sys
 
@@ -167,5 +169,5 @@ def test_file_store_bounds_ram(tmp_path):
         return int(done.stdout.strip().splitlines()[-1])
 
     memory, file = working_bytes("memory"), working_bytes("file")
-    assert memory > 20 * 2**20, memory
+    assert memory > 12 * 2**20, memory  # the measurement sees the maps
     assert file < 5 * 2**20, file
