@@ -84,6 +84,8 @@ def export(run: Path, wall_time: str | None) -> None:
     reconstruction_grid(originals, [recs]).save(TARGET / "reconstructions.png")
     curve_file = run / "validation" / "metrics.jsonl"
     points = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
+    for point in points:  # runs before images_seen was logged: batch 4, one process
+        point.setdefault("images_seen", point["step"] * 4)
     if points:
         plot_validation_curve(points, TARGET / "learning_curve.png")
     state = json.loads((training_state_path(run)).read_text())
