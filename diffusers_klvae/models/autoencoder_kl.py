@@ -139,7 +139,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         self.tile_latent_min_size = max(size // self.downsampling_factor, 1)
         self.tile_overlap_factor = 0.25
         # tiled calls (models/tiling.py): device budget in bytes (None: from the tile size), dtype of the stored maps
-        # (None: bfloat16 for a float32 model, else the model's), where maps beyond the budget go ("memory"/"file")
+        # (None: scaled float16 for a float32 model, else the model's), where maps beyond the budget go ("memory"/"file")
         self.tile_max_device_bytes = None
         self.tile_storage_dtype = None
         self.tile_map_store = "memory"
@@ -290,9 +290,11 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             max_device_bytes (`int`, *optional*): device bytes that the maps held on the device and the bands being
                 computed may take (default `None`: ``tiling.DEVICE_TILES`` = 4 times the bytes of the largest map of one
                 tile, about what diffusers' tiled decode holds). Maps beyond it live in host memory (or a file). The
-                weights, the input, the returned output and the mid-block attention on the whole latent come on top.
-            storage_dtype (`torch.dtype`, *optional*): dtype of the stored maps (default `None`: bfloat16 for a float32
-                model, else the model's dtype; ``torch.float32`` stores a float32 model's maps exactly).
+                weights, the input, the returned output and the mid-block attention's keys and values (two
+                latent-sized maps) come on top.
+            storage_dtype (`torch.dtype`, *optional*): dtype of the stored maps (default `None`: for a float32 model
+                float16 with a power-of-two scale per row and channel, no overflow; else the model's dtype).
+                ``torch.float32`` stores a float32 model's maps exactly, ``torch.bfloat16`` unscaled.
             map_store (`str`, *optional*): where maps beyond the budget live: ``"memory"`` (default; host memory,
                 pinned for CUDA) or ``"file"`` (memory-mapped temporary files: bounds RAM for CPU users).
             map_dir (`str` or `os.PathLike`, *optional*): directory of the ``"file"`` maps (default: the system's
