@@ -115,6 +115,7 @@ def model_card(vae, result, stats, points, state, *, source, wall_time, params, 
                          tags=["vae", "autoencoder", "kl-f8", "diffusers-klvae"])
     command = "python pretrained/make_klvae_small_photos.py train   # = train_autoencoder.py " + " ".join(
         a if "*" not in a else f'"{a}"' for a in TRAIN_ARGS)
+    count_words = {11: "Eleven", 12: "Twelve", 13: "Thirteen"}
     text = f"""---
 {data.to_yaml()}
 ---
@@ -172,7 +173,7 @@ Two photos never seen in training, scored from these fp16 weights loaded in floa
 
 ## Limitations
 
-Thirteen training photos: the model has seen little of the visual world (no text, few faces, few saturated
+{count_words.get(len(train_photos), len(train_photos))} training photos: the model has seen little of the visual world (no text, few faces, few saturated
 colours), so expect larger errors on such content. Trained at 128² crops; it runs at any multiple of 8.
 """
     ModelCard(text)  # parses the YAML header: fails here rather than on the Hub
