@@ -25,3 +25,14 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def photo_paths(photos_dir) -> list[Path]:
     return sorted(photos_dir.glob("*.jpg"))
+
+
+def perturb_norms_and_biases(model, *, gain_std: float, bias_std: float):
+    """Non-trivial GroupNorm gains (1 + gain_std·N(0,1)) and biases (bias_std·N(0,1)) from the global RNG, so that
+    paths which treat norms or biases specially are exercised; returns the model."""
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.data = 1 + gain_std * torch.randn_like(p)
+        elif name.endswith("bias"):
+            p.data = bias_std * torch.randn_like(p)
+    return model

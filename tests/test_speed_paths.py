@@ -3,6 +3,7 @@ give the outputs of the autograd path and of diffusers' AutoencoderKL."""
 
 import pytest
 import torch
+from conftest import perturb_norms_and_biases
 from diffusers import AutoencoderKL
 
 from diffusers_klvae import KLVAE
@@ -16,12 +17,7 @@ CONFIG = dict(block_out_channels=(8, 16, 16), norm_num_groups=4, layers_per_bloc
 def pair():
     """KLVAE and AutoencoderKL holding the same weights, with non-trivial norm gains and biases."""
     torch.manual_seed(0)
-    ref = AutoencoderKL(**CONFIG).eval()
-    for name, p in ref.named_parameters():
-        if "norm" in name and name.endswith("weight"):
-            p.data = 1 + 0.3 * torch.randn_like(p)
-        elif name.endswith("bias"):
-            p.data = 0.1 * torch.randn_like(p)
+    ref = perturb_norms_and_biases(AutoencoderKL(**CONFIG).eval(), gain_std=0.3, bias_std=0.1)
     vae = KLVAE(**CONFIG).eval()
     vae.load_state_dict(ref.state_dict())
     return vae, ref

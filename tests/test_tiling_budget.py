@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import perturb_norms_and_biases
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -53,13 +54,7 @@ class LiveBytes(TorchDispatchMode):
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
-    model = KLVAE(**CONFIG).eval()
-    for name, p in model.named_parameters():
-        if "norm" in name and name.endswith("weight"):
-            p.data = 1 + 0.25 * torch.randn_like(p)
-        elif name.endswith("bias"):
-            p.data = 0.05 * torch.randn_like(p)
-    return model
+    return perturb_norms_and_biases(KLVAE(**CONFIG).eval(), gain_std=0.25, bias_std=0.05)
 
 
 def peak_bytes(call) -> tuple[int, torch.Tensor]:
