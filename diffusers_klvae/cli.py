@@ -57,16 +57,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu), loaded by
-    ``evaluation.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
+    ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
     import torch
 
-    from .evaluation import load_vae
+    from .loading import load_vae
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(spec).to(device)
-    if dtype != "float32":  # diffusers' ModelMixin.to warns on every dtype cast, even a no-op one
-        vae = vae.to(dtype=getattr(torch, dtype))
-    return vae.eval()
+    return load_vae(spec, dtype=dtype).to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------

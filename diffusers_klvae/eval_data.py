@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, resize_and_crop, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "klvae": Protocol("klvae", klvae_preprocess, False, "resize shorter side (PIL bicubic) + center crop"),
+    "klvae": Protocol("klvae", klvae_preprocess, False, KLVAE_PREPROCESSING),
     "lightningdit": Protocol("lightningdit", lightningdit_preprocess, True,
                              "LightningDiT evaluate_tokenizer.py: tensor resize shorter side (interpolate bilinear, "
                              "antialias) + center crop (torchvision rounding)"),
@@ -103,24 +104,19 @@ class ImageSource:
     skip_reasons: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """The source as one string: a path, ``"hf-dataset NAME (split SPLIT)"`` (``hub`` parses this form)."""
-        spec = self.spec()
-        if spec["kind"] == "hf-dataset":
-            return f"hf-dataset {spec['name']} (split {spec['split']})"
-        return spec.get("path") or f"{spec['type']} of images"
+        return self.data_source().describe()
 
-    def spec(self) -> dict[str, Any]:
-        """The source as a structure: ``{"kind": "folder"|"file", "path"}``, ``{"kind": "hf-dataset", "name",
-        "split"}``, ``{"kind": "datasets-object", "type"}`` or ``{"kind": "images", "type", "count"}``."""
+    def data_source(self) -> DataSource:
+        """The source as a :class:`DataSource` (what results record)."""
         data = self.data
         if isinstance(data, (str, os.PathLike)):
             path = Path(data)
             if path.is_dir() or path.is_file():
-                return {"kind": "folder" if path.is_dir() else "file", "path": os.fspath(path)}
-            return {"kind": "hf-dataset", "name": os.fspath(data), "split": self.split}
+                return DataSource("folder" if path.is_dir() else "file", path=os.fspath(path))
+            return DataSource("hf-dataset", name=os.fspath(data), split=self.split)
         if _is_hf_dataset(data):
-            return {"kind": "datasets-object", "type": type(data).__name__}
-        return {"kind": "images", "type": type(data).__name__, "count": len(data) if hasattr(data, "__len__") else None}
+            return DataSource("datasets-object", type=type(data).__name__)
+        return DataSource("images", type=type(data).__name__, count=len(data) if hasattr(data, "__len__") else None)
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
         """Yield (name, RGB PIL image); what the reader refuses is logged, counted and left out."""

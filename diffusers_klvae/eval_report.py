@@ -1,6 +1,6 @@
-"""Evaluation results and the files ``klvae-eval`` writes: :class:`EvaluationResult`, the markdown table, JSON, CSV.
+"""The files ``klvae-eval`` writes from its results (``eval_results``): the markdown table, JSON, CSV, grid.
 
-``evaluation`` re-exports every public name here (``from diffusers_klvae.evaluation import EvaluationResult``).
+``evaluation`` re-exports every public name here (``from diffusers_klvae.evaluation import write_report``).
 """
 
 from __future__ import annotations
@@ -9,97 +9,14 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
-import torch
 from PIL import Image
 
 from .cli_support import writing
+from .eval_results import EvaluationResult, ProtocolRecord, results_to_dict
 from .metrics import SSIM_KERNEL_SIZE, SSIM_SIGMA
-
-
-@dataclass
-class MetricSummary:
-    """Mean ± std (population std over images) of one metric; set-level metrics (rFID) have ``std=None``."""
-
-    mean: float
-    std: float | None
-    count: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> "MetricSummary":
-        array = np.asarray(values, dtype=np.float64)
-        array = array[~np.isnan(array)]  # NaN = metric undefined for that image (e.g. a mask without holes)
-        if array.size == 0:
-            return cls(float("nan"), None, 0)
-        if not np.isfinite(array).all():  # identical images: PSNR +inf; the mean is inf, the spread undefined
-            return cls(float(array.mean()), None, int(array.size))
-        return cls(float(array.mean()), float(array.std()), int(array.size))
-
-    def format(self, digits: int) -> str:
-        if self.count == 0:
-            return "–"
-        text = f"{self.mean:.{digits}f}"
-        return text if self.std is None else f"{text} ± {self.std:.{digits}f}"
-
-
-@dataclass
-class EvaluationResult:
-    """What :func:`evaluate` measured on one model.
-
-    Attributes:
-        model: a name for the model (its spec).
-        metrics: metric key -> :class:`MetricSummary` (``psnr``, ``ssim``, ``lpips``, ``rfid``,
-            ``masked_psnr_kept``, ``masked_psnr_hole``; only those requested).
-        count: images evaluated; ``skipped``: unreadable images left out (``skipped_names`` says which,
-            ``skip_reasons`` counts them by reason: "undecodable", "decompression bomb", "dangling symlink"...).
-        settings: the protocol (``settings["protocol"]``), the data source (``settings["data"]``, a string, and
-            ``settings["data_source"]``, a structure such as ``{"kind": "hf-dataset", "name": ..., "split": ...}``)
-            and every option used.
-        per_image: metric key -> one value per image, in ``image_names`` order.
-        timings: seconds per stage (load, reconstruct, and each metric).
-        samples: the first ``keep_images`` originals and reconstructions (float [-1, 1], CPU), for grids.
-    """
-
-    model: str
-    metrics: dict[str, MetricSummary]
-    count: int
-    skipped: int
-    settings: dict[str, Any]
-    per_image: dict[str, list[float]]
-    image_names: list[str]
-    skipped_names: list[str] = field(default_factory=list)
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    samples: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("samples")
-        return _json_safe(data)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """JSON text (``+inf`` PSNR written as the string ``"inf"``, undefined values as ``null``); also written to ``path``."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    def to_markdown(self) -> str:
-        return results_table([self])
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 _COLUMNS = (  # (metric key, header, digits)
@@ -122,18 +39,18 @@ def results_table(results: Sequence[EvaluationResult]) -> str:
         + f" | {r.count} | {r.skipped} |"
         for r in results
     ]
-    lines = [header, rule, *rows, "", _protocol_line(results[0].settings) if results else ""]
+    lines = [header, rule, *rows, "", _protocol_line(results[0].protocol) if results else ""]
     lines += [f"Skipped by {r.model}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(r.skip_reasons.items()))
               for r in results if r.skip_reasons]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _protocol_line(settings: dict) -> str:
+def _protocol_line(protocol: ProtocolRecord) -> str:
     return (
-        f"Protocol {settings.get('protocol', 'klvae')}: {settings.get('preprocessing', 'resize shorter side (bicubic) + center crop')} "
-        f"to {settings['resolution']} px; posterior {settings['posterior']}; uint8 quantization round((x+1)*127.5); "
-        f"PSNR per image (peak 255) then mean; SSIM Gaussian {SSIM_KERNEL_SIZE}/σ {SSIM_SIGMA}, data_range 255; "
-        f"LPIPS {settings.get('lpips_net', '-')}; rFID: {settings.get('fid_network', '-')}."
+        f"Protocol {protocol.name}: {protocol.preprocessing} to {protocol.resolution} px; posterior {protocol.posterior}; "
+        f"uint8 quantization round((x+1)*127.5); PSNR per image (peak 255) then mean; SSIM Gaussian "
+        f"{SSIM_KERNEL_SIZE}/σ {SSIM_SIGMA}, data_range 255; LPIPS {protocol.lpips_net or '-'}; "
+        f"rFID: {protocol.fid_network or '-'}."
     )
 
 
@@ -149,7 +66,7 @@ def write_report(results: Sequence[EvaluationResult], output_dir: str | os.PathL
         table += f"\nGrid ({files['grid'].name}): one row per image: original | " + " | ".join(r.model for r in results) \
                  + " | amplified error of each, same order.\n"
     writers = {
-        "json": lambda path: path.write_text(json.dumps({"results": [r.to_dict() for r in results]}, indent=2) + "\n"),
+        "json": lambda path: path.write_text(json.dumps(results_to_dict(results), indent=2) + "\n"),
         "markdown": lambda path: path.write_text(table),
         "csv": lambda path: _write_csv(results, path),
         "grid": lambda path: grid.save(path),

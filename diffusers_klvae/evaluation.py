@@ -19,8 +19,8 @@ sd-vae-ft-mse model card numbers, LDM Table 8):
 
 Protocol ``"lightningdit"`` replaces steps 1-2 by LightningDiT's ``evaluate_tokenizer.py`` (tensor bilinear
 antialiased resize + center crop, a seeded posterior sample); see ``eval_data``. The metrics live in ``metrics``,
-the sources in ``eval_data``, the results and files in ``eval_report``; all their public names are importable from
-here.
+the sources in ``eval_data``, the results in ``eval_results`` (with the one JSON shape ``hub`` reads), the files in
+``eval_report``, the model loader in ``loading``; all their public names are importable from here.
 
 Python::
 
@@ -39,7 +39,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -48,8 +47,10 @@ from torch import nn
 
 from .cli_support import OneLineParser, int_at_least, run_main
 from .eval_data import PROTOCOLS, ImageSource, Protocol, get_protocol, iter_batches  # noqa: F401 - public names
-from .eval_report import EvaluationResult, MetricSummary, results_table, write_report  # noqa: F401 - public names
+from .eval_report import results_table, write_report  # noqa: F401 - public names
+from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
 from .imaging import IMAGE_EXTENSIONS, reconstruction_grid, to_uint8  # noqa: F401 - IMAGE_EXTENSIONS: public name
+from .loading import load_vae
 from .metrics import (  # noqa: F401 - public names of this module since before the split
     PER_IMAGE_KEYS,
     PEAK,
@@ -115,50 +116,6 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def load_vae(spec: str | os.PathLike | nn.Module) -> nn.Module:
-    """A model spec -> a VAE (a module is returned as is).
-
-    ``spec`` is a diffusers-format folder (``KLVAE`` or ``AutoencoderKL`` config; a pipeline folder's ``vae/``
-    is found), a single file (``.safetensors``/``.ckpt`` in the original LDM layout), a preset name
-    (``KLVAE.list_presets()``, random weights: a warning says so), or a Hub id (``org/name``, or
-    ``org/name/subfolder``). Raises ``ValueError`` saying what was tried when it cannot load.
-    """
-    if isinstance(spec, nn.Module):
-        return spec
-    from . import KLVAE
-
-    spec = os.fspath(spec)
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir():
-            if (path / "config.json").is_file():
-                return KLVAE.from_pretrained(path)
-            if (path / "vae" / "config.json").is_file():
-                return KLVAE.from_pretrained(path, subfolder="vae")
-            raise ValueError(f"folder {spec!r} has no config.json (nor vae/config.json): not a diffusers-format model")
-        if path.is_file():
-            return KLVAE.from_single_file(path)
-        if spec in KLVAE.list_presets():
-            logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
-            return KLVAE.from_preset(spec)
-        if _looks_like_hub_id(spec):
-            parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
-            return KLVAE.from_pretrained("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None)
-    except ValueError:
-        raise
-    except Exception as err:  # noqa: BLE001 - loaders raise OSError, EnvironmentError, RuntimeError...; all mean "cannot load"
-        raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
-    raise ValueError(
-        f"cannot load model {spec!r}: not an existing folder or file, not a preset ({', '.join(KLVAE.list_presets())}) "
-        "and not a Hub id (org/name)"
-    )
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return 2 <= len(parts) <= 3 and all(parts) and not spec.startswith((".", "~")) and not Path(parts[-1]).suffix
-
-
 # ----------------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +146,7 @@ def evaluate(
     """Measure a VAE's reconstructions with a named protocol (this module's docstring).
 
     Args:
-        vae_or_path: a VAE module or a spec for :func:`load_vae` (folder, single file, preset, Hub id).
+        vae_or_path: a VAE module or a spec for ``loading.load_vae`` (folder, single file, preset, Hub id).
         data: image folder, list of PIL images or paths, HF dataset name (streamed) or ``datasets`` object.
         resolution (`int`, *optional*, defaults to 256): side of the center crop, after resizing the shorter side.
         batch_size (`int`, *optional*, defaults to 8): images per model call.
@@ -198,7 +155,7 @@ def evaluate(
         sample_posterior (`bool`, *optional*): decode a seeded posterior sample instead of the mode; `None` takes the
             protocol's choice (``"klvae"``: the mode, ``"lightningdit"``: a sample).
         protocol (`str`, *optional*, defaults to `"klvae"`): ``"klvae"`` or ``"lightningdit"`` (``eval_data.PROTOCOLS``):
-            the preprocessing and the default posterior; its name goes into ``settings["protocol"]``.
+            the preprocessing and the default posterior; recorded in ``result.protocol`` (a ``ProtocolRecord``).
         lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone, `"vgg"` or `"alex"`.
         device (*optional*): where to run; the model's device for a module, else CUDA when available, else CPU.
         dtype (*optional*): `"float16"`/`"bfloat16"` (or a torch dtype) runs the VAE under autocast; metrics stay float32.
@@ -244,14 +201,14 @@ def evaluate(
         vae.train(was_training)  # a model evaluated during training goes back to training mode
     if not names:
         raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
-    summaries = meters.summaries()
-    settings = _settings(protocol=chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, batch_size=batch_size,
-                         max_images=max_images, metrics=metrics, device=device, dtype=autocast_dtype, source=source,
-                         lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
+    record = _protocol_record(chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, metrics=metrics,
+                              lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
     return EvaluationResult(
-        model=name or _model_name(vae_or_path), metrics=summaries, count=len(names), skipped=source.skipped,
-        settings=settings, per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
+        model=name or _model_name(vae_or_path), metrics=meters.summaries(), count=len(names), protocol=record,
+        data_source=source.data_source(), skipped=source.skipped,
+        settings=_run_settings(batch_size=batch_size, max_images=max_images, metrics=metrics, device=device, dtype=autocast_dtype),
+        per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
         skip_reasons=dict(source.skip_reasons), timings=dict(meters.timings), samples=samples,
     )
 
@@ -313,37 +270,30 @@ def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
     return (lpips_model if "lpips" in metrics else None), (fid_extractor if "rfid" in metrics else None)
 
 
-def _settings(*, protocol: Protocol, resolution, sample_posterior, seed, batch_size, max_images, metrics, device, dtype, source, lpips_net,
-              lpips_model, fid_extractor) -> dict[str, Any]:
+def _protocol_record(protocol: Protocol, *, resolution, sample_posterior, seed, metrics, lpips_net, lpips_model,
+                     fid_extractor) -> ProtocolRecord:
+    """What makes these numbers comparable with others, for the result (this module's docstring, steps 1-8)."""
+    return ProtocolRecord(
+        name=protocol.name, resolution=resolution, preprocessing=protocol.preprocessing,
+        posterior=f"sample (seed {seed})" if sample_posterior else "mode",
+        quantization="uint8: round((x + 1) * 127.5), clamped to [0, 255]",
+        psnr="per image over CxHxW, peak 255, then mean over images",
+        ssim=f"torchmetrics, gaussian kernel {SSIM_KERNEL_SIZE}, sigma {SSIM_SIGMA}, data_range 255",
+        lpips_net=lpips_net if lpips_model is not None else None,
+        lpips_weights=getattr(lpips_model, "weights_source", type(lpips_model).__name__) if lpips_model is not None else None,
+        fid_network=getattr(fid_extractor, "source", type(fid_extractor).__name__) if fid_extractor is not None else None,
+        fid_features=getattr(fid_extractor, "num_features", None) if fid_extractor is not None else None,
+        masked_psnr=f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
+        if "masked_psnr" in metrics else None,
+    )
+
+
+def _run_settings(*, batch_size, max_images, metrics, device, dtype) -> dict[str, Any]:
     from . import __version__
 
-    settings = {
-        "protocol": protocol.name,
-        "data": source.describe(),  # the string hub.py parses ("hf-dataset NAME (split SPLIT)" or a path)
-        "data_source": source.spec(),  # the same as a structure: {"kind": "hf-dataset", "name": ..., "split": ...}
-        "resolution": resolution,
-        "preprocessing": protocol.preprocessing,
-        "posterior": f"sample (seed {seed})" if sample_posterior else "mode",
-        "quantization": "uint8: round((x + 1) * 127.5), clamped to [0, 255]",
-        "metrics": list(metrics),
-        "psnr": "per image over CxHxW, peak 255, then mean over images",
-        "ssim": f"torchmetrics, gaussian kernel {SSIM_KERNEL_SIZE}, sigma {SSIM_SIGMA}, data_range 255",
-        "batch_size": batch_size,
-        "max_images": max_images,
-        "device": str(device),
-        "autocast_dtype": str(dtype).replace("torch.", "") if dtype else "float32 (no autocast)",
-        "diffusers_klvae": __version__,
-        "torch": torch.__version__,
-    }
-    if lpips_model is not None:
-        settings["lpips_net"] = lpips_net
-        settings["lpips_weights"] = getattr(lpips_model, "weights_source", type(lpips_model).__name__)
-    if fid_extractor is not None:
-        settings["fid_network"] = getattr(fid_extractor, "source", type(fid_extractor).__name__)
-        settings["fid_features"] = getattr(fid_extractor, "num_features", None)
-    if "masked_psnr" in metrics:
-        settings["masked_psnr"] = f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
-    return settings
+    return {"metrics": list(metrics), "batch_size": batch_size, "max_images": max_images, "device": str(device),
+            "autocast_dtype": str(dtype).replace("torch.", "") if dtype else "float32 (no autocast)",
+            "diffusers_klvae": __version__, "torch": torch.__version__}
 
 
 def _model_name(spec) -> str:

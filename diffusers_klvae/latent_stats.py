@@ -30,7 +30,8 @@ import torch
 
 from .cli_support import OneLineParser, int_at_least, run_main, writing
 from .eval_data import ImageSource, iter_batches
-from .evaluation import _autocast_dtype, _default_device, _model_name, load_vae
+from .evaluation import _autocast_dtype, _default_device, _model_name
+from .loading import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def compute_latent_statistics(
     """Mean and std of a VAE's raw latents over a set of images (global and per channel), with a stability check.
 
     Args:
-        vae_or_path: a VAE module or a spec for ``evaluation.load_vae`` (folder, single file, preset, Hub id).
+        vae_or_path: a VAE module or a spec for ``loading.load_vae`` (folder, single file, preset, Hub id).
         data: image folder, list of PIL images or paths, HF dataset name (streamed) or ``datasets`` object.
         resolution (`int`, *optional*, defaults to 256): center-crop side after resizing the shorter side.
         batch_size (`int`, *optional*, defaults to 8): images per encoder call (the first batch is LDM's estimate).
@@ -230,7 +231,7 @@ def compute_latent_statistics(
         stability=_stability(half, whole),
         histogram={"edges": acc.edges.tolist(), "counts": acc.counts.tolist(), "clipped": acc.clipped},
         skipped=source.skipped, skip_reasons=dict(source.skip_reasons),
-        settings={"model": _model_name(vae_or_path), "data": source.describe(), "data_source": source.spec(), "resolution": resolution,
+        settings={"model": _model_name(vae_or_path), "data": source.describe(), "data_source": source.data_source().to_dict(), "resolution": resolution,
                   "posterior": f"sample (seed {seed})" if sample_posterior else "mode", "batch_size": batch_size,
                   "latent_shape": list(z.shape[1:]), "device": str(device)},
     )

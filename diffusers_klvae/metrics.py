@@ -10,15 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .eval_results import MetricSummary
 from .imaging import to_uint8
-
-if TYPE_CHECKING:  # eval_report reads this module's SSIM constants: a top-level import would be circular
-    from .eval_report import MetricSummary
 
 logger = logging.getLogger("diffusers_klvae.evaluation")
 
@@ -160,8 +158,6 @@ class _Meters:
             self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
 
     def summaries(self) -> dict[str, MetricSummary]:
-        from .eval_report import MetricSummary  # at call time: see TYPE_CHECKING above
-
         summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
         if "rfid" in self.metrics:
             with self.timed("rfid"):
@@ -169,8 +165,6 @@ class _Meters:
         return summaries
 
     def _rfid(self) -> MetricSummary:
-        from .eval_report import MetricSummary
-
         count = int(self.fid_metric.real_features_num_samples)
         if count < 2:
             logger.warning("rFID needs at least 2 images, got %d: not computed", count)

@@ -181,7 +181,7 @@ def test_evaluate_follows_the_protocol_and_skips_unreadable(tiny_vae, image_dir)
     expected = 10 * np.log10(255.0**2 / ((a - b) ** 2).reshape(4, -1).mean(1))
     np.testing.assert_allclose(result.per_image["psnr"], expected, rtol=1e-9)
     assert result.metrics["psnr"].mean == pytest.approx(expected.mean()) and result.metrics["psnr"].std == pytest.approx(expected.std())
-    assert result.settings["posterior"] == "mode" and result.settings["resolution"] == RES
+    assert result.protocol.posterior == "mode" and result.protocol.resolution == RES
     assert set(result.timings) >= {"load", "reconstruct", "psnr", "ssim"}
 
 
@@ -234,7 +234,7 @@ def test_perfect_reconstruction_is_handled_cleanly(photo_paths, fast_lpips, tmp_
     assert result.metrics["ssim"].mean == pytest.approx(1.0, abs=1e-6)
     assert result.metrics["lpips"].mean == pytest.approx(0.0, abs=1e-7)
     assert abs(result.metrics["rfid"].mean) < 1e-6 and result.metrics["rfid"].count == len(images)
-    assert "NOT Inception" in result.settings["fid_network"]  # a random extractor can never pass for a real rFID
+    assert "NOT Inception" in result.protocol.fid_network  # a random extractor can never pass for a real rFID
     data = json.loads(result.to_json(tmp_path / "r.json"))  # strict JSON: no bare Infinity
     assert data["metrics"]["psnr"]["mean"] == "inf" and data["per_image"]["psnr"][0] == "inf"
     assert "| inf |" in result.to_markdown()
@@ -304,10 +304,10 @@ def test_cli_one_line_errors(tmp_path, image_dir, capsys):
 
 
 def test_results_table_rows():
-    from diffusers_klvae.evaluation import EvaluationResult
+    from diffusers_klvae.evaluation import DataSource, EvaluationResult, ProtocolRecord
 
-    settings = {"resolution": 256, "posterior": "mode"}
-    make = lambda name, value: EvaluationResult(name, {"psnr": MetricSummary(value, 1.0, 3)}, 3, 0, settings, {}, [])  # noqa: E731
+    protocol, source = ProtocolRecord("klvae", 256, "resize", "mode"), DataSource("folder", path="photos")
+    make = lambda name, value: EvaluationResult(name, {"psnr": MetricSummary(value, 1.0, 3)}, 3, protocol, source)  # noqa: E731
     table = results_table([make("a", 24.5), make("b", 30.25)])
     assert "| a | 24.50 ± 1.00 | 3 | 0 |" in table and "| b | 30.25 ± 1.00 | 3 | 0 |" in table
 
@@ -368,11 +368,11 @@ def test_lightningdit_protocol_decodes_a_seeded_posterior_sample(tiny_vae, photo
     a, b = to_uint8(x).double().numpy(), to_uint8(rec).double().numpy()
     expected = 10 * np.log10(255.0**2 / ((a - b) ** 2).reshape(3, -1).mean(1))
     np.testing.assert_allclose(result.per_image["psnr"], expected, rtol=1e-9)
-    assert result.settings["protocol"] == "lightningdit" and result.settings["posterior"] == "sample (seed 3)"
-    assert "LightningDiT" in result.settings["preprocessing"] and "Protocol lightningdit" in result.to_markdown()
+    assert result.protocol.name == "lightningdit" and result.protocol.posterior == "sample (seed 3)"
+    assert "LightningDiT" in result.protocol.preprocessing and "Protocol lightningdit" in result.to_markdown()
     assert json.loads(result.to_json())["settings"]["protocol"] == "lightningdit"
     default = evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), seed=3, progress=False)
-    assert default.settings["protocol"] == "klvae" and default.settings["posterior"] == "mode"
+    assert default.protocol.name == "klvae" and default.protocol.posterior == "mode"
     assert "Protocol klvae" in default.to_markdown() and default.per_image["psnr"] != result.per_image["psnr"]
     with pytest.raises(ValueError, match="protocol must be one of"):
         evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), protocol="dit", progress=False)
@@ -386,15 +386,20 @@ def test_cli_writes_the_protocol_into_every_file(tmp_path, image_dir, capsys):
     assert "Protocol lightningdit" in (tmp_path / "metrics.md").read_text()
 
 
-def test_settings_name_the_data_source_structurally_and_hub_still_reads_the_string(tiny_vae, image_dir):
-    from diffusers_klvae import hub
-    from diffusers_klvae.evaluation import ImageSource
+def test_results_record_the_data_source_as_a_dataclass_that_the_card_reads(tiny_vae, image_dir):
+    from diffusers_klvae import model_card
+    from diffusers_klvae.evaluation import DataSource, EvaluationResult, ImageSource
 
     source = ImageSource("org/coco-val", split="val")
-    assert source.spec() == {"kind": "hf-dataset", "name": "org/coco-val", "split": "val"}
-    assert hub._eval_dataset({"data": source.describe(), "resolution": 256}) == ("org/coco-val", "val", 256)
+    assert source.data_source() == DataSource("hf-dataset", name="org/coco-val", split="val")
     result = evaluate(tiny_vae, image_dir, resolution=RES, metrics=("psnr",), progress=False)
-    assert result.settings["data_source"] == {"kind": "folder", "path": str(image_dir)}
-    assert result.settings["data"] == str(image_dir)
+    assert result.data_source == DataSource("folder", path=str(image_dir))
+    saved = json.loads(result.to_json())["settings"]
+    assert saved["data_source"] == {"kind": "folder", "path": str(image_dir)} and saved["data"] == str(image_dir)
+    assert EvaluationResult.from_json(result.to_json()).to_dict() == result.to_dict()
+    hub_result = EvaluationResult(**{**vars(result), "data_source": source.data_source()})
+    [psnr_result] = model_card.eval_results(hub_result)  # the card takes the fields, no string parsed back
+    assert (psnr_result.dataset_type, psnr_result.dataset_split, psnr_result.dataset_args) == (
+        "org/coco-val", "val", {"resolution": RES, "num_images": result.count})
     listed = evaluate(tiny_vae, [load_image(p) for p in sorted(image_dir.glob("*.jpg"))[:2]], resolution=RES, metrics=("psnr",), progress=False)
-    assert listed.settings["data_source"] == {"kind": "images", "type": "list", "count": 2}
+    assert listed.data_source.to_dict() == {"kind": "images", "type": "list", "count": 2}

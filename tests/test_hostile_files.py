@@ -187,7 +187,7 @@ def test_evaluation_counts_every_hostile_file(hostile, expected, tiny_vae):
     assert result.skipped == len(SKIPPED) and sorted(result.skipped_names) == sorted(SKIPPED)
     assert result.skip_reasons == REASONS
     assert torch.equal(result.samples[0], torch.stack([expected[n] for n in READABLE]))
-    assert result.settings["data_source"] == {"kind": "folder", "path": str(hostile)}
+    assert result.data_source.to_dict() == {"kind": "folder", "path": str(hostile)}
     assert "Skipped by" in result.to_markdown() and "2 decompression bomb" in result.to_markdown()
 
 

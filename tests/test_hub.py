@@ -9,19 +9,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffusers_klvae import KLVAE
-from diffusers_klvae import hub
+from diffusers_klvae import hub, model_card
+from diffusers_klvae.eval_results import EXPECTED_SHAPE, DataSource, EvaluationResult, MetricSummary, ProtocolRecord, load_metrics
 from diffusers_klvae.imaging import load_image, reconstruction_grid, resize_and_crop, to_tensor
 
 REPO_ID = "someone/tiny-klvae"
 TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 TINY = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-SETTINGS = {"data": "hf-dataset someone/coco-val (split validation)", "resolution": 256, "posterior": "mode"}
+SETTINGS = {"protocol": "klvae", "resolution": 256, "preprocessing": "resize shorter side (PIL bicubic) + center crop",
+            "posterior": "mode", "data": "hf-dataset someone/coco-val (split validation)",
+            "data_source": {"kind": "hf-dataset", "name": "someone/coco-val", "split": "validation"}, "batch_size": 8}
 METRICS = {  # what klvae-eval --output writes: a baseline (a Hub id) and this model (a local path, kept private)
     "results": [
         {"model": "stabilityai/sd-vae-ft-mse", "count": 7, "skipped": 0, "settings": SETTINGS,
@@ -331,29 +335,68 @@ def test_push_checkpoint_async_uploads_a_snapshot_in_the_background(tmp_path):
     assert url.startswith(f"https://huggingface.co/{REPO_ID}/commit/")
 
 
-def test_load_metrics_accepts_eval_json_entry_and_flat_dict(tmp_path):
+def test_load_metrics_reads_klvae_eval_json_and_picks_this_model(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(METRICS))
-    rows = hub.load_metrics(path)
-    assert [r["name"] for r in rows] == ["stabilityai/sd-vae-ft-mse", "run-7"]  # the local path is not shown
-    assert rows[0]["metrics"] == {"psnr": (24.0, 3.5)}  # undefined SSIM (mean None) is left out
-    assert rows[1]["metrics"] == {"psnr": (24.51, 3.7), "ssim": (0.712, 0.13), "lpips": (0.0912, 0.03),
-                                  "rfid": (4.7, None)}
-    assert hub._pick(rows, None) is rows[1]  # the only model evaluated from a local path, not the baseline
-    assert hub._pick(rows, "stabilityai/sd-vae-ft-mse") is rows[0]
-    as_models = {"models": [{"name": e["model"], **{k: v for k, v in e.items() if k != "model"}}
-                            for e in METRICS["results"]]}
-    assert [r["metrics"] for r in hub.load_metrics(as_models)] == [r["metrics"] for r in rows]
-    assert hub.load_metrics(METRICS["results"][1])[0]["metrics"] == rows[1]["metrics"]
-    flat = hub.load_metrics({"psnr": "inf", "SSIM": 0.7, "fid": 5.1, "steps": 10})
-    assert flat[0]["metrics"] == {"psnr": (float("inf"), None), "ssim": (0.7, None), "rfid": (5.1, None)}
-    assert [r.metric_type for r in hub.eval_results(flat[0])] == ["ssim", "rfid"]  # no infinity in the metadata
-    with pytest.raises(ValueError, match="no PSNR/SSIM/LPIPS/rFID values"):
-        hub.load_metrics({"accuracy": 0.9})
+    results = model_card.card_results(path)
+    assert [r.model for r in results] == ["stabilityai/sd-vae-ft-mse", "/home/someone/outputs/run-7"]
+    assert model_card._card_metrics(results[0]) == {"psnr": MetricSummary(24.0, 3.5, 7)}  # undefined SSIM left out
+    assert {k: (m.mean, m.std) for k, m in model_card._card_metrics(results[1]).items()} == {
+        "psnr": (24.51, 3.7), "ssim": (0.712, 0.13), "lpips": (0.0912, 0.03), "rfid": (4.7, None)}
+    assert results[1].data_source == DataSource("hf-dataset", name="someone/coco-val", split="validation")
+    assert results[1].protocol.resolution == 256 and results[1].settings == {"batch_size": 8}
+    assert model_card.pick_result(results, None) is results[1]  # the only model evaluated from a local path
+    assert model_card.pick_result(results, "stabilityai/sd-vae-ft-mse") is results[0]
+    assert load_metrics(METRICS)[1] == results[1] and load_metrics(results) == results
+    inf = EvaluationResult("m", {"psnr": MetricSummary(float("inf"), None, 2), "ssim": MetricSummary(0.7, 0.1, 2)}, 2,
+                           results[1].protocol, results[1].data_source)
+    assert [r.metric_type for r in model_card.eval_results(inf)] == ["ssim"]  # no infinity in the metadata
+    with pytest.raises(ValueError, match="no PSNR/SSIM/LPIPS/rFID value"):
+        model_card.card_results({"results": [{**METRICS["results"][0], "metrics": {"accuracy": {"mean": 0.9, "std": None, "count": 7}}}]})
     with pytest.raises(ValueError, match="no evaluated model named 'other'"):
-        hub._pick(rows, "other")
+        model_card.pick_result(results, "other")
     with pytest.raises(FileNotFoundError, match="metrics file not found"):
-        hub.load_metrics(tmp_path / "missing.json")
+        load_metrics(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("metrics, got", [
+    ({"psnr": 24.5, "ssim": 0.7}, "got ['psnr', 'ssim']"),  # the flat shape of earlier versions
+    ({"models": METRICS["results"]}, "got ['models']"),
+    (METRICS["results"][1], "got ['count', 'metrics', 'model', 'settings', 'skipped']"),  # one entry alone
+    ([1, 2], "got list"),
+    ({"results": [{**METRICS["results"][1], "settings": {"data": "hf-dataset x (split y)", "resolution": 256}}]},
+     "KeyError: 'protocol'"),
+    ({"results": [{**METRICS["results"][1], "metrics": {"psnr": 24.5}}]}, "TypeError"),
+])
+def test_load_metrics_refuses_other_shapes_in_one_line_naming_the_expected_one(metrics, got, tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_metrics(metrics)
+    message = str(info.value)
+    assert "\n" not in message and got in message and message.endswith(f"expected {EXPECTED_SHAPE}")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json' is not valid JSON .*expected \{\"results\""):
+        load_metrics(tmp_path / "bad.json")
+
+
+def test_evaluation_result_round_trips_through_json(tmp_path):
+    protocol = ProtocolRecord("lightningdit", 256, "LightningDiT resize", "sample (seed 3)", lpips_net="vgg",
+                              fid_network="torch-fidelity", fid_features=2048)
+    result = EvaluationResult(
+        model="/home/someone/run", metrics={"psnr": MetricSummary(float("inf"), None, 2), "rfid": MetricSummary(float("nan"), None, 1)},
+        count=2, protocol=protocol, data_source=DataSource("images", type="list", count=2), skipped=1,
+        settings={"batch_size": 8, "device": "cpu"}, per_image={"psnr": [float("inf"), 31.5]}, image_names=["a", "b"],
+        skipped_names=["c"], skip_reasons={"undecodable": 1}, timings={"load": 0.5},
+    )
+    text = result.to_json(tmp_path / "r.json")
+    data = json.loads(text)  # strict JSON, the flat settings of klvae-eval's files
+    assert data["settings"]["protocol"] == "lightningdit" and data["settings"]["data"] == "list of images"
+    assert data["settings"]["data_source"] == {"kind": "images", "type": "list", "count": 2}
+    assert data["metrics"]["psnr"] == {"mean": "inf", "std": None, "count": 2} and data["metrics"]["rfid"]["mean"] is None
+    back = EvaluationResult.from_json((tmp_path / "r.json").read_text())
+    assert back.protocol == protocol and back.data_source == result.data_source and back.settings == result.settings
+    assert back.metrics["psnr"] == result.metrics["psnr"] and np.isnan(back.metrics["rfid"].mean)
+    assert back.to_dict() == result.to_dict()
+    assert hub.load_metrics({"results": [data]})[0].to_dict() == data  # hub reads the same shape
 
 
 def test_sanitize_training_args_drops_secrets_paths_and_env_values(monkeypatch):
@@ -373,7 +416,8 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
     vae, ema = vaes
     vae.save_pretrained(tmp_path / "model")
     ema.save_pretrained(tmp_path / "model", variant=hub.EMA_VARIANT)  # the layout training writes
-    this_run = {**METRICS["results"][1], "model": str(tmp_path / "model"), "metrics": {"psnr": {"mean": 26.0}}}
+    this_run = {**METRICS["results"][1], "model": str(tmp_path / "model"),
+                "metrics": {"psnr": {"mean": 26.0, "std": 1.0, "count": 7}}}
     (tmp_path / "metrics.json").write_text(json.dumps({"results": [METRICS["results"][1], this_run]}))
     (tmp_path / "args.json").write_text(json.dumps(TRAINING_ARGS))
 
@@ -392,7 +436,11 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
     assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("psnr", 26.0)]
 
     code = hub.main([str(tmp_path / "nowhere"), "--repo-id", REPO_ID, "--dry-run"])
-    assert code == 1 and "no model at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "klvae-push: error: cannot load model" in err and len(err.strip().splitlines()) == 1
+    code = hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--metrics", str(tmp_path / "args.json"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not klvae-eval's metrics.json" in err and len(err.strip().splitlines()) == 1
 
 
 def meta_vae(preset: str, **overrides) -> KLVAE:

@@ -1,0 +1,107 @@
+"""The one model loader of every tool (``klvae``, ``klvae-eval``, ``klvae-stats``, ``klvae-push``, training):
+a spec -> a `KLVAE`.
+
+A spec is a model already in memory (returned as is), a diffusers folder (``config.json`` +
+``diffusion_pytorch_model.safetensors``, or a pipeline folder whose ``vae/`` holds them), a single checkpoint file
+in the original LDM layout (``.safetensors``/``.ckpt``, local or a Hub file URL), a preset name (random weights), or
+a Hub id (``org/name``, or ``org/name/subfolder``). The EMA weights of a run are the ``ema`` weights variant beside
+the raw ones (``diffusion_pytorch_model.ema.safetensors``): ``load_vae(folder, variant=EMA_VARIANT)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# EMA weights ship as the "ema" variant beside the main weights, not in an ema/ subfolder: for a *local* folder,
+# diffusers' from_pretrained(path, subfolder="ema") loads the root weights when the root has any (it checks the root
+# first), so a downloaded snapshot would silently give the wrong model. The variant file name has no such ambiguity.
+EMA_VARIANT = "ema"
+EMA_WEIGHTS_NAME = f"diffusion_pytorch_model.{EMA_VARIANT}.safetensors"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None, subfolder: str | None = None,
+             revision: str | None = None, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """A model spec (this module's docstring) -> a VAE; a module is returned as is (cast to ``dtype`` if given).
+
+    Args:
+        spec: a module, folder, pipeline folder, single file or Hub file URL, preset name or Hub id.
+        variant (`str`, *optional*): a weights variant, e.g. ``EMA_VARIANT``; a local folder must hold it.
+        subfolder (`str`, *optional*): where ``config.json`` sits; `None` finds a pipeline folder's ``vae/``.
+        revision (`str`, *optional*): a Hub revision (branch, tag or commit).
+        dtype (`torch.dtype` or its name, *optional*): the dtype of the returned model.
+
+    Raises:
+        `FileNotFoundError`: a local folder lacks the ``variant`` weights.
+        `ValueError`: anything else that cannot load, in one line saying what was tried.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(spec, nn.Module):
+        return _cast(spec, dtype)
+    from . import KLVAE
+
+    spec = os.fspath(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        subfolder = subfolder if subfolder is not None else _model_subfolder(path)
+        if variant is not None and not has_variant(path, variant, subfolder=subfolder):
+            raise FileNotFoundError(f"no {variant!r} weights in {spec!r}: expected "
+                                    f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
+    elif variant is not None and (path.is_file() or spec.endswith(SINGLE_FILE_SUFFIXES)):
+        raise ValueError(f"a single file has no weights variants; got variant={variant!r} for {spec!r}")
+    try:
+        if path.is_dir():
+            return KLVAE.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, torch_dtype=dtype)
+        if path.is_file() or (spec.startswith("https://") and spec.endswith(SINGLE_FILE_SUFFIXES)):
+            return KLVAE.from_single_file(spec if not path.is_file() else path, revision=revision, torch_dtype=dtype)
+        if spec in KLVAE.list_presets():
+            logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
+            return _cast(KLVAE.from_preset(spec), dtype)
+        if _looks_like_hub_id(spec):
+            parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
+            return KLVAE.from_pretrained("/".join(parts[:2]), subfolder=subfolder or "/".join(parts[2:]) or None,
+                                         variant=variant, revision=revision, torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - loaders raise OSError, EnvironmentError, RuntimeError...; all mean "cannot load"
+        raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
+    raise ValueError(
+        f"cannot load model {spec!r}: not an existing folder or file, not a preset ({', '.join(KLVAE.list_presets())}) "
+        "and not a Hub id (org/name)"
+    )
+
+
+def has_variant(model: str | os.PathLike, variant: str = EMA_VARIANT, *, subfolder: str | None = None) -> bool:
+    """Whether a local model folder (or a pipeline folder's ``vae/``) holds the ``variant`` weights."""
+    model = Path(model).expanduser()
+    if not model.is_dir():
+        return False
+    subfolder = subfolder if subfolder is not None else _model_subfolder(model)
+    return (model / (subfolder or "") / f"diffusion_pytorch_model.{variant}.safetensors").is_file()
+
+
+def _model_subfolder(folder: Path) -> str | None:
+    """Where config.json sits: the folder itself (``None``), or ``vae`` in a pipeline folder."""
+    if (folder / CONFIG_NAME).is_file():
+        return None
+    if (folder / "vae" / CONFIG_NAME).is_file():
+        return "vae"
+    raise ValueError(f"folder {os.fspath(folder)!r} has no config.json (nor vae/config.json): not a diffusers-format "
+                     f"model; expected config.json + {WEIGHTS_NAME}, a pipeline folder with vae/, or a single file")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 2 <= len(parts) <= 3 and all(parts) and not spec.startswith((".", "~")) and not Path(parts[-1]).suffix
+
+
+def _cast(vae: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    # diffusers' ModelMixin.to warns on every dtype cast, even a no-op one
+    return vae if dtype is None or next(vae.parameters()).dtype == dtype else vae.to(dtype=dtype)
