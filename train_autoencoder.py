@@ -4,8 +4,9 @@
     accelerate launch train_autoencoder.py --pretrained_model_name_or_path stabilityai/sd-vae-ft-mse --decoder_only \
         --dataset_name <hub/images> --resolution 256 --train_batch_size 4 --use_ema --output_dir sd-vae-ft
 
-The loop only; every piece (config, step, checkpoints, validation) is in ``diffusers_klvae.training``, the data
-stream in ``diffusers_klvae.data``, the loss in ``diffusers_klvae.losses``. See docs/training.md.
+The loop only; its pieces are in the package: the command line in ``train_config``, models and the step in
+``training``, checkpoints in ``checkpoints``, validation and the final model in ``train_outputs``, the data stream
+in ``data``, the loss in ``losses``. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ from pathlib import Path
 
 import torch
 
-from diffusers_klvae import data, training
+from diffusers_klvae import checkpoints, data, train_config, train_outputs, training
+from diffusers_klvae.cli_support import DiskFull, writing
 
 logger = logging.getLogger("train_autoencoder")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (bad arguments raise ``ValueError`` before any work) and train; see :func:`train`."""
-    return train(training.parse_args(argv))
+    return train(train_config.parse_args(argv))
 
 
-def train(cfg: training.TrainConfig) -> dict:
+def train(cfg: train_config.TrainConfig) -> dict:
     """Run training (cfg is frozen: nothing changes it); returns the last validation metrics and ``output_dir``."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -44,15 +46,16 @@ def train(cfg: training.TrainConfig) -> dict:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
-    with training.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
-        return _train(cfg, accelerator, out, seed)
+    with checkpoints.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
+        with writing(out):  # a full disk anywhere in the run: one DiskFull naming the folder
+            return _train(cfg, accelerator, out, seed)
 
 
-def _train(cfg: training.TrainConfig, accelerator, out: Path, seed: int) -> dict:
+def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 1) data: held-out validation images, then this process's shard of the stream (validation images excluded)
-    dataset = data.load_image_dataset(**training.data_source_kwargs(cfg))
+    dataset = data.load_image_dataset(**train_config.data_source_kwargs(cfg))
     if cfg.validation_images:
         val = data.load_validation_images(cfg.validation_images, resolution=cfg.resolution)
     else:
@@ -87,25 +90,25 @@ def _train(cfg: training.TrainConfig, accelerator, out: Path, seed: int) -> dict
     if ema is not None:
         ema.to(accelerator.device)
     generator = torch.Generator().manual_seed(seed * 1000 + rank)  # posterior samples and masks; per process
+    checkpoints.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream)
 
     # 4) trackers, resume (last: it restores the RNG states the loop continues from)
     if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.tracker_project_name, config=training.tracker_config(cfg))
+        accelerator.init_trackers(cfg.tracker_project_name, config=train_config.tracker_config(cfg))
     step, history, train_seconds = 0, [], 0.0
-    resume = training.resolve_resume_path(cfg.resume_from_checkpoint, out)
+    resume = checkpoints.resolve_resume_path(cfg.resume_from_checkpoint, out)
     metrics = {}
     if resume is None:
-        training.check_no_earlier_run(out)
+        checkpoints.check_no_earlier_run(out)
     else:
         if accelerator.is_main_process:
-            training.set_aside_newer_checkpoints(out, resume)
+            checkpoints.set_aside_newer_checkpoints(out, resume)
         accelerator.wait_for_everyone()
-        state = training.load_checkpoint(accelerator, resume, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
-                                         generator=generator, data_stream=stream)
+        state = checkpoints.load_checkpoint(accelerator, resume, use_ema=ema is not None)
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
         metrics = state.get("metrics", {})  # the last validation, for the model card of a run killed in its final save
-    hub_futures, hub_api = [], training.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
-    progress = training.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
+    hub_futures, hub_api = [], train_outputs.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
+    progress = train_outputs.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
@@ -116,7 +119,7 @@ def _train(cfg: training.TrainConfig, accelerator, out: Path, seed: int) -> dict
         for _ in range(cfg.gradient_accumulation_steps):
             x = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [-1, 1]
             if cfg.debug_process_logs:
-                training.log_seen_images(out / f"seen_images-{rank}.txt", x)
+                train_outputs.log_seen_images(out / f"seen_images-{rank}.txt", x)
             latent_mask, target = training.mask_batch(x, factor=factor, prob=cfg.latent_mask_prob, kind=cfg.mask_generator, generator=generator)
             logs = training.train_step(accelerator, vae, disc, loss_fn, optimizers, x, step, generator=generator, schedulers=schedulers,
                                        ema=ema, max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
@@ -129,40 +132,38 @@ def _train(cfg: training.TrainConfig, accelerator, out: Path, seed: int) -> dict
         logs.update(images_per_s=images_per_update / step_seconds, skipped=stream.skipped)
         accelerator.log(logs, step=step)
         progress.update(1)
-        progress.set_postfix(training.postfix(logs), refresh=False)
-        if step % training.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
+        progress.set_postfix(train_outputs.postfix(logs), refresh=False)
+        if step % train_outputs.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
             history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
 
         # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
         if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
             seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
-            metrics = training.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
+            metrics = train_outputs.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
                                               extra=seen)
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            path = training.save_checkpoint(accelerator, out, step, vae=vae, disc=disc, ema=ema, optimizers=optimizers, schedulers=schedulers,
-                                            generator=generator, data_state=stream.state_dict(),
-                                            training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics},
-                                            total_limit=cfg.checkpoints_total_limit)
+            path = checkpoints.save_checkpoint(accelerator, out, step, total_limit=cfg.checkpoints_total_limit,
+                                               training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics})
             if cfg.hub_push_checkpoints and accelerator.is_main_process:
-                hub_futures.append(training.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
+                hub_futures.append(train_outputs.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
     progress.close()
 
     # 8) final model (raw weights + the EMA as the "ema" variant), loss curve, model card, optional push
     accelerator.wait_for_everyone()
     if cfg.debug_process_logs:
-        training.dump_process_weights(accelerator, vae, out / f"weights-{rank}.safetensors")
+        train_outputs.dump_process_weights(accelerator, vae, out / f"weights-{rank}.safetensors")
     if accelerator.is_main_process:
-        training.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures, hub_api=hub_api)
+        train_outputs.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures, hub_api=hub_api)
     accelerator.end_training()
     return {**metrics, "output_dir": str(out), "skipped": stream.skipped}
 
 
 if __name__ == "__main__":
     try:
-        config = training.parse_args(sys.argv[1:])
+        config = train_config.parse_args(sys.argv[1:])
     except (ValueError, FileNotFoundError) as err:  # bad arguments: one clear line before any work, no traceback
         sys.exit(f"train_autoencoder.py: error: {err}")
     try:
         train(config)
-    except training.OutputDirError as err:  # the folder is taken: one line, nothing touched
+    except (checkpoints.OutputDirError, DiskFull) as err:  # the folder is taken, or the disk is full: one line
         sys.exit(f"train_autoencoder.py: error: {err}")

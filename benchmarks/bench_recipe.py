@@ -34,7 +34,7 @@ def main() -> int:
 
     import train_autoencoder
 
-    from diffusers_klvae.training import plot_validation_curve
+    from diffusers_klvae.train_outputs import plot_validation_curve
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):

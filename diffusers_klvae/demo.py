@@ -90,7 +90,7 @@ def score(vae, images: torch.Tensor, lpips_model) -> tuple[dict[str, float], tor
     """Mean PSNR / SSIM / LPIPS of the model's reconstructions (evaluation protocol: posterior mode, uint8)."""
     from .evaluation import lpips_distance, psnr, ssim
     from .imaging import to_uint8
-    from .training import reconstruct
+    from .train_outputs import reconstruct
 
     recs = reconstruct(vae, images)
     x, y = to_uint8(images), to_uint8(recs)

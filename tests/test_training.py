@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_klvae import KLVAE, training
+from diffusers_klvae import KLVAE, checkpoints, train_config, train_outputs, training
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_autoencoder.py"
@@ -88,7 +88,7 @@ def assert_identical(a: dict, b: dict, what: str):
 
 
 def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
-    cfg = training.parse_args(base_args(photos_dir, tmp_path, "--kl_scale", "1e-5", "--use_ema", "--mixed_precision", "bf16"))
+    cfg = train_config.parse_args(base_args(photos_dir, tmp_path, "--kl_scale", "1e-5", "--use_ema", "--mixed_precision", "bf16"))
     assert cfg.kl_weight == 1e-5  # the diffusers example's name is an alias of the losses' name
     assert cfg.use_ema and cfg.mixed_precision == "bf16" and cfg.resolution == 32 and cfg.preset == "tiny"
     with pytest.raises(Exception):
@@ -108,14 +108,14 @@ def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
 def test_bad_arguments_fail_before_any_work(photos_dir, tmp_path, extra, message):
     out = tmp_path / "out"
     with pytest.raises(ValueError) as err:
-        training.parse_args(base_args(photos_dir, out, *extra))
+        train_config.parse_args(base_args(photos_dir, out, *extra))
     assert message in str(err.value)
     assert not out.exists()  # nothing was created
 
 
 def test_resolution_checked_against_f8_preset(photos_dir, tmp_path):
     with pytest.raises(ValueError, match="--resolution 100 must be a multiple of the model's downsampling factor 8"):
-        training.parse_args(base_args(photos_dir, tmp_path, "--preset", "small", "--resolution", "100"))
+        train_config.parse_args(base_args(photos_dir, tmp_path, "--preset", "small", "--resolution", "100"))
 
 
 def test_script_exits_with_one_line_error(photos_dir, tmp_path, monkeypatch):
@@ -141,21 +141,21 @@ def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *base_args(photos_dir, killed, *args)], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 150
-    while training.find_latest_checkpoint(killed) is None:
+    while checkpoints.find_latest_checkpoint(killed) is None:
         assert proc.poll() is None, f"training ended before a checkpoint was written:\n{proc.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint within 150 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    first = training.find_latest_checkpoint(killed)
-    assert training.checkpoint_step(first) < 6
+    first = checkpoints.find_latest_checkpoint(killed)
+    assert checkpoints.checkpoint_step(first) < 6
 
     # what a kill during a save leaves: a temp folder and a checkpoint folder without its marker
     shutil.copytree(first, killed / ".tmp-checkpoint-8")
     shutil.copytree(first, killed / "checkpoint-9")
-    (killed / "checkpoint-9" / training.CHECKPOINT_MARKER).unlink()
-    assert training.find_latest_checkpoint(killed) == first
+    (killed / "checkpoint-9" / checkpoints.CHECKPOINT_MARKER).unlink()
+    assert checkpoints.find_latest_checkpoint(killed) == first
 
     run_inprocess(base_args(photos_dir, killed, *args, "--resume_from_checkpoint", "latest"))
     run_inprocess(base_args(photos_dir, straight, *args))
@@ -165,7 +165,7 @@ def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
     assert_identical(load_file(straight / ema_file), load_file(killed / ema_file), "EMA weights")
     assert_identical(weights(straight / "checkpoint-6" / "discriminator"), weights(killed / "checkpoint-6" / "discriminator"), "discriminator")
     assert not (killed / ".tmp-checkpoint-8").exists()  # stale temp folders are cleaned at the next save
-    history = json.loads((killed / "checkpoint-6" / training.CHECKPOINT_MARKER).read_text())["history"]
+    history = json.loads((killed / "checkpoint-6" / checkpoints.CHECKPOINT_MARKER).read_text())["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # the loss curve survives the kill
     # GAN terms from disc_start: the update that starts with 2 steps done is the 3rd (history counts steps done)
     assert "d_loss" not in history[1] and history[1]["g"] == 0 and history[2]["d_loss"] > 0
@@ -190,10 +190,14 @@ def test_two_processes_sync_weights_and_split_data(photos_dir, tmp_path, tiny_st
     seen = [(out / f"seen_images-{r}.txt").read_text().split() for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 2
     assert not set(seen[0]) & set(seen[1])  # each process read its own shard
-    ckpt = training.find_latest_checkpoint(out)
-    for r in (0, 1):  # every process saved its own data position and RNG states
-        assert json.loads((ckpt / f"data_state_{r}.json").read_text())["process_index"] == r
-        assert (ckpt / f"rng_state_{r}.pt").is_file()
+    ckpt = checkpoints.find_latest_checkpoint(out)
+    # every process saved its own data position, generator and RNG states
+    streams = torch.load(checkpoints.registered_state_file(ckpt, "data_stream"), weights_only=True)["processes"]
+    assert [s["process_index"] for s in streams] == [0, 1]
+    generators = torch.load(checkpoints.registered_state_file(ckpt, "generator"), weights_only=True)["processes"]
+    assert len(generators) == 2 and not torch.equal(generators[0]["state"], generators[1]["state"])
+    for r in (0, 1):
+        assert (ckpt / f"random_states_{r}.pkl").is_file()
 
 
 # ------------------------------------------------------------------------------------------------- options
@@ -209,7 +213,7 @@ def test_decoder_only_leaves_encoder_bit_identical(photos_dir, tmp_path, run_inp
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("conv_out.weight"))
-    opt = torch.load(out / "checkpoint-2" / "optimizers.pt", weights_only=True)["vae"]
+    opt = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)  # Accelerate's name for the VAE's
     n_trainable = sum(1 for k in before if k.startswith(("decoder.", "post_quant_conv.")))
     assert len(opt["param_groups"][0]["params"]) == n_trainable  # the frozen part is not even in the optimizer
 
@@ -227,11 +231,17 @@ def test_ema_is_what_validation_used_and_checkpoints_are_pruned(photos_dir, phot
                                      "--checkpoints_total_limit", "2", "--validation_steps", "2", "--use_ema",
                                      "--learning_rate", "1e-3", "--perceptual_weight", "0", "--disc_start", "100",
                                      "--validation_images", *val_paths))
-    assert [p.name for p in training.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
     assert result["skipped"] >= 2  # the truncated JPEG and the text file were skipped and counted, not fatal
 
     raw, ema = KLVAE.from_pretrained(out), KLVAE.from_pretrained(out, variant="ema")
     assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+    from diffusers import AutoencoderKL
+
+    # the one layout: the last checkpoint's vae/ is the final folder (raw + "ema" variant), plain diffusers loads it
+    for variant, final in ((None, raw), ("ema", ema)):
+        saved = AutoencoderKL.from_pretrained(out / "checkpoint-4" / "vae", variant=variant).state_dict()
+        assert_identical(saved, final.state_dict(), f"checkpoint-4/vae ({variant or 'raw'})")
     from diffusers_klvae.data import load_validation_images
     from diffusers_klvae.evaluation import psnr, reconstruct
     from diffusers_klvae.imaging import to_uint8
@@ -253,11 +263,11 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(photos_dir, tmp_path, ru
     final = weights(out)
     assert {t.dtype for t in final.values()} == {torch.float32}
     assert {t.dtype for t in weights(out / "checkpoint-2" / "discriminator").values() if t.is_floating_point()} == {torch.float32}
-    opt = torch.load(out / "checkpoint-2" / "optimizers.pt", weights_only=True)
-    assert {s["exp_avg"].dtype for s in opt["vae"]["state"].values()} == {torch.float32}
+    opt = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)  # the VAE's
+    assert {s["exp_avg"].dtype for s in opt["state"].values()} == {torch.float32}
     start = weights(tiny_start)
     assert all(not torch.equal(final[k], start[k]) for k in start if k.endswith("conv_out.weight"))
-    history = json.loads((out / "checkpoint-2" / training.CHECKPOINT_MARKER).read_text())["history"]
+    history = json.loads((out / "checkpoint-2" / checkpoints.CHECKPOINT_MARKER).read_text())["history"]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
@@ -330,7 +340,7 @@ def test_push_to_hub_and_checkpoint_pushes_go_through_hub_api(photos_dir, tmp_pa
             future.set_result(fn(*args, **kwargs))
             return future
 
-    monkeypatch.setattr(training, "hub_client", RecordingApi)
+    monkeypatch.setattr(train_outputs, "hub_client", RecordingApi)
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)  # never written anywhere
     out = tmp_path / "push"
     run_inprocess(from_start(base_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--use_ema",
@@ -355,8 +365,8 @@ def quick_args(photos_dir, out, *extra):
 def test_second_run_on_a_busy_folder_refuses_with_the_holders_pid(photos_dir, tmp_path, run_inprocess):
     out = tmp_path / "busy"
     out.mkdir()
-    with training.output_dir_lock(out):  # what a running training holds
-        with pytest.raises(training.OutputDirError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+    with checkpoints.output_dir_lock(out):  # what a running training holds
+        with pytest.raises(checkpoints.OutputDirError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
             run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))
     assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing written, nothing lost
     run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))  # the lock goes with its holder
@@ -366,7 +376,7 @@ def test_new_run_refuses_a_folder_with_an_earlier_run(photos_dir, tmp_path, run_
     out = tmp_path / "earlier"
     run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))
     before = weights(out)
-    with pytest.raises(training.OutputDirError, match="holds an earlier run .*--resume_from_checkpoint latest"):
+    with pytest.raises(checkpoints.OutputDirError, match="holds an earlier run .*--resume_from_checkpoint latest"):
         run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--seed", "1"))
     assert_identical(weights(out), before, "the earlier run's model")
 
@@ -375,11 +385,19 @@ def test_latest_falls_back_past_a_checkpoint_without_weights(photos_dir, tmp_pat
     out = tmp_path / "fallback"
     run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
     (out / "checkpoint-2" / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # marked complete, weights gone
-    assert training.find_latest_checkpoint(out) == out / "checkpoint-1"
+    assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-1"
     with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2: missing vae/diffusion_pytorch_model"):
-        training.resolve_resume_path(str(out / "checkpoint-2"), out)
-    (out / "checkpoint-1" / training.CHECKPOINT_MARKER).write_text("{not json")
-    assert training.find_latest_checkpoint(out) is None  # a corrupt marker is skipped too, not a JSONDecodeError
+        checkpoints.resolve_resume_path(str(out / "checkpoint-2"), out)
+    (out / "checkpoint-1" / checkpoints.CHECKPOINT_MARKER).write_text("{not json")
+    assert checkpoints.find_latest_checkpoint(out) is None  # a corrupt marker is skipped too, not a JSONDecodeError
+
+
+def test_a_checkpoint_pickle_holding_objects_is_refused_before_accelerate_unpickles_it(tmp_path):
+    torch.save({"processes": [{"offset": 3}]}, tmp_path / "custom_checkpoint_0.pkl")  # what we write: plain values
+    checkpoints._refuse_unsafe_pickles(tmp_path)
+    torch.save({"processes": [Path("x")]}, tmp_path / "custom_checkpoint_1.pkl")  # any other object: refused
+    with pytest.raises(ValueError, match="custom_checkpoint_1.pkl holds more than tensors and plain values"):
+        checkpoints._refuse_unsafe_pickles(tmp_path)
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, tmp_path, run_inprocess):
@@ -391,7 +409,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, t
     aside = list(out.glob("abandoned-*"))
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert_identical(weights(aside[0] / "checkpoint-3" / "vae"), abandoned, "the abandoned checkpoint (moved, not deleted)")
-    assert training.find_latest_checkpoint(out) == out / "checkpoint-2"  # `latest` continues the new run
+    assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-2"  # `latest` continues the new run
 
 
 def test_resume_without_ema_leaves_no_stale_ema_file(photos_dir, tmp_path, run_inprocess):
@@ -412,3 +430,35 @@ def test_a_kill_during_the_final_save_keeps_the_cards_metrics(photos_dir, tmp_pa
     run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--validation_steps", "2", "--resume_from_checkpoint", "latest"))
     metric_lines = [line for line in card.splitlines() if "PSNR" in line or "psnr" in line]
     assert metric_lines and set(metric_lines) <= set((out / "README.md").read_text().splitlines())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 18 MB tmpfs: room for the first checkpoint of a tiny run (~12 MB, mostly the discriminator), not a second."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_previous_checkpoint(photos_dir, tmp_path, small_disk, run_inprocess):
+    out = small_disk / "run"
+    result = subprocess.run([sys.executable, str(SCRIPT), *quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                                                      "--num_validation_images", "0")],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"train_autoencoder.py: error: disk full while writing {out / 'checkpoint-2'}", result.stderr[-3000:]
+    assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-1"  # intact: every file there
+    assert not list(out.glob(".tmp-*"))  # the half-written one was removed, giving its space back
+
+    moved = tmp_path / "run"  # resumable: on a disk with room, it continues to the end
+    shutil.copytree(out, moved)
+    run_inprocess(quick_args(photos_dir, moved, "--max_train_steps", "2", "--checkpointing_steps", "1", "--num_validation_images", "0",
+                             "--resume_from_checkpoint", "latest"))
+    assert checkpoints.find_latest_checkpoint(moved) == moved / "checkpoint-2"

@@ -1,0 +1,370 @@
+"""Checkpoints of a training run: ``output_dir/checkpoint-<step>/`` on Accelerate's own state machinery.
+
+``accelerator.save_state`` / ``load_state`` carry the optimizers, schedulers, grad scaler and every process's RNG
+states; what Accelerate does not know is registered with it (:func:`register_checkpoint_state`): the data-stream
+position and the posterior/mask generator of each process, the EMA's counters, and a save/load hook that writes the
+models as ``save_pretrained`` folders, the layout users load (``vae/`` with the EMA as the ``ema`` variant,
+``discriminator/``), as diffusers' training examples do. Around it, what a kill or a second run must not break:
+
+- a checkpoint is written to ``.tmp-checkpoint-<step>/``, ``training_state.json`` (:data:`CHECKPOINT_MARKER`) last,
+  then renamed: a kill leaves the whole checkpoint or a temporary folder ``latest`` ignores;
+- :func:`find_latest_checkpoint` skips marked checkpoints that miss a file; :func:`set_aside_newer_checkpoints`
+  moves the newer ones aside when a run resumes from an older one; :class:`output_dir_lock` admits one run per folder;
+- pickles are read with ``torch.load(weights_only=True)`` only (see :func:`_refuse_unsafe_pickles`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
+VAE_FOLDER, DISC_FOLDER = "vae", "discriminator"
+# what register_checkpoint_state registers, in order: Accelerate writes them as custom_checkpoint_<index>.pkl
+REGISTERED_STATES = ("data_stream", "generator", "ema_counters")
+
+
+def registered_state_file(checkpoint: str | os.PathLike, name: str) -> Path:
+    """The file Accelerate wrote for one of :data:`REGISTERED_STATES`."""
+    return Path(checkpoint) / f"custom_checkpoint_{REGISTERED_STATES.index(name)}.pkl"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what Accelerate saves besides models, optimizers, schedulers, scaler and RNG states
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GeneratorState:
+    """A ``torch.Generator`` with the ``state_dict``/``load_state_dict`` ``register_for_checkpointing`` asks for."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+class PerProcessState:
+    """Per-process state (a data-stream position, a generator) as one registered object.
+
+    Accelerate writes registered states from the main process only (one ``custom_checkpoint_<i>.pkl``), so
+    ``state_dict`` gathers every process's state (all processes call it: a collective) and each process loads its
+    own entry back.
+    """
+
+    def __init__(self, obj, *, process_index: int, num_processes: int):
+        self.obj, self.process_index, self.num_processes = obj, process_index, num_processes
+
+    def state_dict(self) -> dict:
+        from accelerate.utils import gather_object
+
+        return {"processes": gather_object([self.obj.state_dict()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        processes = state["processes"]
+        if len(processes) != self.num_processes:
+            raise ValueError(f"checkpoint written by {len(processes)} processes; this run has {self.num_processes}")
+        self.obj.load_state_dict(processes[self.process_index])
+
+
+class EMACounters:
+    """The EMA's counters (step, decay, ...); its weights are the ``ema`` variant in ``vae/`` (the one EMA layout,
+    written and read by the model hooks), so they are not stored a second time here. Registered even without EMA:
+    Accelerate refuses a checkpoint whose number of registered objects differs, and a run may resume without it."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return {} if self.ema is None else {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(state)  # no "shadow_params": the load hook has set them
+
+
+def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, data_stream) -> None:
+    """Register with ``accelerator`` what :func:`save_checkpoint` / :func:`load_checkpoint` must carry beyond
+    Accelerate's own: the stream position and the generator (per process), the EMA, and the models as
+    ``save_pretrained`` folders. Call once, after ``accelerator.prepare`` (the VAE first, the discriminator second)."""
+    per_process = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    states = {"data_stream": PerProcessState(data_stream, **per_process),
+              "generator": PerProcessState(GeneratorState(generator), **per_process), "ema_counters": EMACounters(ema)}
+    accelerator.register_for_checkpointing(*(states[name] for name in REGISTERED_STATES))
+    accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema))
+    accelerator.register_load_state_pre_hook(partial(_load_models, accelerator, ema))
+
+
+def _save_models(accelerator, ema, models: list, weights: list, output_dir: str) -> None:
+    """Accelerate's save hook: the VAE (raw + ``ema`` variant) and the discriminator as ``save_pretrained`` folders,
+    in place of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not to write those)."""
+    from .training import save_model_folder
+
+    vae, disc = models
+    if accelerator.is_main_process:
+        save_model_folder(accelerator.unwrap_model(vae), ema, Path(output_dir) / VAE_FOLDER)
+        accelerator.unwrap_model(disc).save_pretrained(Path(output_dir) / DISC_FOLDER)
+    weights.clear()
+
+
+def _load_models(accelerator, ema, models: list, input_dir: str) -> None:
+    """Accelerate's load hook: the weights :func:`_save_models` wrote (emptying ``models`` tells Accelerate not to
+    look for its own files); also the pickle check that must run before Accelerate reads its files."""
+    from safetensors.torch import load_file
+
+    from .hub import EMA_WEIGHTS_NAME, WEIGHTS_NAME
+
+    _refuse_unsafe_pickles(Path(input_dir))
+    vae, disc = (accelerator.unwrap_model(m) for m in models)
+    vae.load_state_dict(load_file(Path(input_dir) / VAE_FOLDER / WEIGHTS_NAME), strict=True)
+    disc.load_state_dict(load_file(Path(input_dir) / DISC_FOLDER / WEIGHTS_NAME), strict=True)
+    if ema is not None:
+        shadow = load_file(Path(input_dir) / VAE_FOLDER / EMA_WEIGHTS_NAME)
+        ema.shadow_params = [shadow[name].to(p.device, p.dtype) for name, p in vae.named_parameters()]
+    models.clear()
+
+
+def _refuse_unsafe_pickles(folder: Path) -> None:
+    """Read every pickle of the checkpoint with ``torch.load(weights_only=True)`` first.
+
+    Accelerate (1.x) reads optimizers, schedulers, the scaler and RNG states with ``weights_only=True`` (numpy arrays
+    allowed), but registered objects (``custom_checkpoint_<i>.pkl``) with ``weights_only=False``. Ours hold only
+    tensors, numbers, strings, lists and dicts; a file with anything else fails here, before that unrestricted load.
+    """
+    for file in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - UnpicklingError and friends: refuse the file, say which
+            raise ValueError(f"{file} holds more than tensors and plain values; refusing to unpickle it ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save, load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, training_state: dict | None = None,
+                    total_limit: int | None = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>/`` atomically (``accelerator.save_state`` into a temporary folder, the
+    marker last, one rename) and return its path. Every process must call it.
+
+    ``output_dir`` must be visible to every process (a shared filesystem on multi-node runs). A full disk raises
+    :class:`diffusers_klvae.cli_support.DiskFull` naming the checkpoint; the temporary folder is removed and the
+    previous checkpoints are untouched.
+
+    Args:
+        accelerator: the ``Accelerator``, with :func:`register_checkpoint_state` done.
+        output_dir (`str`): the run's folder.
+        step (`int`): optimizer updates done.
+        training_state (`dict`, *optional*): JSON-serialisable extras for ``training_state.json`` (loss history, ...).
+        total_limit (`int`, *optional*): keep at most this many complete checkpoints (oldest removed).
+    """
+    from .cli_support import writing
+
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        with writing(final):
+            accelerator.save_state(os.fspath(tmp))  # every process: its RNG states; the main process: the rest
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "num_processes": accelerator.num_processes, **(training_state or {})}
+                (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state))
+    except OSError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays as it was
+        raise
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving a step (e.g. after resuming from it): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic on POSIX: `latest` never sees a half-written checkpoint-<step>
+        prune_checkpoints(output_dir, total_limit)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote (``accelerator.load_state``; call after ``prepare`` and
+    :func:`register_checkpoint_state`); returns its ``training_state.json`` (``step`` etc.)."""
+    from .hub import EMA_WEIGHTS_NAME
+
+    path = Path(path)
+    state = json.loads((path / CHECKPOINT_MARKER).read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes; this run has "
+                         f"{accelerator.num_processes}: exact resume needs the same number")
+    if use_ema and not (path / VAE_FOLDER / EMA_WEIGHTS_NAME).is_file():
+        raise ValueError(f"--use_ema but {path} was saved without EMA: resume without --use_ema, or start a new run")
+    accelerator.load_state(os.fspath(path))
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finding, checking, retiring checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """``.../checkpoint-1200`` -> 1200; anything else -> None."""
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint is complete when its marker (written last, before the atomic rename) is there."""
+    return checkpoint_step(path) is not None and (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary and incomplete folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)), key=checkpoint_step)
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a marked checkpoint cannot be resumed (a file missing, an unreadable marker), or None if it can."""
+    from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
+
+    from .hub import WEIGHTS_NAME
+
+    path = Path(path)
+    try:
+        world = int(json.loads((path / CHECKPOINT_MARKER).read_text())["num_processes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {CHECKPOINT_MARKER} ({type(err).__name__}: {err})"
+    needed = [f"{VAE_FOLDER}/{WEIGHTS_NAME}", f"{DISC_FOLDER}/{WEIGHTS_NAME}",
+              *(f"{name}{suffix}.bin" for name in (OPTIMIZER_NAME, SCHEDULER_NAME) for suffix in ("", "_1")),
+              *(registered_state_file(".", name).name for name in REGISTERED_STATES),
+              *(f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(world))]
+    missing = [name for name in needed if not (path / name).is_file()]
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` folder that has all its files, or None; newer broken ones are
+    skipped with a warning naming what they lack."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping %s: %s", path, problem)
+    return None
+
+
+def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """``--resume_from_checkpoint``: None -> None; "latest" -> newest usable one (None if none yet); else the folder."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            logger.info("no complete checkpoint in %s yet: starting a new run", output_dir)
+        return latest
+    path = Path(resume_from_checkpoint)
+    if not is_complete_checkpoint(path):
+        raise ValueError(f"{path} is not a complete checkpoint-<step> folder (no {CHECKPOINT_MARKER})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"cannot resume from {path}: {problem}")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Remove temporary folders of killed saves, then all but the newest ``keep`` complete checkpoints.
+
+    Not ``ProjectConfiguration(total_limit=...)``: Accelerate's pruning needs its automatic naming
+    (``checkpoints/checkpoint_<save count>``, not the step), counts every folder there (incomplete or abandoned ones
+    too) and deletes *before* the new checkpoint is written, so a kill mid-save would leave fewer good ones.
+    """
+    for stale in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep is None:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - keep)]:
+        logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, keep)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot take this run (another run holds it, or it holds an earlier run's results)."""
+
+
+def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
+    """A new run must not overwrite an earlier run's checkpoints or model silently."""
+    output_dir = Path(output_dir)
+    found = [p.name for p in list_checkpoints(output_dir)] + [n for n in ("config.json",) if (output_dir / n).is_file()]
+    if found:
+        raise OutputDirError(f"--output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with "
+                             "--resume_from_checkpoint latest, or choose another --output_dir")
+
+
+def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume: Path) -> list[Path]:
+    """Resuming from an older checkpoint abandons the newer ones: move them to ``abandoned-<time>/`` (not deleted),
+    so a later ``latest`` continues this run, not the abandoned one."""
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume)]
+    if not newer:
+        return []
+    aside = Path(output_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    moved = [Path(shutil.move(os.fspath(p), os.fspath(aside / p.name))) for p in newer]
+    logger.warning("resuming from %s: moved the newer %s aside to %s", resume.name, ", ".join(p.name for p in newer), aside)
+    return moved
+
+
+class output_dir_lock:
+    """Context manager: an exclusive lock on ``output_dir`` for the run's life; a second run refuses with the holder's pid.
+
+    ``fcntl.flock`` (POSIX) is released by the kernel when the process dies, so a killed run leaves no stale lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
+        self.path = Path(output_dir) / ".train.lock"
+        self.enabled = enabled
+        self.file = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise OutputDirError(f"--output_dir {self.path.parent} is in use by another training run (pid {holder}): "
+                                 "wait for it to end or choose another --output_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+        return False
