@@ -126,7 +126,7 @@ def _load_models(accelerator, ema, models: list, input_dir: str) -> None:
     look for its own files); also the pickle check that must run before Accelerate reads its files."""
     from safetensors.torch import load_file
 
-    from .hub import EMA_WEIGHTS_NAME, WEIGHTS_NAME
+    from .loading import EMA_WEIGHTS_NAME, WEIGHTS_NAME
 
     _refuse_unsafe_pickles(Path(input_dir))
     vae, disc = (accelerator.unwrap_model(m) for m in models)
@@ -205,7 +205,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
 def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> dict:
     """Restore everything :func:`save_checkpoint` wrote (``accelerator.load_state``; call after ``prepare`` and
     :func:`register_checkpoint_state`); returns its ``training_state.json`` (``step`` etc.)."""
-    from .hub import EMA_WEIGHTS_NAME
+    from .loading import EMA_WEIGHTS_NAME
 
     path = Path(path)
     state = json.loads((path / CHECKPOINT_MARKER).read_text())
@@ -247,7 +247,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why a marked checkpoint cannot be resumed (a file missing, an unreadable marker), or None if it can."""
     from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
 
-    from .hub import WEIGHTS_NAME
+    from .loading import WEIGHTS_NAME
 
     path = Path(path)
     try:

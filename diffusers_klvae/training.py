@@ -301,7 +301,7 @@ def save_model_folder(raw_vae, ema, folder: str | os.PathLike) -> None:
     """The one layout of a trained model (final output and every checkpoint's ``vae/``): ``save_pretrained``
     (safetensors) of the raw weights and, beside them, of the EMA weights as the ``ema`` variant
     (``diffusion_pytorch_model.ema.safetensors``: ``AutoencoderKL.from_pretrained(folder, variant="ema")``)."""
-    from .hub import EMA_VARIANT, EMA_WEIGHTS_NAME
+    from .loading import EMA_VARIANT, EMA_WEIGHTS_NAME
 
     raw_vae.save_pretrained(folder, safe_serialization=True)
     if ema is not None:
