@@ -5,52 +5,51 @@ and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. 
 the network runs layer by layer over *whole* maps, and only the computation is cut into pieces.
 
 - Every map between two layers lives whole in a store (``_Store``): on the compute device while the maps held there
-  fit ``MAP_SHARE`` of the budget, otherwise in host memory (pinned when the device is CUDA), or with
-  ``map_store="file"`` in a memory-mapped temporary file, so that a CPU user can bound RAM too.
-- A layer streams bands of full rows of its input through the device, each band with the halo rows its conv needs
-  (one row each side for a 3×3 conv), and writes its bands of output into a new map: nothing is recomputed, and the
-  band height is chosen so that the band's temporaries fit what the maps on the device leave of the budget.
-- GroupNorm statistics (and the spatial means of squeeze-and-excitation gates) are exact: while a layer writes its
-  output, the per-channel moments of every band are merged (Chan's formula, float64) into whole-map moments, which
-  the next layer's GroupNorm then uses for every band. So each layer is one sweep over its input, two for a resnet.
-- The mid-block attention attends over the whole latent-resolution map: its keys and values are held whole on the
-  device (two latent-sized maps), and the queries are streamed in bands.
+  fit ``MAP_SHARE`` of the budget, otherwise in host memory (pinned for CUDA), or with ``map_store="file"`` in an
+  unlinked temporary file read and written a band at a time (its pages are in the page cache, not in the process).
+- A layer streams bands of full rows through the device, each with the halo rows its convs need, and writes its
+  output bands into a new map (or over its input, a few rows behind the band that reads it). The band height keeps
+  the band's temporaries within what the maps on the device leave of the budget.
+- GroupNorm statistics (and squeeze-and-excitation means) are exact: while a map is written, the moments of every
+  band are merged (Chan's formula, float64) into whole-map moments, which the next GroupNorm uses for every band.
+- Host memory holds at most ``HOST_MAPS`` times the largest map a resnet writes (the residual stream, held anyway).
+  Beyond that a layer recomputes instead of storing: an upsampler's ×2 map is computed from its input wherever it is
+  read, and a resnet runs its first conv twice (once for its second GroupNorm's statistics) and writes its output
+  over its input. A file store holds every map.
+- The mid-block attention holds the keys and values of the whole latent map on the device and streams query bands.
 
 The only difference from the untiled network is the rounding of the stored maps: a float32 model stores them in
 float16 with a power-of-two scale per row and channel by default (``storage_dtype=torch.float32`` stores them
-exactly, ``torch.bfloat16`` without scales). The budget bounds the maps held on the
-device and the bands; it does not cover the weights, the returned output, the caller's input, or the attention's keys
-and values (counted while they live, but held whatever the budget). Bands are full rows: a map so wide that one row of a layer's band exceeds the budget still runs, one row at a
-time, above the budget (tiles of width too would be needed there). See ``docs/tiling.md`` for measured figures.
-
-The statistics reach the GroupNorm modules through their ``stats_hook``, set only for the duration of a pass
-(``_statistics_of``), so that every GroupNorm and conv still runs as a module call (hooks of layerwise casting,
-group offloading and PEFT adapters run as untiled).
+exactly, ``torch.bfloat16`` without scales). The budget does not cover the weights, the returned output, the
+caller's input, or the attention's keys and values; a band is at least one row, whatever its bytes. Statistics reach
+the GroupNorms through their ``stats_hook`` (``_statistics_of``), so every GroupNorm and conv runs as a module call
+(hooks of layerwise casting, group offloading and PEFT adapters run as untiled). Figures: ``docs/tiling.md``.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import tempfile
+import weakref
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from .blocks import (Downsample, GroupNorm, ResnetBlock, SqueezeExcitation, Upsample, _act_, base_layer, computing_in,
-                     merge_moments, nearest_2x, upscale_dtype)
+from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, merge_moments,
+                     nearest_2x, upscale_dtype)
 
 # Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
 # holds about four such maps at its peak, so the default bounds device memory as its tiles do.
 DEVICE_TILES = 4
-# Of the budget, whole maps may take this share on the device (a resnet holds two at a time, its input and output);
-# the rest is for the bands being computed.
+# Of the budget, whole maps may take this share on the device; the rest is for the bands being computed.
 MAP_SHARE = 0.75
+# Maps in host memory: at most this many times the largest map a resnet writes (which is held in any case); beyond,
+# layers recompute rather than hold a second full-resolution map (see the module docstring).
+HOST_MAPS = 1.5
 # The bytes of a band's tensors that the row estimate counts, times this, must fit: convolution kernels reorder and pad
 # their inputs in workspaces the estimate does not see.
 WORKSPACE_FACTOR = 1.5
@@ -59,7 +58,6 @@ WORKSPACE_FACTOR = 1.5
 STORAGE_DTYPE = torch.float16
 SCALED_MAX_EXPONENT = 15  # scaled rows stay below 2**15 < 65504, float16's largest value
 MAP_STORES = ("memory", "file")
-FAULT_AROUND_BYTES = 2**20  # above Linux's fault-around window (64 kB by default): see _FileMap._drop
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
@@ -83,6 +81,7 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         out = _Map.wrap(store, torch.empty(b, base_layer(decoder.conv_out).out_channels, h, w, dtype=up_dtype,
                                            device=z.device))
+        _statistics_pass(store, x)
         _conv_pass(store, decoder.conv_out, x, out, pre=_norm_act(decoder.conv_norm_out, decoder.conv_act, x, store))
     x.free()
     return out.tensor
@@ -115,37 +114,37 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the map store
 class _Store:
-    """Where the whole maps of one tiled call live, and how many rows a band may have.
-
-    Args:
-        device (`torch.device`): the compute device.
-        dtype (`torch.dtype`): the compute dtype (bands are computed in it; ``dtype`` changes after the decoder's mid
-            block under ``upcast_vae``).
-        storage (`torch.dtype`): the dtype maps are stored in.
-        budget (`int`): bytes of the device the maps held there and the bands may take.
-        kind (`str`, defaults to ``"memory"``): where maps that do not fit the device go: ``"memory"`` (host memory,
-            pinned for CUDA) or ``"file"`` (a memory-mapped temporary file in ``folder``).
-        folder (`str`, *optional*): directory of the ``"file"`` maps (default: ``tempfile.gettempdir()``).
-    """
+    """Where the whole maps of one tiled call live, and how many rows a band may have: ``budget`` bytes of the
+    ``device`` for the maps held there and the bands (computed in ``dtype``, stored in ``storage``); beyond, maps go to
+    ``kind`` (``"memory"``: host memory, pinned for CUDA, up to ``host_cap`` bytes before layers recompute instead;
+    ``"file"``: temporary files in ``folder``)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, storage: torch.dtype, budget: int, *,
-                 kind: str = "memory", folder: str | None = None):
+                 kind: str = "memory", folder: str | None = None, host_cap: float = math.inf):
         if kind not in MAP_STORES:
             raise ValueError(f"map_store must be one of {MAP_STORES}; got {kind!r}")
         self.device, self.dtype, self.storage, self.budget = device, dtype, storage, int(budget)
-        self.kind, self.folder = kind, folder
+        self.kind, self.folder, self.host_cap = kind, folder, host_cap
         self.on_device = 0  # bytes of the whole maps held on the device now
+        self.in_host = 0  # bytes of the whole maps held in host memory now
 
     @classmethod
     def for_call(cls, vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> "_Store":
         """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
         times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
+        storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
         budget = getattr(vae, "tile_max_device_bytes", None)
         if budget is None:
-            budget = DEVICE_TILES * max(_largest_maps(layers, tile_pixels)) * dtype.itemsize
-        storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
+            budget = DEVICE_TILES * _map_sizes(layers, tile_pixels)[0] * dtype.itemsize
+        resnet_out = _map_sizes(layers, x.shape[2] * x.shape[3])[1] * x.shape[0] * storage.itemsize
         return cls(x.device, x.dtype, storage, budget, kind=getattr(vae, "tile_map_store", None) or "memory",
-                   folder=getattr(vae, "tile_map_dir", None))
+                   folder=getattr(vae, "tile_map_dir", None), host_cap=HOST_MAPS * resnet_out)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether one more map of ``shape`` may be held beside those held now (in a file, always)."""
+        nbytes = math.prod(shape) * self.storage.itemsize
+        return (self.on_device + nbytes <= MAP_SHARE * self.budget or self.kind == "file"
+                or self.in_host + nbytes <= self.host_cap)
 
     def new(self, shape: tuple[int, ...]) -> "_Map":
         """An empty map of ``shape`` (B, C, H, W): on the device while the maps there fit ``MAP_SHARE`` of the budget."""
@@ -156,7 +155,8 @@ class _Store:
         if self.kind == "file":
             return _FileMap(self, shape)
         pin = self.device.type == "cuda"  # pinned host memory: faster copies to and from the device
-        return _Map(self, torch.empty(shape, dtype=self.storage, pin_memory=pin))
+        self.in_host += nbytes
+        return _Map(self, torch.empty(shape, dtype=self.storage, pin_memory=pin), in_host=nbytes)
 
     def rows(self, per_row: float, halo: float = 0) -> int:
         """Rows of a band whose tensors take ``per_row`` bytes per row (plus ``halo`` rows), within what the maps on the
@@ -165,25 +165,51 @@ class _Store:
         return max(1, int(free / (WORKSPACE_FACTOR * per_row)) - math.ceil(halo))
 
 
+class _Moments:
+    """Whole-map per-channel moments merged band by band (count per channel, mean and M2 in float64, each (B, C))."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, band: torch.Tensor) -> None:
+        wide = band if band.dtype in (torch.float32, torch.float64) else band.float()  # half: float32 moments
+        var, mean = torch.var_mean(wide, dim=(2, 3), correction=0)
+        count = band.shape[2] * band.shape[3]
+        part = (count, mean.double(), var.double() * count)
+        self.n, self.mean, self.m2 = part if self.mean is None else merge_moments((self.n, self.mean, self.m2), part)
+
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, biased var) of the whole map, each (B, C) float64."""
+        return self.mean, self.m2 / self.n
+
+    def group_stats(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (mean, biased var) of the whole map, each (B, groups) float64 (every channel has n values)."""
+        b = self.mean.shape[0]
+        mean_c, m2_c = self.mean.view(b, groups, -1), self.m2.view(b, groups, -1)
+        mean_g = mean_c.mean(-1)
+        m2_g = m2_c.sum(-1) + self.n * (mean_c - mean_g[..., None]).square().sum(-1)
+        return mean_g, m2_g / (self.n * mean_c.shape[-1])
+
+
 class _Map:
     """A whole map (B, C, H, W) held as a tensor (on the device or in host memory), read and written in bands of rows.
 
-    While a pass writes it, the per-channel moments of the bands written are merged into whole-map moments
-    (``moments``: count per channel, mean and M2 in float64, each (B, C)): the GroupNorm statistics of the next layer.
+    While a pass writes it, the per-channel moments of the bands written are merged into ``moments`` (``_Moments``):
+    the GroupNorm statistics of the next layer.
 
     Stored in float16 for a wider compute dtype, every row of every channel is scaled by a power of two that brings its
     largest magnitude just under 2¹⁵ (``exponents``, (B, C, H) int32 on the device): float16's 11-bit precision
     without its range limit (the SD VAE's activations overflow float16), 8× finer than bfloat16 in the same bytes.
     """
 
-    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0, track: bool = True,
-                 shape: tuple[int, ...] | None = None):
-        self.store, self.tensor, self.counted, self.track = store, tensor, counted, track
+    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0, in_host: int = 0,
+                 track: bool = True, shape: tuple[int, ...] | None = None):
+        self.store, self.tensor, self.counted, self.in_host, self.track = store, tensor, counted, in_host, track
         self.on_device = counted > 0  # held on the device within the budget (else in host memory or a file)
         self.moments = None
-        self._shape = torch.Size(shape if shape is not None else tensor.shape)
+        self.shape = torch.Size(shape if shape is not None else tensor.shape)
         scaled = track and store.storage == torch.float16 and store.dtype != torch.float16
-        b, c, h, _ = self._shape
+        b, c, h, _ = self.shape
         self.exponents = torch.zeros(b, c, h, dtype=torch.int32, device=store.device) if scaled else None
         if scaled:  # on the device whatever the store: counted in the budget (2/W of the map's bytes)
             store.on_device += self.exponents.nbytes
@@ -195,154 +221,178 @@ class _Map:
         it is, and no layer normalizes it (no moments)."""
         return cls(store, tensor, track=False)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self._shape
-
     def _get(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 as stored (a view of the tensor)."""
+        """Rows r0:r1 as stored, (B, C, rows, W) (a view of the tensor)."""
         return self.tensor[:, :, r0:r1]
 
     def _put(self, r0: int, band: torch.Tensor) -> None:
-        """Store ``band`` (already in the storage dtype, on the compute device) at rows r0.."""
-        self.tensor[:, :, r0: r0 + band.shape[2]] = band
+        """Store ``band`` (compute dtype, on the compute device) at rows r0.. in the storage dtype."""
+        self.tensor[:, :, r0: r0 + band.shape[2]].copy_(band)
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 on the compute device in the compute dtype (a view when the map is stored that way: callers
         must not write into it)."""
-        band = self._get(r0, r1).to(self.store.device)
+        band = self._get(r0, r1).to(self.store.device, self.store.dtype, memory_format=torch.contiguous_format)
         if self.exponents is None:
-            return band.to(self.store.dtype)
+            return band
         scale = torch.exp2((self.exponents[:, :, r0:r1] - SCALED_MAX_EXPONENT).to(self.store.dtype))
-        return band.to(self.store.dtype).mul_(scale[..., None])  # a power of two: exact
+        return band.mul_(scale[..., None])  # a power of two: exact
 
     def begin(self) -> None:
         """Start a pass writing the map: its moments restart from nothing."""
-        self.moments = None
+        self.moments = _Moments() if self.track else None
 
     def write(self, r0: int, band: torch.Tensor) -> None:
         """Store the computed ``band`` at rows r0.., and merge its moments (of the computed values, before the
         storage rounding: what the untiled network normalizes). A scaled map scales ``band`` in place: callers pass
         their own temporaries."""
-        if self.track:
-            wide = band if band.dtype in (torch.float32, torch.float64) else band.float()  # half: float32 moments
-            var, mean = torch.var_mean(wide, dim=(2, 3), correction=0)
-            count = band.shape[2] * band.shape[3]
-            part = (count, mean.double(), var.double() * count)
-            self.moments = part if self.moments is None else merge_moments(self.moments, part)
+        if self.moments is not None:
+            self.moments.add(band)
         if self.exponents is not None:  # |band| < 2**exponent per row and channel → |scaled| < 2**SCALED_MAX_EXPONENT
             low, high = torch.aminmax(band, dim=3)  # no full-size temporary, unlike band.abs()
             exponent = torch.frexp(torch.maximum(-low, high)).exponent
             self.exponents[:, :, r0: r0 + band.shape[2]] = exponent
             band.mul_(torch.exp2((SCALED_MAX_EXPONENT - exponent).to(band.dtype))[..., None])
-        self._put(r0, band.to(self.store.storage))
-
-    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (mean, biased var) of the whole map, each (B, C) float64."""
-        n, mean, m2 = self.moments
-        return mean, m2 / n
-
-    def group_stats(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group (mean, biased var) of the whole map, each (B, groups) float64 (every channel has n values)."""
-        n, mean, m2 = self.moments
-        b = mean.shape[0]
-        mean_c, m2_c = mean.view(b, groups, -1), m2.view(b, groups, -1)
-        mean_g = mean_c.mean(-1)
-        m2_g = m2_c.sum(-1) + n * (mean_c - mean_g[..., None]).square().sum(-1)
-        return mean_g, m2_g / (n * mean_c.shape[-1])
+        self._put(r0, band)
 
     def free(self) -> None:
-        """Release the map (its device bytes return to the budget)."""
+        """Release the map (its bytes return to the budget and the host cap)."""
         self.store.on_device -= self.counted
-        self.counted, self.tensor, self.exponents = 0, None, None
+        self.store.in_host -= self.in_host
+        self.counted, self.in_host, self.tensor, self.exponents = 0, 0, None, None
 
 
 class _FileMap(_Map):
-    """A map in a memory-mapped temporary file, laid out (H, B, C, W) so that a band of rows is one byte range. The
-    file is unlinked at once (the mapping keeps it until freed), and the pages of a band are dropped from the process
-    (``MADV_DONTNEED``) after each read or write, so that they count in the page cache, not in the process's RAM."""
+    """A map in an unlinked temporary file, laid out (H, B, C, W) so that a band of rows is one byte range, read and
+    written with one ``preadv``/``pwrite`` per band: its pages are in the kernel's page cache (written back to disk
+    when memory is short), never in the process, and no page is faulted in one at a time."""
 
     def __init__(self, store: _Store, shape: tuple[int, ...]):
         super().__init__(store, None, shape=shape)
         b, c, h, w = shape
         self.row_bytes = b * c * w * store.storage.itemsize
         fd, path = tempfile.mkstemp(prefix="klvae-map-", suffix=".bin", dir=store.folder)
-        try:
-            os.ftruncate(fd, max(h * self.row_bytes, 1))
-            self.file = np.memmap(path, dtype=np.uint8, mode="r+", shape=(h, self.row_bytes))
-        finally:
-            os.close(fd)
-            os.unlink(path)
-
-    def _rows(self, r0: int, r1: int) -> torch.Tensor:
-        b, c, _, w = self._shape
-        return torch.from_numpy(self.file[r0:r1]).view(self.store.storage).view(r1 - r0, b, c, w)
-
-    def _drop(self, r0: int, r1: int) -> None:
-        # FAULT_AROUND_BYTES more on each side: a read fault also maps the neighbouring cached pages (the kernel's
-        # fault-around), rows of bands already dropped among them
-        start = max(r0 * self.row_bytes - FAULT_AROUND_BYTES, 0) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(r1 * self.row_bytes + FAULT_AROUND_BYTES, len(self.file._mmap))
-        self.file._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        os.unlink(path)  # the descriptor keeps the file until freed
+        self.fd, self._close = fd, weakref.finalize(self, os.close, fd)  # closed by free(), or when collected
 
     def _get(self, r0: int, r1: int) -> torch.Tensor:
-        b, c, _, w = self._shape
-        band = torch.empty(b, c, r1 - r0, w, dtype=self.store.storage)
-        band.copy_(self._rows(r0, r1).permute(1, 2, 0, 3))  # a copy: the file's pages are dropped next
-        self._drop(r0, r1)
-        return band
+        b, c, _, w = self.shape
+        rows = torch.empty(r1 - r0, b, c, w, dtype=self.store.storage)
+        view, offset = memoryview(rows.view(torch.uint8).numpy()).cast("B"), r0 * self.row_bytes
+        while view:  # a regular file reads short only past 2 GiB per call
+            done = os.preadv(self.fd, [view], offset)
+            view, offset = view[done:], offset + done
+        return rows.permute(1, 2, 0, 3)
 
     def _put(self, r0: int, band: torch.Tensor) -> None:
-        r1 = r0 + band.shape[2]
-        self._rows(r0, r1).copy_(band.permute(2, 0, 1, 3))
-        self._drop(r0, r1)
+        rows = torch.empty(band.shape[2], *band.shape[:2], band.shape[3], dtype=self.store.storage)
+        rows.copy_(band.permute(2, 0, 1, 3))
+        view, offset = memoryview(rows.view(torch.uint8).numpy()).cast("B"), r0 * self.row_bytes
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
 
     def free(self) -> None:
         super().free()
-        self.file = None  # the mapping closes with its last reference
+        self._close()
+
+
+class _Computed:
+    """A map that is never stored: its rows are computed from other maps wherever they are read (an upsampler's ×2
+    output when host memory cannot hold it). ``moments`` as ``_Map``'s, filled by ``_statistics_pass``."""
+
+    def __init__(self, shape: tuple[int, ...], rows, sources: list):
+        self.shape, self.rows, self.sources, self.moments = torch.Size(shape), rows, sources, None
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        return self.rows(r0, r1)
+
+    def free(self) -> None:
+        for source in self.sources:
+            source.free()
 
 
 # ------------------------------------------------------------------ layers, streamed
-def _layer(store: _Store, layer: nn.Module, x: _Map) -> _Map:
-    """``layer(x)`` for a layer of the up/down blocks, as a new map; x is freed."""
+def _layer(store: _Store, layer: nn.Module, x) -> _Map | _Computed:
+    """``layer(x)`` for a layer of the up/down blocks, as a new map (or a computed one); x is freed."""
     if isinstance(layer, ResnetBlock):
         return _resnet(store, layer, x)
     if isinstance(layer, Upsample):
-        out = _conv_pass(store, layer.conv, x, kind="up")
+        b, c, h, w = x.shape
+        near = _nearest(x)
+        up = _Computed((b, base_layer(layer.conv).out_channels, 2 * h, 2 * w),
+                       lambda r0, r1: _conv_rows(layer.conv, near, r0, r1), [x])
+        if not store.fits(up.shape):
+            return up  # x is freed with it
+        out = _sweep(store, store.new(tuple(up.shape)), up.read)
     elif isinstance(layer, Downsample):
-        out = _conv_pass(store, layer.conv, x, kind="down")
+        out = _conv_pass(store, layer.conv, x, down=True)
     else:
         raise TypeError(f"expected a ResnetBlock, Upsample or Downsample layer; got {type(layer).__name__}")
     x.free()
     return out
 
 
-def _resnet(store: _Store, block: ResnetBlock, x: _Map) -> _Map:
+def _nearest(x):
+    """x upsampled ×2 (nearest), as a map computed when read."""
+    b, c, h, w = x.shape
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        a = r0 // 2
+        return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
+
+    return _Computed((b, c, 2 * h, 2 * w), rows, [x])
+
+
+def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
+    """Rows r0:r1 of ``conv(pre(x))`` for a stride-1 conv padding as much as its kernel's half: reads the halo rows
+    each side (the conv's own zero padding is right at the map's border; the output rows of a halo are dropped)."""
+    halo = base_layer(conv).kernel_size[0] // 2
+    a, e = max(r0 - halo, 0), min(r1 + halo, x.shape[2])
+    band = x.read(a, e)
+    return conv(band if pre is None else pre(band))[:, :, r0 - a: r1 - a]
+
+
+def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
     """``block(x)`` in two passes (three with a squeeze-and-excitation gate); x is freed.
 
-    conv1 writes a new map h; conv2 writes over h (the row above each band is kept before it is overwritten) and adds
-    the shortcut of x band by band: two maps at a time, as the untiled inference path."""
-    h = _conv_pass(store, block.conv1, x, pre=_norm_act(block.norm1, block.nonlinearity, x, store))
-    pre = _norm_act(block.norm2, block.nonlinearity, h, store)
+    conv1 writes a new map h; conv2 writes over h (a few rows behind its reads) and adds the shortcut of x band by
+    band: two maps at a time, as the untiled inference path. When host memory cannot hold h beside x (same channels,
+    no gate), conv1 runs twice instead: a sweep for the statistics of h, then one that computes h band by band (with
+    its halo) and writes the block's output over x."""
+    _statistics_pass(store, x)
+    b, _, h_rows, w = x.shape
+    c_out = base_layer(block.conv1).out_channels
+    pre1 = _norm_act(block.norm1, block.nonlinearity, x, store)
+    if (isinstance(x, _Map) and block.conv_shortcut is None and block.squeeze_excitation is None
+            and not store.fits((b, c_out, h_rows, w))):
+        h = _Computed((b, c_out, h_rows, w), lambda r0, r1: _conv_rows(block.conv1, x, r0, r1, pre1), [])
+        _statistics_pass(store, h, per_row_maps=5)
+        pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
+        band = lambda r0, r1: _conv_rows(block.conv2, h, r0, r1, pre2).add_(x.read(r0, r1))  # noqa: E731
+        _sweep(store, x, band, per_row_maps=9, halo=2, lag=2)
+        return x
+    h = _conv_pass(store, block.conv1, x, pre=pre1)
+    pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
     shortcut = None if block.squeeze_excitation is not None else _shortcut(block, x)
-    _conv_pass(store, block.conv2, h, h, pre=pre, add=shortcut)
+    _conv_pass(store, block.conv2, h, h, pre=pre2, add=shortcut)
     if block.squeeze_excitation is not None:  # the gate needs the whole-map mean of conv2's output: one more pass
-        _pointwise_pass(store, h, _gate(block, h, x))
+        _sweep(store, h, _gate(block, h, x))
     x.free()
     return h
 
 
-def _shortcut(block: ResnetBlock, x: _Map):
+def _shortcut(block: ResnetBlock, x):
     """Rows r0:r1 of the block's shortcut of x."""
     if block.conv_shortcut is None:
         return lambda r0, r1: x.read(r0, r1)
     return lambda r0, r1: block.conv_shortcut(x.read(r0, r1))
 
 
-def _gate(block: ResnetBlock, h: _Map, x: _Map):
+def _gate(block: ResnetBlock, h: _Map, x):
     """Band r0:r1 of ``gate(h) + shortcut(x)``, the gate pooling with the whole-map mean of h."""
     gate, shortcut = block.squeeze_excitation, _shortcut(block, x)
-    stats = h.channel_stats()  # now: the pass that rewrites h restarts its moments
+    stats = h.moments.channel_stats()  # now: the pass that rewrites h restarts its moments
 
     def band(r0: int, r1: int) -> torch.Tensor:
         with _statistics_of([gate], lambda module, t: stats):
@@ -363,20 +413,16 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
     """``attn(x)`` (single-head self-attention over all pixels, with residual); x is freed.
 
     With diffusers' default processor (``AttnProcessor2_0``, what it computes is known), streamed: the keys and values
-    of the whole map are computed band by band and held on the device (two maps of the latent's size, counted against
-    the budget while they live, and allowed beyond it), then each band of queries attends to all of them. Any other
-    processor (a custom one, ``FusedAttnProcessor2_0`` after ``fuse_qkv_projections``) gets the whole map on the
-    device, as untiled."""
+    of the whole map are computed band by band and held on the device (counted against the budget while they live,
+    allowed beyond it), then each band of queries attends to all of them. Any other processor (a custom one,
+    ``FusedAttnProcessor2_0``) gets the whole map on the device, as untiled."""
     b, c, h, w = x.shape
     if type(attn.processor) is not AttnProcessor2_0 or attn.heads != 1:
         y = attn(x.read(0, h))
         x.free()
-        out = store.new(tuple(y.shape))
-        out.begin()
-        out.write(0, y)
-        return out
+        return _sweep(store, store.new(tuple(y.shape)), lambda r0, r1: y[:, :, r0:r1].clone())
     probe = torch.empty(b, c, 1, 1, dtype=store.dtype, device=store.device)
-    with _statistics_of([attn.group_norm], lambda module, t: x.group_stats(module.num_groups)):
+    with _statistics_of([attn.group_norm], lambda module, t: x.moments.group_stats(module.num_groups)):
         scale, shift = attn.group_norm(probe, return_scale_shift=True)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, rows, W) → normalized (B, rows·W, C)
@@ -392,109 +438,86 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
         t = tokens(x.read(r0, r1))
         keys[:, 0, r0 * w: r1 * w] = attn.to_k(t)
         values[:, 0, r0 * w: r1 * w] = attn.to_v(t)
-    out = store.new((b, c, h, w))
-    out.begin()
-    rows = store.rows(store.dtype.itemsize * w * c * 6)  # band, queries, attention output, projection, residual sum
-    for r0 in range(0, h, rows):
-        r1 = min(r0 + rows, h)
+
+    def band(r0: int, r1: int) -> torch.Tensor:
         residual = x.read(r0, r1)
         query = attn.to_q(tokens(residual))[:, None]
         y = F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)[:, 0]
         y = attn.to_out[1](attn.to_out[0](y.to(query.dtype)))
-        y = y.transpose(1, 2).reshape(b, c, r1 - r0, w) + residual
-        out.write(r0, y / attn.rescale_output_factor)
+        return (y.transpose(1, 2).reshape(b, c, r1 - r0, w) + residual).div_(attn.rescale_output_factor)
+
+    # band, queries, attention output, projection, residual sum
+    out = _sweep(store, store.new((b, c, h, w)), band, per_row_maps=6)
     del keys, values
     store.on_device -= kv_bytes
     x.free()
     return out
 
 
-def _norm_act(norm: GroupNorm, act: nn.Module, x: _Map, store: _Store):
+def _norm_act(norm: GroupNorm, act: nn.Module, x, store: _Store):
     """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x. The scale and shift come
     from the module call (``return_scale_shift``), so that hooks on the module run before its weights are read."""
     probe = torch.empty(x.shape[0], x.shape[1], 1, 1, dtype=store.dtype, device=store.device)
-    with _statistics_of([norm], lambda module, t: x.group_stats(module.num_groups)):
+    with _statistics_of([norm], lambda module, t: x.moments.group_stats(module.num_groups)):
         scale, shift = norm(probe, return_scale_shift=True)
     return lambda band: _act_(act, torch.addcmul(shift, band, scale))
 
 
-def _conv_pass(store: _Store, conv: nn.Module, x: _Map, out: _Map | None = None, *, pre=None, kind: str = "same",
-               add=None, post=None) -> _Map:
-    """``post(conv(pre(x)))`` (+ ``add(r0, r1)``, rows r0:r1 of a map to add) into ``out`` (default: a new map),
-    streamed.
-
-    Args:
-        store (`_Store`): the store of the call.
-        conv (`nn.Module`): the conv, called as a module on each band.
-        x (`_Map`): the input map.
-        out (`_Map`, *optional*): where to write; may be x itself (a 3×3 conv with as many channels out as in).
-        pre (callable, *optional*): applied to each band of x before the conv (GroupNorm + activation).
-        kind (`str`, defaults to ``"same"``): ``"same"``: 3×3 (or 1×1) stride-1 conv with its padding; ``"up"``:
-            nearest ×2 upsampling then a 3×3 conv; ``"down"``: ``Downsample``'s stride-2 3×3 conv with LDM's
-            asymmetric padding (one zero row and column after the map).
-        add (callable, *optional*): rows of a map to add to the conv's output rows.
-        post (callable, *optional*): applied to each band of the conv's output (a 1×1 conv).
-
-    Each band reads its input rows with the halo the conv needs (one row each side; the conv's own zero padding is
-    right at the map's border, and the output rows of a halo are dropped).
-    """
-    geometry = base_layer(conv)
-    b, c_in, h, w = x.shape
-    c_out, k = geometry.out_channels, geometry.kernel_size[0]
-    halo = k // 2 if kind != "down" else 1
-    size = {"same": (h, w), "up": (2 * h, 2 * w), "down": ((h - 2) // 2 + 1, (w - 2) // 2 + 1)}[kind]
-    inplace = out is x
-    if out is None:
-        out = store.new((b, c_out, *size))
+def _sweep(store: _Store, out: _Map, band_of, *, per_row_maps: float = 4, halo: int = 0, lag: int = 0) -> _Map:
+    """Write ``band_of(r0, r1)`` (rows r0:r1 of the result) into ``out`` band by band, merging its moments. A band's
+    temporaries take ``per_row_maps`` rows of the widest map per output row, plus ``halo`` input rows each side. With
+    ``lag`` (out is also read, ``lag`` rows around each band), a band is written only once no later band reads its
+    rows."""
+    b, c, h, w = out.shape
+    rows = store.rows(store.dtype.itemsize * w * c * per_row_maps, halo=2 * halo)
     out.begin()
-    # bytes per output row of the band's tensors: input read (+ pre, + upsampled copy) and output (+ added map)
-    item, w_out = store.dtype.itemsize, size[1]
-    per_in_row = {"same": 1, "up": 0.5, "down": 2}[kind]
-    per_row = item * (per_in_row * w * c_in * 2 + (w_out * c_in if kind == "up" else 0) + w_out * c_out * 3)
-    rows = store.rows(per_row, halo=2 * halo)
-    if kind == "up":
-        rows = max(rows // 2, 1)  # iterate over input rows
-    above = None  # inplace: pre(x) of the row above the band, kept before that row was overwritten
-    step_out = {"same": 1, "up": 2, "down": 1}[kind]
-    n_out = size[0] if kind == "down" else h
-    for r0 in range(0, n_out, rows):
-        r1 = min(r0 + rows, n_out)
-        if kind == "down":  # output rows r0:r1 read input rows 2·r0 .. 2·r1 (+ one zero row below the map)
-            band = x.read(2 * r0, min(2 * r1 + 1, h))
-            band = pre(band) if pre is not None else band
-            band = F.pad(band, (0, 1, 0, 2 * (r1 - r0) + 1 - band.shape[2]))
-            y = conv(band)
-        else:
-            a, e = max(r0 - halo, 0), min(r1 + halo, h)
-            if inplace:  # rows above r0 are overwritten already: the halo above comes from `above`
-                band = pre(x.read(r0, e))
-                band = band if above is None or halo == 0 else torch.cat([above, band], dim=2)
-                above = band[:, :, band.shape[2] - (e - r1) - halo: band.shape[2] - (e - r1)].clone()
-            else:
-                band = x.read(a, e)
-                band = pre(band) if pre is not None else band
-            if kind == "up":  # the conv needs one upsampled row each side, not the two that one input row gives
-                u0, u1 = max(2 * r0 - 1, 0), min(2 * r1 + 1, 2 * h)  # upsampled rows it reads
-                band = nearest_2x(band)[:, :, u0 - 2 * a: u1 - 2 * a]
-                y = conv(band)[:, :, 2 * r0 - u0: 2 * r1 - u0]
-            else:
-                y = conv(band)[:, :, r0 - a: r1 - a]
-        if post is not None:
-            y = post(y)
-        if add is not None:
-            y = y + add(step_out * r0, step_out * r1)
-        out.write(step_out * r0, y)
+    pending = []
+    for r0 in range(0, h, rows):
+        while pending and pending[0][0] + pending[0][1].shape[2] <= r0 - lag:
+            out.write(*pending.pop(0))
+        pending.append((r0, band_of(r0, min(r0 + rows, h))))
+        if not lag:
+            out.write(*pending.pop())
+    for part in pending:
+        out.write(*part)
     return out
 
 
-def _pointwise_pass(store: _Store, out: _Map, band_of) -> None:
-    """Rewrite ``out`` band by band with ``band_of(r0, r1)`` (a map the same size as out's rows r0:r1)."""
-    b, c, h, w = out.shape
-    rows = store.rows(store.dtype.itemsize * w * c * 4)
-    out.begin()
-    for r0 in range(0, h, rows):
-        r1 = min(r0 + rows, h)
-        out.write(r0, band_of(r0, r1))
+def _statistics_pass(store: _Store, x, per_row_maps: float = 4) -> None:
+    """Fill the moments of a computed map (a stored one has them from its writing pass)."""
+    if x.moments is None and isinstance(x, _Computed):
+        x.moments = _Moments()
+        rows = store.rows(store.dtype.itemsize * x.shape[3] * x.shape[1] * per_row_maps, halo=2)
+        for r0 in range(0, x.shape[2], rows):
+            x.moments.add(x.read(r0, min(r0 + rows, x.shape[2])))
+
+
+def _conv_pass(store: _Store, conv: nn.Module, x, out: _Map | None = None, *, pre=None, down: bool = False,
+               add=None, post=None) -> _Map:
+    """``post(conv(pre(x))) + add(r0, r1)`` into ``out`` (default: a new map; may be x itself), streamed: ``pre`` a
+    GroupNorm + activation (or a 1×1 conv) of each input band, ``post`` a 1×1 conv of each output band, ``add`` rows
+    r0:r1 of a map to add; ``down``: ``Downsample``'s stride-2 conv with LDM's asymmetric padding (one zero row and
+    column after the map), else a stride-1 conv with its own padding."""
+    b, c_in, h, w = x.shape
+    c_out = base_layer(conv).out_channels
+    size = ((h - 2) // 2 + 1, (w - 2) // 2 + 1) if down else (h, w)
+    if out is None:
+        out = store.new((b, c_out, *size))
+
+    def band(r0: int, r1: int) -> torch.Tensor:
+        if down:  # output rows r0:r1 read input rows 2·r0 .. 2·r1 (+ one zero row below the map)
+            t = x.read(2 * r0, min(2 * r1 + 1, h))
+            t = pre(t) if pre is not None else t
+            y = conv(F.pad(t, (0, 1, 0, 2 * (r1 - r0) + 1 - t.shape[2])))
+        else:
+            y = _conv_rows(conv, x, r0, r1, pre)
+        y = post(y) if post is not None else y
+        return y if add is None else y.add_(add(r0, r1))
+
+    # per output row, in rows of the output: input read and pre(input) (two input rows of twice the width when
+    # down), the conv's output, the added map, a pending band and a spare
+    per_row_maps = ((8 if down else 2) * c_in + 4 * c_out) / c_out
+    return _sweep(store, out, band, per_row_maps=per_row_maps, halo=1, lag=1 if out is x else 0)
 
 
 @contextmanager
@@ -509,15 +532,18 @@ def _statistics_of(modules: list[nn.Module], hook):
             del module.stats_hook  # back to the class default (None): ordinary module
 
 
-def _largest_maps(layers: list[nn.Module], pixels: int) -> list[int]:
-    """For each layer, the values (per sample) of the largest map it reads or writes, for an input of ``pixels``."""
-    sizes = []
+def _map_sizes(layers: list[nn.Module], pixels: int) -> tuple[int, int]:
+    """Values (per sample) of the largest map any of ``layers`` reads or writes, and of the largest a resnet writes,
+    for an input of ``pixels``."""
+    largest = resnet_out = 0
     for layer in layers:
         conv = layer.conv1 if isinstance(layer, ResnetBlock) else layer.conv if isinstance(layer, (Upsample, Downsample)) else layer
         conv = base_layer(conv)  # a PEFT adapter wraps the conv
         if isinstance(layer, Upsample):
             pixels *= 4
-        sizes.append(max(conv.in_channels, conv.out_channels) * pixels)
+        largest = max(largest, max(conv.in_channels, conv.out_channels) * pixels)
+        if isinstance(layer, ResnetBlock):
+            resnet_out = max(resnet_out, conv.out_channels * pixels)
         if isinstance(layer, Downsample):
             pixels //= 4
-    return sizes
+    return largest, resnet_out
