@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffusers_klvae import checkpoints, data, train_config, train_outputs, training
-from diffusers_klvae.cli_support import DiskFull, writing
+from diffusers_klvae.cli_support import EXIT_USAGE, DiskFull, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
 
@@ -108,45 +108,45 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
         metrics = state.get("metrics", {})  # the last validation, for the model card of a run killed in its final save
     hub_futures, hub_api = [], train_outputs.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
-    progress = train_outputs.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process)
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
 
-    while step < cfg.max_train_steps:
-        # 5) one update = gradient_accumulation_steps micro-batches; masks and posterior draw from `generator`
-        t0 = time.perf_counter()
-        for _ in range(cfg.gradient_accumulation_steps):
-            x = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [-1, 1]
-            if cfg.debug_process_logs:
-                train_outputs.log_seen_images(out / f"seen_images-{rank}.txt", x)
-            latent_mask, target = training.mask_batch(x, factor=factor, prob=cfg.latent_mask_prob, kind=cfg.mask_generator, generator=generator)
-            logs = training.train_step(accelerator, vae, disc, loss_fn, optimizers, x, step, generator=generator, schedulers=schedulers,
-                                       ema=ema, max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
-                                       alternate_gan_steps=cfg.alternate_gan_steps)
-        step += 1
+    # the bar closes on an error too, so that a one-line error is the last line on stderr
+    with train_outputs.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process) as progress:
+        while step < cfg.max_train_steps:
+            # 5) one update = gradient_accumulation_steps micro-batches; masks and posterior draw from `generator`
+            t0 = time.perf_counter()
+            for _ in range(cfg.gradient_accumulation_steps):
+                x = next(batches)["pixel_values"].to(accelerator.device)  # (B, 3, H, W) in [-1, 1]
+                if cfg.debug_process_logs:
+                    train_outputs.log_seen_images(out / f"seen_images-{rank}.txt", x)
+                latent_mask, target = training.mask_batch(x, factor=factor, prob=cfg.latent_mask_prob, kind=cfg.mask_generator, generator=generator)
+                logs = training.train_step(accelerator, vae, disc, loss_fn, optimizers, x, step, generator=generator, schedulers=schedulers,
+                                           ema=ema, max_grad_norm=cfg.max_grad_norm, latent_mask=latent_mask, target=target,
+                                           alternate_gan_steps=cfg.alternate_gan_steps)
+            step += 1
 
-        # 6) log: progress bar (loss terms, images/s, skipped images), trackers, curve history
-        step_seconds = time.perf_counter() - t0
-        train_seconds += step_seconds
-        logs.update(images_per_s=images_per_update / step_seconds, skipped=stream.skipped)
-        accelerator.log(logs, step=step)
-        progress.update(1)
-        progress.set_postfix(train_outputs.postfix(logs), refresh=False)
-        if step % train_outputs.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
-            history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
+            # 6) log: progress bar (loss terms, images/s, skipped images), trackers, curve history
+            step_seconds = time.perf_counter() - t0
+            train_seconds += step_seconds
+            logs.update(images_per_s=images_per_update / step_seconds, skipped=stream.skipped)
+            accelerator.log(logs, step=step)
+            progress.update(1)
+            progress.set_postfix(train_outputs.postfix(logs), refresh=False)
+            if step % train_outputs.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
+                history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
 
-        # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
-        if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-            seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
-            metrics = train_outputs.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
-                                              extra=seen)
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            path = checkpoints.save_checkpoint(accelerator, out, step, total_limit=cfg.checkpoints_total_limit,
-                                               training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics})
-            if cfg.hub_push_checkpoints and accelerator.is_main_process:
-                hub_futures.append(train_outputs.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
-    progress.close()
+            # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
+            if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+                seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
+                metrics = train_outputs.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
+                                                  extra=seen)
+            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+                path = checkpoints.save_checkpoint(accelerator, out, step, total_limit=cfg.checkpoints_total_limit,
+                                                   training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics})
+                if cfg.hub_push_checkpoints and accelerator.is_main_process:
+                    hub_futures.append(train_outputs.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
 
     # 8) final model (raw weights + the EMA as the "ema" variant), loss curve, model card, optional push
     accelerator.wait_for_everyone()
@@ -158,12 +158,18 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     return {**metrics, "output_dir": str(out), "skipped": stream.skipped}
 
 
+def _fail(err: BaseException) -> None:
+    """A user error: one line on stderr, exit status 2 (as every klvae command)."""
+    sys.stderr.write(f"train_autoencoder.py: error: {one_line(err)}\n")
+    sys.exit(EXIT_USAGE)
+
+
 if __name__ == "__main__":
     try:
         config = train_config.parse_args(sys.argv[1:])
     except (ValueError, FileNotFoundError) as err:  # bad arguments: one clear line before any work, no traceback
-        sys.exit(f"train_autoencoder.py: error: {err}")
+        _fail(err)
     try:
         train(config)
     except (checkpoints.OutputDirError, DiskFull) as err:  # the folder is taken, or the disk is full: one line
-        sys.exit(f"train_autoencoder.py: error: {err}")
+        _fail(err)

@@ -66,7 +66,7 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
         if spec in KLVAE.list_presets():
             logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
             return _cast(KLVAE.from_preset(spec), dtype)
-        if _looks_like_hub_id(spec):
+        if looks_like_hub_id(spec):
             parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
             return KLVAE.from_pretrained("/".join(parts[:2]), subfolder=subfolder or "/".join(parts[2:]) or None,
                                          variant=variant, revision=revision, torch_dtype=dtype)
@@ -97,7 +97,7 @@ def _model_subfolder(folder: Path) -> str | None:
                      f"model; expected config.json + {WEIGHTS_NAME}, a pipeline folder with vae/, or a single file")
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return 2 <= len(parts) <= 3 and all(parts) and not spec.startswith((".", "~")) and not Path(parts[-1]).suffix
 

@@ -154,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from . import KLVAE
-    from .evaluation import load_vae
+    from .loading import load_vae
     from .latents import downsampling_factor, random_pixel_mask
 
     args = parse_args(argv)

@@ -95,12 +95,6 @@ def card_results(metrics: Any) -> list[EvaluationResult]:
     """Results that have a PSNR/SSIM/LPIPS/rFID value, from anything ``load_metrics`` reads; ``[]`` for `None`."""
     if metrics is None:
         return []
-    if isinstance(metrics, Mapping) and "results" not in metrics and "metrics" in metrics:
-        # training.py's final card still passes its last validation as {"metrics": {key: mean}, "count", "settings"};
-        # drop this branch once it passes eval_results.validation_result(...) itself
-        settings = dict(metrics.get("settings") or {})
-        metrics = validation_result(metrics["metrics"], count=metrics["count"], resolution=settings.pop("resolution"),
-                                    data=settings.pop("data", "held-out validation"), **settings)
     results = [r for r in load_metrics(metrics) if _card_metrics(r)]
     if not results:
         raise ValueError("the metrics hold no PSNR/SSIM/LPIPS/rFID value to show")

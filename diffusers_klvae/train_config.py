@@ -20,7 +20,8 @@ from typing import Any, Literal, Sequence
 
 from transformers import HfArgumentParser
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+from .loading import SINGLE_FILE_SUFFIXES
+
 DEFAULT_PRESET = "sd-kl-f8"
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .loading import looks_like_hub_id
 from .train_config import TrainConfig
 from .training import ema_weights, save_model_folder
 
@@ -160,6 +161,7 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``
     (through ``hub_api``, a ``huggingface_hub.HfApi``; a new one when `None`)."""
     from . import hub
+    from .eval_results import validation_result
 
     out = Path(cfg.output_dir)
     save_model_folder(accelerator.unwrap_model(vae), ema, out)
@@ -167,9 +169,9 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     images = [p for p in (metrics.get("grid"), curve) if p]
     card_metrics = None
     if metrics:  # the last validation: a few held-out images, said so in the card's protocol line
-        card_metrics = {"metrics": {k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics}, "count": metrics["count"],
-                        "settings": {"data": "held-out validation", "resolution": cfg.resolution,
-                                     "weights": metrics["weights"], "step": metrics["step"]}}
+        card_metrics = validation_result({k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics},
+                                         count=metrics["count"], resolution=cfg.resolution, weights=metrics["weights"],
+                                         step=metrics["step"])
     raw = accelerator.unwrap_model(vae)
     base_model = cfg.pretrained_model_name_or_path if _looks_like_hub_id(cfg.pretrained_model_name_or_path) else None
     datasets = [cfg.dataset_name] if _looks_like_hub_id(cfg.dataset_name) else None
@@ -189,7 +191,8 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
 
 
 def _looks_like_hub_id(value: str | None) -> bool:
-    return bool(value) and not Path(value).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+    """A Hub repo id (org/name, not a local path): what a card's ``base_model`` / ``datasets`` may name."""
+    return bool(value) and not Path(value).exists() and looks_like_hub_id(value) and value.count("/") == 1
 
 
 def hub_client():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .train_config import DEFAULT_PRESET, SINGLE_FILE_SUFFIXES, TrainConfig
+from .train_config import DEFAULT_PRESET, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,10 @@ def build_vae(*, pretrained_model_name_or_path: str | None = None, model_config_
         revision, subfolder (`str`, *optional*): Hub revision and subfolder of the pretrained model.
     """
     from . import KLVAE
+    from .loading import load_vae
 
-    if pretrained_model_name_or_path:
-        if pretrained_model_name_or_path.endswith(SINGLE_FILE_SUFFIXES):
-            return KLVAE.from_single_file(pretrained_model_name_or_path)
-        return KLVAE.from_pretrained(pretrained_model_name_or_path, revision=revision, subfolder=subfolder)
+    if pretrained_model_name_or_path:  # the one loader of every tool: folder, pipeline folder, single file, Hub id
+        return load_vae(pretrained_model_name_or_path, revision=revision, subfolder=subfolder)
     if model_config_name_or_path:
         return KLVAE.from_config(KLVAE.load_config(model_config_name_or_path))
     return KLVAE.from_preset(preset or DEFAULT_PRESET)

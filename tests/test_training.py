@@ -118,13 +118,15 @@ def test_resolution_checked_against_f8_preset(photos_dir, tmp_path):
         train_config.parse_args(base_args(photos_dir, tmp_path, "--preset", "small", "--resolution", "100"))
 
 
-def test_script_exits_with_one_line_error(photos_dir, tmp_path, monkeypatch):
+def test_script_exits_with_one_line_error(photos_dir, tmp_path, monkeypatch, capsys):
     import runpy
 
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *base_args(photos_dir, tmp_path, "--resolution", "31")])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(SCRIPT), run_name="__main__")
-    assert str(exit_.value.code).startswith("train_autoencoder.py: error: --resolution 31 must be a multiple of")
+    assert exit_.value.code == 2  # a user error, as every klvae command
+    err = capsys.readouterr().err
+    assert err.startswith("train_autoencoder.py: error: --resolution 31 must be a multiple of") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -451,7 +453,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_previous_checkpoin
     result = subprocess.run([sys.executable, str(SCRIPT), *quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
                                                                       "--num_validation_images", "0")],
                             capture_output=True, text=True, env=subprocess_env(), timeout=240)
-    assert result.returncode != 0
+    assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"train_autoencoder.py: error: disk full while writing {out / 'checkpoint-2'}", result.stderr[-3000:]
     assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-1"  # intact: every file there
