@@ -206,7 +206,7 @@ class _Map:
                  track: bool = True, shape: tuple[int, ...] | None = None):
         self.store, self.tensor, self.counted, self.in_host, self.track = store, tensor, counted, in_host, track
         self.on_device = counted > 0  # held on the device within the budget (else in host memory or a file)
-        self.moments = None
+        self.moments, self.read_maps = None, 1
         self.shape = torch.Size(shape if shape is not None else tensor.shape)
         scaled = track and store.storage == torch.float16 and store.dtype != torch.float16
         b, c, h, _ = self.shape
@@ -301,8 +301,9 @@ class _Computed:
     """A map that is never stored: its rows are computed from other maps wherever they are read (an upsampler's ×2
     output when host memory cannot hold it). ``moments`` as ``_Map``'s, filled by ``_statistics_pass``."""
 
-    def __init__(self, shape: tuple[int, ...], rows, sources: list):
+    def __init__(self, shape: tuple[int, ...], rows, sources: list, read_maps: float):
         self.shape, self.rows, self.sources, self.moments = torch.Size(shape), rows, sources, None
+        self.read_maps = read_maps  # temporaries of reading a row, in rows of this map (a stored map: 1)
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
         return self.rows(r0, r1)
@@ -321,10 +322,10 @@ def _layer(store: _Store, layer: nn.Module, x) -> _Map | _Computed:
         b, c, h, w = x.shape
         near = _nearest(x)
         up = _Computed((b, base_layer(layer.conv).out_channels, 2 * h, 2 * w),
-                       lambda r0, r1: _conv_rows(layer.conv, near, r0, r1), [x])
+                       lambda r0, r1: _conv_rows(layer.conv, near, r0, r1), [x], read_maps=3)
         if not store.fits(up.shape):
             return up  # x is freed with it
-        out = _sweep(store, store.new(tuple(up.shape)), up.read)
+        out = _sweep(store, store.new(tuple(up.shape)), up.read, per_row=(up.read_maps + 3) * _row_bytes(store, up))
     elif isinstance(layer, Downsample):
         out = _conv_pass(store, layer.conv, x, down=True)
     else:
@@ -341,7 +342,7 @@ def _nearest(x):
         a = r0 // 2
         return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
 
-    return _Computed((b, c, 2 * h, 2 * w), rows, [x])
+    return _Computed((b, c, 2 * h, 2 * w), rows, [x], read_maps=1)
 
 
 def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
@@ -366,18 +367,18 @@ def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
     pre1 = _norm_act(block.norm1, block.nonlinearity, x, store)
     if (isinstance(x, _Map) and block.conv_shortcut is None and block.squeeze_excitation is None
             and not store.fits((b, c_out, h_rows, w))):
-        h = _Computed((b, c_out, h_rows, w), lambda r0, r1: _conv_rows(block.conv1, x, r0, r1, pre1), [])
-        _statistics_pass(store, h, per_row_maps=5)
+        h = _Computed((b, c_out, h_rows, w), lambda r0, r1: _conv_rows(block.conv1, x, r0, r1, pre1), [], read_maps=3)
+        _statistics_pass(store, h)
         pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
         band = lambda r0, r1: _conv_rows(block.conv2, h, r0, r1, pre2).add_(x.read(r0, r1))  # noqa: E731
-        _sweep(store, x, band, per_row_maps=9, halo=2, lag=2)
+        _sweep(store, x, band, per_row=9 * _row_bytes(store, x), halo=2, lag=2)
         return x
     h = _conv_pass(store, block.conv1, x, pre=pre1)
     pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
     shortcut = None if block.squeeze_excitation is not None else _shortcut(block, x)
-    _conv_pass(store, block.conv2, h, h, pre=pre2, add=shortcut)
+    _conv_pass(store, block.conv2, h, h, pre=pre2, add=shortcut, add_row=x.read_maps * _row_bytes(store, x))
     if block.squeeze_excitation is not None:  # the gate needs the whole-map mean of conv2's output: one more pass
-        _sweep(store, h, _gate(block, h, x))
+        _sweep(store, h, _gate(block, h, x), per_row=4 * _row_bytes(store, h))
     x.free()
     return h
 
@@ -420,7 +421,8 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
     if type(attn.processor) is not AttnProcessor2_0 or attn.heads != 1:
         y = attn(x.read(0, h))
         x.free()
-        return _sweep(store, store.new(tuple(y.shape)), lambda r0, r1: y[:, :, r0:r1].clone())
+        out = store.new(tuple(y.shape))
+        return _sweep(store, out, lambda r0, r1: y[:, :, r0:r1].clone(), per_row=2 * _row_bytes(store, out))
     probe = torch.empty(b, c, 1, 1, dtype=store.dtype, device=store.device)
     with _statistics_of([attn.group_norm], lambda module, t: x.moments.group_stats(module.num_groups)):
         scale, shift = attn.group_norm(probe, return_scale_shift=True)
@@ -447,7 +449,8 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
         return (y.transpose(1, 2).reshape(b, c, r1 - r0, w) + residual).div_(attn.rescale_output_factor)
 
     # band, queries, attention output, projection, residual sum
-    out = _sweep(store, store.new((b, c, h, w)), band, per_row_maps=6)
+    out = store.new((b, c, h, w))
+    _sweep(store, out, band, per_row=6 * _row_bytes(store, out))
     del keys, values
     store.on_device -= kv_bytes
     x.free()
@@ -463,13 +466,12 @@ def _norm_act(norm: GroupNorm, act: nn.Module, x, store: _Store):
     return lambda band: _act_(act, torch.addcmul(shift, band, scale))
 
 
-def _sweep(store: _Store, out: _Map, band_of, *, per_row_maps: float = 4, halo: int = 0, lag: int = 0) -> _Map:
+def _sweep(store: _Store, out: _Map, band_of, *, per_row: float, halo: int = 0, lag: int = 0) -> _Map:
     """Write ``band_of(r0, r1)`` (rows r0:r1 of the result) into ``out`` band by band, merging its moments. A band's
-    temporaries take ``per_row_maps`` rows of the widest map per output row, plus ``halo`` input rows each side. With
-    ``lag`` (out is also read, ``lag`` rows around each band), a band is written only once no later band reads its
-    rows."""
+    temporaries take ``per_row`` bytes per output row, plus ``halo`` input rows each side. With ``lag`` (out is also
+    read, ``lag`` rows around each band), a band is written only once no later band reads its rows."""
     b, c, h, w = out.shape
-    rows = store.rows(store.dtype.itemsize * w * c * per_row_maps, halo=2 * halo)
+    rows = store.rows(per_row, halo=2 * halo)
     out.begin()
     pending = []
     for r0 in range(0, h, rows):
@@ -483,20 +485,20 @@ def _sweep(store: _Store, out: _Map, band_of, *, per_row_maps: float = 4, halo: 
     return out
 
 
-def _statistics_pass(store: _Store, x, per_row_maps: float = 4) -> None:
+def _statistics_pass(store: _Store, x) -> None:
     """Fill the moments of a computed map (a stored one has them from its writing pass)."""
     if x.moments is None and isinstance(x, _Computed):
         x.moments = _Moments()
-        rows = store.rows(store.dtype.itemsize * x.shape[3] * x.shape[1] * per_row_maps, halo=2)
+        rows = store.rows((x.read_maps + 1) * _row_bytes(store, x), halo=2)
         for r0 in range(0, x.shape[2], rows):
             x.moments.add(x.read(r0, min(r0 + rows, x.shape[2])))
 
 
 def _conv_pass(store: _Store, conv: nn.Module, x, out: _Map | None = None, *, pre=None, down: bool = False,
-               add=None, post=None) -> _Map:
+               add=None, add_row: int = 0, post=None) -> _Map:
     """``post(conv(pre(x))) + add(r0, r1)`` into ``out`` (default: a new map; may be x itself), streamed: ``pre`` a
     GroupNorm + activation (or a 1×1 conv) of each input band, ``post`` a 1×1 conv of each output band, ``add`` rows
-    r0:r1 of a map to add; ``down``: ``Downsample``'s stride-2 conv with LDM's asymmetric padding (one zero row and
+    r0:r1 of a map to add (its temporaries take ``add_row`` bytes per row); ``down``: ``Downsample``'s stride-2 conv with LDM's asymmetric padding (one zero row and
     column after the map), else a stride-1 conv with its own padding."""
     b, c_in, h, w = x.shape
     c_out = base_layer(conv).out_channels
@@ -514,10 +516,15 @@ def _conv_pass(store: _Store, conv: nn.Module, x, out: _Map | None = None, *, pr
         y = post(y) if post is not None else y
         return y if add is None else y.add_(add(r0, r1))
 
-    # per output row, in rows of the output: input read and pre(input) (two input rows of twice the width when
-    # down), the conv's output, the added map, a pending band and a spare
-    per_row_maps = ((8 if down else 2) * c_in + 4 * c_out) / c_out
-    return _sweep(store, out, band, per_row_maps=per_row_maps, halo=1, lag=1 if out is x else 0)
+    # per output row: input read and pre(input) (two input rows when down), the conv's output, the added map, a
+    # pending band and a spare
+    per_row = (2 if down else 1) * (x.read_maps + 1) * _row_bytes(store, x) + 4 * _row_bytes(store, out) + add_row
+    return _sweep(store, out, band, per_row=per_row, halo=1, lag=1 if out is x else 0)
+
+
+def _row_bytes(store: _Store, x) -> int:
+    """Bytes of one row of x in the compute dtype."""
+    return store.dtype.itemsize * x.shape[0] * x.shape[1] * x.shape[3]
 
 
 @contextmanager
