@@ -81,7 +81,8 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     # 3) optimizers, schedulers, prepare (DDP wrapping, autocast, device placement)
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
     optimizers = training.build_optimizers(vae, disc, learning_rate=cfg.learning_rate * scale, disc_learning_rate=cfg.disc_learning_rate * scale,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                           loss_params=loss_fn.trainable_parameters())
     schedulers = training.build_schedulers(optimizers, name=cfg.lr_scheduler, warmup_steps=cfg.lr_warmup_steps,
                                            max_train_steps=cfg.max_train_steps, num_processes=world)
     vae, disc, optimizers, schedulers = training.prepare(accelerator, vae, disc, optimizers, schedulers)
@@ -90,7 +91,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     if ema is not None:
         ema.to(accelerator.device)
     generator = torch.Generator().manual_seed(seed * 1000 + rank)  # posterior samples and masks; per process
-    checkpoints.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream)
+    checkpoints.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream, loss_fn=loss_fn)
 
     # 4) trackers, resume (last: it restores the RNG states the loop continues from)
     if accelerator.is_main_process:
@@ -151,7 +152,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     # 8) final model (raw weights + the EMA as the "ema" variant), loss curve, model card, optional push
     accelerator.wait_for_everyone()
     if cfg.debug_process_logs:
-        train_outputs.dump_process_weights(accelerator, vae, out / f"weights-{rank}.safetensors")
+        train_outputs.dump_process_weights(accelerator, vae, loss_fn, out / f"weights-{rank}.safetensors")
     if accelerator.is_main_process:
         train_outputs.finish(accelerator, vae, ema, cfg, history=history, metrics=metrics, hub_futures=hub_futures, hub_api=hub_api)
     accelerator.end_training()

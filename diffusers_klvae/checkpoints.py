@@ -32,7 +32,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 VAE_FOLDER, DISC_FOLDER = "vae", "discriminator"
 # what register_checkpoint_state registers, in order: Accelerate writes them as custom_checkpoint_<index>.pkl
-REGISTERED_STATES = ("data_stream", "generator", "ema_counters")
+REGISTERED_STATES = ("data_stream", "generator", "ema_counters", "loss_parameters")
 
 
 def registered_state_file(checkpoint: str | os.PathLike, name: str) -> Path:
@@ -97,13 +97,32 @@ class EMACounters:
             self.ema.load_state_dict(state)  # no "shadow_params": the load hook has set them
 
 
-def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, data_stream) -> None:
+class LossParameters:
+    """The loss's own trainable parameters (``--learn_logvar``); registered, empty, without them (as ``EMACounters``)."""
+
+    def __init__(self, loss_fn):
+        self.params = loss_fn.trainable_parameters() if loss_fn is not None else []
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu() for p in self.params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["params"]) != len(self.params):
+            raise ValueError(f"checkpoint holds {len(state['params'])} loss parameters (--learn_logvar), this run "
+                             f"{len(self.params)}: resume with the same --learn_logvar")
+        with torch.no_grad():
+            for p, value in zip(self.params, state["params"]):
+                p.copy_(value)
+
+
+def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, data_stream, loss_fn=None) -> None:
     """Register with ``accelerator`` what :func:`save_checkpoint` / :func:`load_checkpoint` must carry beyond
-    Accelerate's own: the stream position and the generator (per process), the EMA, and the models as
+    Accelerate's own: the stream position and the generator (per process), the EMA, the loss's own parameters
+    (``--learn_logvar``), and the models as
     ``save_pretrained`` folders. Call once, after ``accelerator.prepare`` (the VAE first, the discriminator second)."""
     per_process = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     states = {"data_stream": PerProcessState(data_stream, **per_process),
-              "generator": PerProcessState(GeneratorState(generator), **per_process), "ema_counters": EMACounters(ema)}
+              "generator": PerProcessState(GeneratorState(generator), **per_process), "ema_counters": EMACounters(ema), "loss_parameters": LossParameters(loss_fn)}
     accelerator.register_for_checkpointing(*(states[name] for name in REGISTERED_STATES))
     accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema))
     accelerator.register_load_state_pre_hook(partial(_load_models, accelerator, ema))

@@ -120,6 +120,10 @@ class KLVAELoss(nn.Module):
         disc_loss (`str`, *optional*, defaults to `"hinge"`): discriminator loss, `"hinge"` or `"vanilla"`.
         disc_factor (`float`, *optional*, defaults to 1.0): scales both GAN losses after start; 0 disables GAN.
         lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone when ``perceptual`` is `None`.
+        learn_logvar (`bool`, *optional*, defaults to `False`): learn the output log-variance ``logvar`` (a scalar,
+            starting at 0): the per-pixel NLL becomes ``(rec + perceptual_weight·LPIPS) / exp(logvar) + logvar``.
+            LDM's ``contperceptual.py`` has this parameter but leaves it out of its optimizer (so it stays 0); sgm
+            trains it. Put :meth:`trainable_parameters` in the VAE's optimizer.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class KLVAELoss(nn.Module):
         disc_loss: str = "hinge",
         disc_factor: float = 1.0,
         lpips_net: str = "vgg",
+        learn_logvar: bool = False,
     ):
         super().__init__()
         if rec_loss not in REC_LOSSES:
@@ -156,6 +161,7 @@ class KLVAELoss(nn.Module):
         if self.perceptual is not None:
             self.perceptual.requires_grad_(False).eval()
         self.discriminator = discriminator if discriminator is not None else NLayerDiscriminator()
+        self.logvar = nn.Parameter(torch.zeros(())) if learn_logvar else None  # None: fixed at 0, nll = rec
 
     def extra_repr(self) -> str:
         return (f"rec_loss={self.rec_loss!r}, perceptual_weight={self.perceptual_weight}, kl_weight={self.kl_weight}, "
@@ -167,6 +173,10 @@ class KLVAELoss(nn.Module):
         if self.perceptual is not None:
             self.perceptual.eval()  # LPIPS stays frozen: train mode would switch on its heads' dropout
         return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The loss's own parameters that the VAE's optimizer must update (``logvar`` with ``learn_logvar``)."""
+        return [] if self.logvar is None else [self.logvar]
 
     def discriminator_active(self, global_step: int) -> bool:
         """Whether the GAN terms (and so the discriminator step) run at ``global_step``."""
@@ -207,6 +217,9 @@ class KLVAELoss(nn.Module):
                 p_loss = self.perceptual(x, x_rec)  # (B, 1, 1, 1); no torch.no_grad(): the gradient reaches x_rec
                 pixel_nll = pixel_nll + self.perceptual_weight * p_loss  # broadcast to every pixel, as LDM does
                 logs["lpips"] = p_loss.mean()
+            if self.logvar is not None:  # sgm's learned output variance; the adaptive weight then balances this nll
+                pixel_nll = pixel_nll / torch.exp(self.logvar) + self.logvar
+                logs["logvar"] = self.logvar
             # LDM's scale: summed over C, H, W, averaged over the batch. kl_weight=1e-6 means LDM's 1e-6 only so.
             nll = pixel_nll.sum() / batch
             kl = kl_to_standard_normal(posterior).sum() / batch

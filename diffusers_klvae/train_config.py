@@ -101,6 +101,7 @@ class TrainConfig:
     disc_start: int = loss(50001, "step at which the GAN terms switch on (LDM's KL-f8 recipe).")
     disc_factor: float = loss(1.0)
     disc_loss: Literal["hinge", "vanilla"] = loss("hinge")
+    learn_logvar: bool = loss(False, "learn the output log-variance (sgm): nll = rec / exp(logvar) + logvar.")
     alternate_gan_steps: bool = loss(False, "after disc_start: G on even steps, D on odd ones (default: both every step).")
 
     # --- model training options

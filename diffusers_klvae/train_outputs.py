@@ -250,8 +250,11 @@ def log_seen_images(path: Path, images: torch.Tensor) -> None:
             f.write(hashlib.sha1(img.numpy().tobytes()).hexdigest()[:16] + "\n")
 
 
-def dump_process_weights(accelerator, vae, path: Path) -> None:
-    """Debug (``--debug_process_logs``): this process's VAE weights, to check that replicas agree."""
+def dump_process_weights(accelerator, vae, loss_fn, path: Path) -> None:
+    """Debug (``--debug_process_logs``): this process's VAE weights and the loss's own parameters (``loss.<i>``),
+    to check that replicas agree."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(vae).state_dict().items()}, path)
+    tensors = {**accelerator.unwrap_model(vae).state_dict(),
+               **{f"loss.{i}": p for i, p in enumerate(loss_fn.trainable_parameters())}}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)

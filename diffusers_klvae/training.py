@@ -83,7 +83,8 @@ def build_loss(cfg: TrainConfig, *, distributed: bool = False):
     perceptual = load_lpips(cfg.lpips_net, cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
     loss_fn = KLVAELoss(discriminator=disc, perceptual=perceptual, rec_loss=cfg.rec_loss, perceptual_weight=cfg.perceptual_weight,
                         kl_weight=cfg.kl_weight, disc_weight=cfg.disc_weight, disc_start=cfg.disc_start,
-                        disc_factor=cfg.disc_factor, disc_loss=cfg.disc_loss, lpips_net=cfg.lpips_net)
+                        disc_factor=cfg.disc_factor, disc_loss=cfg.disc_loss, lpips_net=cfg.lpips_net,
+                        learn_logvar=cfg.learn_logvar)
     return disc, loss_fn
 
 
@@ -93,7 +94,7 @@ def metric_lpips(loss_fn):
 
 
 def build_optimizers(vae, disc, *, learning_rate: float, disc_learning_rate: float, betas: tuple[float, float] = (0.5, 0.9),
-                     weight_decay: float = 0.0, eps: float = 1e-8) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, eps: float = 1e-8, loss_params=()) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """AdamW for the VAE's trainable parameters and for the discriminator.
 
     Args:
@@ -101,10 +102,12 @@ def build_optimizers(vae, disc, *, learning_rate: float, disc_learning_rate: flo
         learning_rate, disc_learning_rate (`float`): peak rates.
         betas (`tuple`, *optional*, defaults to `(0.5, 0.9)`): LDM/taming's GAN betas.
         weight_decay (`float`, *optional*, defaults to 0.0), eps (`float`, *optional*, defaults to 1e-8).
+        loss_params (*optional*): the loss's own parameters (``loss_fn.trainable_parameters()``), updated with the VAE.
     """
     params = [p for p in vae.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the VAE has no trainable parameters")
+    params += list(loss_params)
     opt_vae = torch.optim.AdamW(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=disc_learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
     return opt_vae, opt_disc
@@ -226,6 +229,9 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
             accelerator.backward(d_loss)
             logs.update(d_logs)
         if accelerator.sync_gradients:
+            for p in loss_fn.trainable_parameters():  # outside DDP: average their gradients as DDP does the VAE's
+                if p.grad is not None and accelerator.num_processes > 1:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
             # 4) the update: each optimizer on its own gradient, then schedulers (every step) and EMA (VAE steps)
             vae_stepped = _step_optimizers(accelerator, (vae, opt_vae, update_g), (disc, opt_disc, update_d),
                                            max_grad_norm=max_grad_norm)

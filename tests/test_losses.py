@@ -110,6 +110,27 @@ def test_generator_loss_is_ldms_formula(perceptual, rec_loss, res):
     assert all(isinstance(v, float) for v in logs.values())
 
 
+def test_learned_logvar_is_sgms_formula_and_gets_a_gradient(perceptual):
+    """--learn_logvar: LDM/sgm's ``nll_loss = rec_loss / torch.exp(self.logvar) + self.logvar`` (per pixel, then
+    summed over C, H, W and averaged over the batch), with logvar a trainable scalar starting at 0."""
+    x, x_rec = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    posterior = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
+    loss_fn = make_loss(perceptual, learn_logvar=True)
+    assert loss_fn.trainable_parameters() == [loss_fn.logvar] and loss_fn.logvar.item() == 0
+    assert make_loss(perceptual).trainable_parameters() == []
+    with torch.no_grad():
+        loss_fn.logvar.fill_(0.7)
+    loss, logs = loss_fn.generator_loss(x, x_rec, posterior, global_step=START - 1)
+
+    rec = (x - x_rec).double() ** 2 + 0.5 * perceptual(x, x_rec).double()
+    nll = torch.sum(rec / torch.exp(torch.tensor(0.7, dtype=torch.float64)) + 0.7) / 2
+    assert logs["nll"] == pytest.approx(nll.item(), rel=1e-5) and logs["logvar"] == pytest.approx(0.7)
+    assert loss.item() == pytest.approx((nll + 1e-6 * ldm_kl(posterior)).item(), rel=1e-5)
+    loss.backward()  # d nll / d logvar = sum(1 - rec / exp(logvar)) / B
+    expected = torch.sum(1 - rec / torch.exp(torch.tensor(0.7, dtype=torch.float64))) / 2
+    assert loss_fn.logvar.grad.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_generator_after_start_adds_adaptive_gan_term(perceptual, batch):
     vae = tiny_vae()
     loss_fn = make_loss(perceptual, disc_weight=0.5, disc_factor=0.7)

@@ -181,12 +181,13 @@ def test_two_processes_sync_weights_and_split_data(photos_dir, tmp_path, tiny_st
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT),
            *from_start(base_args(photos_dir, out, "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                 "--disc_start", "1", "--center_crop", "--debug_process_logs"), tiny_start)]
+                                 "--disc_start", "1", "--center_crop", "--debug_process_logs", "--learn_logvar"), tiny_start)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
 
     w0, w1 = load_file(out / "weights-0.safetensors"), load_file(out / "weights-1.safetensors")
-    assert_identical(w0, w1, "replicas")  # gradients were averaged: both processes hold the same VAE
+    assert "loss.0" in w0 and w0["loss.0"] != 0  # the learned logvar: outside DDP, its gradient is averaged by hand
+    assert_identical(w0, w1, "replicas")  # gradients were averaged: both processes hold the same VAE and logvar
     start = weights(tiny_start)
     assert any(not torch.equal(w0[k], start[k]) for k in start)  # and it trained
     seen = [(out / f"seen_images-{r}.txt").read_text().split() for r in (0, 1)]
@@ -412,6 +413,24 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, t
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert_identical(weights(aside[0] / "checkpoint-3" / "vae"), abandoned, "the abandoned checkpoint (moved, not deleted)")
     assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-2"  # `latest` continues the new run
+
+
+def test_learned_logvar_trains_and_resumes_exactly(photos_dir, tmp_path, run_inprocess):
+    """--learn_logvar: the VAE's optimizer moves logvar, and a resume restores it (and its Adam state) exactly."""
+    from diffusers_klvae.checkpoints import registered_state_file
+
+    def logvar(checkpoint) -> torch.Tensor:
+        return torch.load(registered_state_file(checkpoint, "loss_parameters"), weights_only=True)["params"][0]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    argv = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--learn_logvar", "--learning_rate", "1e-2"]
+    run_inprocess(quick_args(photos_dir, straight, *argv))
+    assert logvar(straight / "checkpoint-1") != 0 and logvar(straight / "checkpoint-3") != logvar(straight / "checkpoint-1")
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    run_inprocess(quick_args(photos_dir, resumed, *argv, "--resume_from_checkpoint", "latest"))
+    assert torch.equal(logvar(resumed / "checkpoint-3"), logvar(straight / "checkpoint-3"))
+    assert_identical(weights(resumed / "checkpoint-3" / "vae"), weights(straight / "checkpoint-3" / "vae"), "VAE after resume")
 
 
 def test_resume_without_ema_leaves_no_stale_ema_file(photos_dir, tmp_path, run_inprocess):
