@@ -19,7 +19,7 @@ non-finite latents or pixels (NaN/Inf) and a full disk end with a one-line error
 from __future__ import annotations
 
 import argparse
-import inspect
+import importlib
 import json
 import logging
 import os
@@ -36,8 +36,10 @@ from .cli_io import (
     _read_latents,
     _save_image,
     _stack_same_size,
+    model_config_path,
+    update_config,
 )
-from .cli_support import EXIT_USAGE, OneLineParser, int_at_least, one_line, positive_float, writing
+from .cli_support import OneLineParser, int_at_least, positive_float, run_main, writing
 
 logger = logging.getLogger(__name__)
 
@@ -167,81 +169,39 @@ def cmd_preview(args) -> None:
     import torch.nn.functional as F
 
     from .imaging import to_pil
-    from .latents import downsampling_factor, encode_images, latents_to_rgb, save_grid
+    from .latent_preview import fit_preview_map, latents_to_rgb
+    from .latents import downsampling_factor, encode_images, save_grid
 
     if not args.images and not args.latents:
         raise ValueError("give images to preview or --latents FILE")
-    if args.store and not Path(args.model).is_dir():
-        raise ValueError("--store needs --model to be a diffusers model folder")
+    config_path = model_config_path(args.model, "--store") if args.store else None  # before any work
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
     factor = downsampling_factor(vae)
-    if args.fit:
-        _, fit_images = _load_images(args.fit, args.resolution, factor)
-        factors = _fit_on(vae, fit_images)
-        if args.store:
-            _store_factors(Path(args.model), factors)
-    else:
-        factors = vae  # the map the model carries in its config
+    factors = fit_preview_map(vae, _load_images(args.fit, args.resolution, factor)[1]) if args.fit else vae  # else the model's map
+    if config_path and args.fit:
+        update_config(config_path, {"latent_rgb_factors": factors.tolist()})
+        logger.info("stored latent_rgb_factors in %s", config_path)
+    show = lambda z: to_pil(F.interpolate(latents_to_rgb(z, factors), scale_factor=factor, mode="nearest")[0])  # noqa: E731 - (1, C, h, w) -> PIL at image size
     rows = []
     if args.latents:
         latents, metadata = _read_latents(args.latents, args.key)
-        latents = _raw_latents(vae, latents, metadata, args.space)
-        rows += [[to_pil(F.interpolate(latents_to_rgb(z[None], factors), scale_factor=factor, mode="nearest")[0])] for z in latents.cpu()]
+        rows += [[show(z[None])] for z in _raw_latents(vae, latents, metadata, args.space).cpu()]
     for x in (_load_images(args.images, args.resolution, factor)[1] if args.images else []):
-        preview = latents_to_rgb(encode_images(vae, x).cpu(), factors)  # (1, 3, h, w)
-        rows.append([to_pil(x), to_pil(F.interpolate(preview, scale_factor=factor, mode="nearest")[0])])
+        rows.append([to_pil(x), show(encode_images(vae, x).cpu())])
     with writing(out):
         save_grid(rows, out)
     logger.info("wrote %d previews to %s", len(rows), out)
 
 
-def _fit_on(vae, images):
-    """Fit the preview map on images of any sizes (each encoded alone, all pixels pooled)."""
-    import torch
-
-    from .latents import encode_images, fit_latent_rgb_map
-
-    latents = [encode_images(vae, x).cpu() for x in images]
-    # one least-squares system over every latent pixel: flatten each image to a (1, C, 1, n) strip
-    strip_z = torch.cat([z.flatten(2)[..., None, :] for z in latents], dim=-1)
-    factor = images[0].shape[-1] // latents[0].shape[-1]
-    pooled = [torch.nn.functional.avg_pool2d(x[None].float(), factor) for x in images]
-    strip_x = torch.cat([p.flatten(2)[..., None, :] for p in pooled], dim=-1)
-    factors = fit_latent_rgb_map(strip_z, strip_x)
-    vae.register_to_config(latent_rgb_factors=factors.tolist())
-    return factors
-
-
-def _store_factors(folder: Path, factors) -> None:
-    """Write ``latent_rgb_factors`` into the model folder's config.json (weights untouched)."""
-    config_path = folder / "config.json" if (folder / "config.json").is_file() else folder / "vae" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["latent_rgb_factors"] = factors.tolist()
-    with writing(config_path):
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    logger.info("stored latent_rgb_factors in %s", config_path)
-
-
 def run_forwarded(name: str, argv: list[str]) -> int:
-    """``klvae eval|stats|push ARGS`` -> that module's ``main`` (imported only now)."""
-    import importlib
-
+    """``klvae eval|stats|push ARGS`` -> that module's ``main(ARGS)`` (imported only now)."""
     module_name = FORWARDED[name][0]
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"'klvae {name}' is unavailable: cannot import {module_name} ({err})") from err
-    entry = module.main
-    if inspect.signature(entry).parameters:
-        result = entry(argv)
-    else:  # a main() that reads sys.argv itself
-        saved, sys.argv = sys.argv, [f"klvae {name}", *argv]
-        try:
-            result = entry()
-        finally:
-            sys.argv = saved
-    return int(result or 0)
+    return int(module.main(argv) or 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,14 +209,28 @@ def run_forwarded(name: str, argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, single checkpoint file, preset name or Hub id")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+def _subcommand(sub, name: str, func, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that loads ``--model`` and runs ``func(args)``."""
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("--model", required=True, help="model folder, single checkpoint file, preset name or Hub id")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32)")
+    p.set_defaults(func=func)
+    return p
 
 
-def _add_resolution(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolution", type=int_at_least(1), default=None, help="resize the shorter side and center-crop to this square size (default: keep the size, which must be a multiple of the downsampling factor)")
+def _add_resolution(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resolution", type=int_at_least(1), default=None, help="resize the shorter side and center-crop to this square size (default: keep the size, which must be a multiple of the downsampling factor)")
+
+
+def _add_posterior_sample(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--sample", action="store_true", help=f"{what} a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+
+
+def _add_latents_key(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key", default=LATENTS_KEY, help=f"tensor name in {what} (default: {LATENTS_KEY})")
+    p.add_argument("--space", choices=("raw", "diffusion"), default=None, help=f"latent space of {what} (default: from its metadata, else raw)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,36 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("reconstruct", help="encode and decode images; write PNGs and an optional comparison grid", description="decode(encode(x)) for each image (posterior mean unless --sample); writes OUT/<name>.png.")
-    _add_model_args(p)
+    p = _subcommand(sub, "reconstruct", cmd_reconstruct, "encode and decode images; write PNGs and an optional comparison grid", "decode(encode(x)) for each image (posterior mean unless --sample); writes OUT/<name>.png.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", default=None, help="also write original | reconstruction | amplified error rows to this .png (images of one size)")
-    p.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mean")
-    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    _add_posterior_sample(p, "decode")
     _add_resolution(p)
-    p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("encode", help="encode images to a .safetensors file of latents", description="Writes tensor 'latents' (B, C, H/f, W/f): raw latents (VAE space) unless --scaled; metadata records the space, the scaling_factor and the file names.")
-    _add_model_args(p)
+    p = _subcommand(sub, "encode", cmd_encode, "encode images to a .safetensors file of latents", "Writes tensor 'latents' (B, C, H/f, W/f): raw latents (VAE space) unless --scaled; metadata records the space, the scaling_factor and the file names.")
     p.add_argument("images", nargs="+", help="image files (one size, or pass --resolution)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--scaled", action="store_true", help="store diffusion-space latents ((z - shift) * scaling_factor), what a diffusion model sees")
-    p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
-    p.add_argument("--seed", type=int, default=None, help="seed for --sample")
+    _add_posterior_sample(p, "store")
     _add_resolution(p)
-    p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="decode a .safetensors file of latents to PNGs", description="Decodes tensor --key (B, C, h, w). The latent space comes from the file's metadata (written by 'klvae encode'), else raw; --space overrides it.")
-    _add_model_args(p)
+    p = _subcommand(sub, "decode", cmd_decode, "decode a .safetensors file of latents to PNGs", "Decodes tensor --key (B, C, h, w). The latent space comes from the file's metadata (written by 'klvae encode'), else raw; --space overrides it.")
     p.add_argument("latents", help=".safetensors file")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--key", default=LATENTS_KEY, help=f"tensor name (default: {LATENTS_KEY})")
-    p.add_argument("--space", choices=("raw", "diffusion"), default=None, help="latent space of the tensor (default: from metadata, else raw)")
-    p.set_defaults(func=cmd_decode)
+    _add_latents_key(p, "the file")
 
-    p = sub.add_parser("interpolate", help="frames between two images' latents, as one PNG row", description="Interpolates the posterior means in diffusion space (slerp or lerp) and decodes each frame.")
-    _add_model_args(p)
+    p = _subcommand(sub, "interpolate", cmd_interpolate, "frames between two images' latents, as one PNG row", "Interpolates the posterior means in diffusion space (slerp or lerp) and decodes each frame.")
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("-o", "--output", required=True, help="output .png (one row of frames)")
@@ -301,29 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("slerp", "lerp"), default="slerp", help="default: slerp")
     p.add_argument("--frames-dir", default=None, help="also write each frame to this folder")
     _add_resolution(p)
-    p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("sample", help="decode samples of the N(0, I) prior", description="Draws z ~ N(0, temperature^2 I) in diffusion space and decodes z / scaling_factor + shift_factor. Meaningful once the model's scaling_factor is fitted (klvae stats).")
-    _add_model_args(p)
+    p = _subcommand(sub, "sample", cmd_sample, "decode samples of the N(0, I) prior", "Draws z ~ N(0, temperature^2 I) in diffusion space and decodes z / scaling_factor + shift_factor. Meaningful once the model's scaling_factor is fitted (klvae stats).")
     p.add_argument("-o", "--output", required=True, help="output .png grid")
     p.add_argument("-n", "--num", type=int_at_least(1), default=8, help="number of samples (default: 8)")
     p.add_argument("--height", type=int_at_least(1), default=256, help="pixel height, a multiple of the downsampling factor (default: 256)")
     p.add_argument("--width", type=int_at_least(1), default=256, help="pixel width (default: 256)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="std multiplier of z (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("preview", help="latents as RGB through the model's linear preview map (fit it with --fit)", description="Shows latents as the per-pixel linear RGB map UIs use during sampling. The map comes from the model config key latent_rgb_factors, or is fitted by least squares on --fit images (--store writes it into the model folder's config.json).")
-    _add_model_args(p)
+    p = _subcommand(sub, "preview", cmd_preview, "latents as RGB through the model's linear preview map (fit it with --fit)", "Shows latents as the per-pixel linear RGB map UIs use during sampling. The map comes from the model config key latent_rgb_factors, or is fitted by least squares on --fit images (--store writes it into the model folder's config.json).")
     p.add_argument("images", nargs="*", help="images to encode and preview (rows: original | preview)")
+    p.add_argument("-o", "--output", required=True, help="output .png grid")
     p.add_argument("--latents", default=None, help="a .safetensors latents file to preview instead of / besides images")
-    p.add_argument("--key", default=LATENTS_KEY, help=f"tensor name in --latents (default: {LATENTS_KEY})")
-    p.add_argument("--space", choices=("raw", "diffusion"), default=None, help="latent space of --latents (default: from metadata)")
+    _add_latents_key(p, "--latents")
     p.add_argument("--fit", nargs="+", default=None, metavar="IMAGE", help="fit the preview map on these images")
     p.add_argument("--store", action="store_true", help="write the fitted map into --model's config.json")
-    p.add_argument("-o", "--output", required=True, help="output .png grid")
     _add_resolution(p)
-    p.set_defaults(func=cmd_preview)
 
     for name, (_, help_text) in FORWARDED.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -331,20 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``klvae`` console script; returns the exit code (2 on user errors)."""
+    """Entry point of the ``klvae`` console script: 0, or a user error as one line and ``SystemExit(2)``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     command = next((a for a in argv if not a.startswith("-")), None)
-    try:
-        if command in FORWARDED:
-            rest = argv[argv.index(command) + 1 :]
-            return run_forwarded(command, rest)
-        args = parser.parse_args(argv)
-        args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:  # OSError includes cli_support.DiskFull ("disk full while writing PATH")
-        parser.exit(EXIT_USAGE, f"klvae {command}: error: {one_line(err)}\n")
+    if command in FORWARDED:  # their own parsers handle the arguments
+        status = run_main(f"klvae {command}", lambda: run_forwarded(command, argv[argv.index(command) + 1 :]))
+    else:
+        args = build_parser().parse_args(argv)
+        status = run_main(f"klvae {command}", lambda: args.func(args))
+    if status:
+        sys.exit(status)  # as argparse's own errors exit
     return 0
 
 

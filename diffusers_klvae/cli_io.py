@@ -1,10 +1,11 @@
 """Files in and out for the ``klvae`` subcommands: image arguments through ``imaging``'s one reader, latents files,
-output paths, and the refusal of non-finite numbers. Every failure is a ``ValueError``/``OSError`` that ``klvae``
+output paths, a model folder's config.json, and the refusal of non-finite numbers. Every failure is a ``ValueError``/``OSError`` that ``klvae``
 prints as one line (exit status 2); a full disk is named by ``cli_support.writing``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -141,3 +142,19 @@ def _raw_latents(vae, latents, metadata: dict, space: str | None):
         raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
     _check_finite(latents, "the latents")
     return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
+
+
+def model_config_path(model: str | os.PathLike, flag: str) -> Path:
+    """The ``config.json`` of a local diffusers-format model folder (``vae/config.json`` of a pipeline folder)."""
+    for path in (Path(model) / "config.json", Path(model) / "vae" / "config.json"):
+        if path.is_file():
+            return path
+    raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
+
+
+def update_config(config_path: Path, fields: dict) -> None:
+    """Set ``fields`` in a config.json (the weights are not touched)."""
+    config = json.loads(config_path.read_text())
+    config.update(fields)
+    with writing(config_path):
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

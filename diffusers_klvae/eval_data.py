@@ -1,5 +1,5 @@
-"""What evaluation and latent statistics read: image sources (through ``imaging``'s one reader) and the named
-protocols' preprocessing.
+"""What evaluation and latent statistics share: image sources (through ``imaging``'s one reader), the named
+protocols' preprocessing, and the run settings and command-line arguments of ``klvae-eval`` and ``klvae-stats``.
 
 Protocols (``PROTOCOLS``; the name is written into every result):
 
@@ -14,6 +14,7 @@ Protocols (``PROTOCOLS``; the name is written into every result):
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -25,10 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .cli_support import int_at_least, run_main
 from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, resize_and_crop, to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # --dtype -> autocast dtype (None: no autocast)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,3 +227,49 @@ def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_i
             break  # before reading the next image: nothing past the limit is decoded (or counted as skipped)
     if tensors:
         yield names, torch.stack(tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run settings and command line, shared by klvae-eval and klvae-stats
+# ----------------------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` (a ``DTYPES`` name, a torch dtype or None) -> the autocast dtype, None for float32 (no autocast)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype in (None, torch.float32) else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def default_device(vae: torch.nn.Module, spec) -> torch.device:
+    """Where a caller's model lives (``spec`` a module), else CUDA when available, else the CPU."""
+    if isinstance(spec, torch.nn.Module):
+        return next(vae.parameters()).device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_name(spec) -> str:
+    """A model's name in tables: the spec it was loaded from, or its class name."""
+    return type(spec).__name__ if isinstance(spec, torch.nn.Module) else os.fspath(spec)
+
+
+def add_source_args(parser: argparse.ArgumentParser, *, min_images: int = 1) -> None:
+    """The images, their preprocessing and where the model runs: the arguments both commands take."""
+    parser.add_argument("--data", required=True, help="image folder, or an HF dataset name (streamed)")
+    parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
+    parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
+    parser.add_argument("--resolution", type=int_at_least(8), default=256, help="center-crop side after resizing (default: 256)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per model call (default: 8)")
+    parser.add_argument("--max-images", type=int_at_least(min_images), default=None, help="use at most this many images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples (default: 0)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="autocast dtype of the VAE (metrics always run in float32)")
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv) -> int:
+    """Parse ``argv``, log at INFO, then ``run(args)``; a user error is one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_main(parser.prog, lambda: run(args))

@@ -14,7 +14,7 @@ sd-vae-ft-mse model card numbers, LDM Table 8):
    features of the FID Inception-v3 (torch-fidelity's network, TF1-compatible resize to 299², see ``fid.py``).
    rFID is a set-level number: it is biased upward on small sets (the field reports 5k or 50k images).
 8. ``masked_psnr`` (optional): encode, zero the latents under a random box mask aligned to the latent grid
-   (``latents.random_pixel_mask`` + ``mask_to_latent``), decode, and compare with the pixel-masked image
+   (``latent_masks.random_pixel_mask`` + ``mask_to_latent``), decode, and compare with the pixel-masked image
    (holes mid-gray): PSNR over the kept pixels and over the hole pixels, per image.
 
 Protocol ``"lightningdit"`` replaces steps 1-2 by LightningDiT's ``evaluate_tokenizer.py`` (tensor bilinear
@@ -45,11 +45,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cli_support import OneLineParser, int_at_least, run_main
-from .eval_data import PROTOCOLS, ImageSource, Protocol, get_protocol, iter_batches  # noqa: F401 - public names
+from .cli_support import OneLineParser, int_at_least
+from .eval_data import (  # noqa: F401 - public names
+    PROTOCOLS,
+    ImageSource,
+    Protocol,
+    add_source_args,
+    autocast_dtype,
+    default_device,
+    get_protocol,
+    iter_batches,
+    model_name,
+    run_command,
+)
 from .eval_report import results_table, write_report  # noqa: F401 - public names
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
 from .imaging import IMAGE_EXTENSIONS, reconstruction_grid, to_uint8  # noqa: F401 - IMAGE_EXTENSIONS: public name
+from .latent_masks import masked_reconstruct  # noqa: F401 - public name
 from .loading import load_vae
 from .metrics import (  # noqa: F401 - public names of this module since before the split
     PER_IMAGE_KEYS,
@@ -70,8 +82,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "rfid")
 METRICS = DEFAULT_METRICS + ("masked_psnr",)
 LOWER_IS_BETTER = frozenset({"lpips", "rfid"})
-DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --output`
 
 
@@ -86,34 +96,12 @@ def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool 
 
     Uses the posterior's ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``.
     """
-    images = images.to(device=_module_device(vae), dtype=_module_dtype(vae))
-    posterior = vae.encode(images).latent_dist
+    weight = next(vae.parameters())
+    posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
     z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
     return vae.decode(z).sample.float()
 
 
-@torch.no_grad()
-def masked_reconstruct(vae: nn.Module, images: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode from masked latents. ``pixel_mask`` (B, 1, H, W), 1 = keep, 0 = hole.
-
-    Returns ``(decoded, target, region)``: the decoded image (float32), the pixel-masked target (holes mid-gray)
-    and the pixel region (B, 1, H, W) of the latent mask, 1 = kept (what a masked latent can be asked for).
-    """
-    from .latents import apply_latent_mask, apply_pixel_mask, latent_mask_to_pixels, mask_to_latent
-
-    latent_mask = mask_to_latent(pixel_mask, vae)  # "any": a latent cell touching the hole is a hole
-    images = images.to(device=_module_device(vae), dtype=_module_dtype(vae))
-    z = apply_latent_mask(vae.encode(images).latent_dist.mode(), latent_mask.to(images.device))
-    region = latent_mask_to_pixels(latent_mask, vae).to(images.device)
-    return vae.decode(z).sample.float(), apply_pixel_mask(images.float(), region), region
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,15 +162,15 @@ def evaluate(
     chosen = get_protocol(protocol)
     sample_posterior = chosen.sample_posterior if sample_posterior is None else sample_posterior
     vae = load_vae(vae_or_path)
-    device = torch.device(device) if device is not None else _default_device(vae, vae_or_path)
-    autocast_dtype = _autocast_dtype(dtype)
+    device = torch.device(device) if device is not None else default_device(vae, vae_or_path)
+    amp_dtype = autocast_dtype(dtype)
     lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
     meters = _Meters(metrics, lpips_model=lpips_model, fid_metric=make_fid_metric(fid_extractor).to(device) if fid_extractor else None, device=device)
     source = ImageSource(data, split=split, image_column=image_column)
     names, kept = [], ([], [])
     generator = torch.Generator(device).manual_seed(seed)
     mask_generator = torch.Generator().manual_seed(seed)  # masks are drawn on the CPU
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     was_training = vae.training
     vae.to(device).eval()
     try:
@@ -205,9 +193,9 @@ def evaluate(
                               lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
     return EvaluationResult(
-        model=name or _model_name(vae_or_path), metrics=meters.summaries(), count=len(names), protocol=record,
+        model=name or model_name(vae_or_path), metrics=meters.summaries(), count=len(names), protocol=record,
         data_source=source.data_source(), skipped=source.skipped,
-        settings=_run_settings(batch_size=batch_size, max_images=max_images, metrics=metrics, device=device, dtype=autocast_dtype),
+        settings=_run_settings(batch_size=batch_size, max_images=max_images, metrics=metrics, device=device, dtype=amp_dtype),
         per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
         skip_reasons=dict(source.skip_reasons), timings=dict(meters.timings), samples=samples,
     )
@@ -240,20 +228,6 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     if unknown or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {list(metrics)}")
     return metrics
-
-
-def _default_device(vae: nn.Module, spec) -> torch.device:
-    if isinstance(spec, nn.Module):
-        return _module_device(vae)  # evaluate the caller's model where it lives
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _autocast_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return None if dtype in (None, torch.float32) else dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
@@ -296,10 +270,6 @@ def _run_settings(*, batch_size, max_images, metrics, device, dtype) -> dict[str
             "diffusers_klvae": __version__, "torch": torch.__version__}
 
 
-def _model_name(spec) -> str:
-    return type(spec).__name__ if isinstance(spec, nn.Module) else os.fspath(spec)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # comparison of several models, command line
 # ----------------------------------------------------------------------------------------------------------
@@ -320,7 +290,7 @@ def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net
     for spec in models:
         vae = load_vae(spec)
         results.append(evaluate(vae, data, metrics=metrics, lpips_net=lpips_net, device=device, lpips_model=lpips_model,
-                                fid_extractor=fid_extractor, keep_images=grid_images, name=_model_name(spec), **kwargs))
+                                fid_extractor=fid_extractor, keep_images=grid_images, name=model_name(spec), **kwargs))
         del vae  # one model in memory at a time
     samples = [r.samples for r in results if r.samples is not None]
     grid = reconstruction_grid(samples[0][0], [s[1] for s in samples]) if len(samples) == len(results) and samples else None
@@ -334,37 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="append", required=True,
                         help="diffusers folder, single file, preset name or Hub id; repeat to compare models")
-    parser.add_argument("--data", required=True, help="image folder, or an HF dataset name (streamed)")
-    parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
-    parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
+    add_source_args(parser)
     parser.add_argument("--output", default=None, help="folder for metrics.json, metrics.md, per_image.csv, grid.png")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="klvae",
                         help="klvae (PIL bicubic resize + center crop, posterior mode; default) or lightningdit "
                              "(LightningDiT's evaluate_tokenizer.py: tensor bilinear antialiased resize + center crop, "
                              "seeded posterior sample)")
-    parser.add_argument("--resolution", type=int_at_least(8), default=256, help="center-crop side after resizing (default: 256)")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
-    parser.add_argument("--max-images", type=int_at_least(1), default=None, help="evaluate at most this many images")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     parser.add_argument("--lpips-net", choices=("vgg", "alex"), default="vgg")
     parser.add_argument("--sample-posterior", action="store_true", default=None,
                         help="decode a seeded posterior sample instead of the mode (the lightningdit protocol always does)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"), default="float32",
-                        help="autocast dtype of the VAE (metrics always run in float32)")
     parser.add_argument("--grid-images", type=int_at_least(0), default=GRID_IMAGES, help="images in grid.png (0: no grid)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``klvae-eval``: the table on stdout; a user error is one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_main("klvae-eval", lambda: _run(args))
+    return run_command(build_parser(), _run, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> None:
     results, grid = compare(
         args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
         device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
@@ -376,7 +335,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         files = write_report(results, args.output, grid)
         logger.info("wrote %s", ", ".join(os.fspath(p) for p in files.values()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli_support import OneLineParser, int_at_least, run_main, writing
-from .eval_data import ImageSource, iter_batches
-from .evaluation import _autocast_dtype, _default_device, _model_name
+from .cli_io import model_config_path, update_config
+from .cli_support import OneLineParser, writing
+from .eval_data import ImageSource, add_source_args, autocast_dtype, default_device, iter_batches, model_name, run_command
 from .loading import load_vae
 
 logger = logging.getLogger(__name__)
@@ -189,17 +189,12 @@ def compute_latent_statistics(
     """Mean and std of a VAE's raw latents over a set of images (global and per channel), with a stability check.
 
     Args:
-        vae_or_path: a VAE module or a spec for ``loading.load_vae`` (folder, single file, preset, Hub id).
-        data: image folder, list of PIL images or paths, HF dataset name (streamed) or ``datasets`` object.
-        resolution (`int`, *optional*, defaults to 256): center-crop side after resizing the shorter side.
-        batch_size (`int`, *optional*, defaults to 8): images per encoder call (the first batch is LDM's estimate).
-        max_images (`int`, *optional*): use at most this many readable images (all when `None`).
+        batch_size (`int`, *optional*, defaults to 8): images per encoder call; the first batch is LDM's estimate.
         sample_posterior (`bool`, *optional*, defaults to `True`): posterior samples, as training pipelines encode;
             `False` uses the posterior mean (slightly smaller std).
         seed (`int`, *optional*, defaults to 0): seeds the posterior samples.
-        device, dtype: as in ``evaluation.evaluate`` (CUDA when available; autocast dtype for the encoder).
-        split, image_column: for HF datasets.
-        progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        vae_or_path, data, resolution, max_images, device, dtype, split, image_column, progress: as in
+            ``evaluation.evaluate`` (``dtype``: the encoder's autocast dtype).
 
     Returns:
         :class:`LatentStatistics`.
@@ -207,15 +202,15 @@ def compute_latent_statistics(
     from tqdm.auto import tqdm
 
     vae = load_vae(vae_or_path)
-    device = torch.device(device) if device is not None else _default_device(vae, vae_or_path)
+    device = torch.device(device) if device is not None else default_device(vae, vae_or_path)
     vae = vae.to(device).eval()
-    autocast_dtype = _autocast_dtype(dtype)
+    amp_dtype = autocast_dtype(dtype)
     generator = torch.Generator(device).manual_seed(seed)
     source = ImageSource(data, split=split, image_column=image_column)
     acc, first_batch = _Accumulator(), None
     batches = iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images)
     for _, x in tqdm(batches, desc="latent statistics", unit="batch", disable=not progress):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             posterior = vae.encode(x.to(device=device, dtype=next(vae.parameters()).dtype)).latent_dist
             z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         acc.update(z.float())
@@ -231,7 +226,7 @@ def compute_latent_statistics(
         stability=_stability(half, whole),
         histogram={"edges": acc.edges.tolist(), "counts": acc.counts.tolist(), "clipped": acc.clipped},
         skipped=source.skipped, skip_reasons=dict(source.skip_reasons),
-        settings={"model": _model_name(vae_or_path), "data": source.describe(), "data_source": source.data_source().to_dict(), "resolution": resolution,
+        settings={"model": model_name(vae_or_path), "data": source.describe(), "data_source": source.data_source().to_dict(), "resolution": resolution,
                   "posterior": f"sample (seed {seed})" if sample_posterior else "mode", "batch_size": batch_size,
                   "latent_shape": list(z.shape[1:]), "device": str(device)},
     )
@@ -283,19 +278,11 @@ def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_c
 
     Only the fields of :meth:`LatentStatistics.config_update` change; weights are not touched.
     """
-    folder = Path(model_dir)
-    config_path = folder / "config.json"
-    if not config_path.is_file() and (folder / "vae" / "config.json").is_file():
-        config_path = folder / "vae" / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"--write-config needs a local diffusers-format model folder with config.json, got {os.fspath(model_dir)!r}")
-    config = json.loads(config_path.read_text())
-    channels = config.get("latent_channels", 4)
+    config_path = model_config_path(model_dir, "--write-config")
+    channels = json.loads(config_path.read_text()).get("latent_channels", 4)
     if per_channel and len(stats.all.channel_mean) != channels:
         raise ValueError(f"statistics have {len(stats.all.channel_mean)} channels, the model {channels}")
-    config.update(stats.config_update(per_channel))
-    with writing(config_path):
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    update_config(config_path, stats.config_update(per_channel))
     return config_path
 
 
@@ -309,36 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
         "Latent statistics of a VAE (global and per-channel mean/std, stability, histograms): the source of "
         "scaling_factor = 1/std, shift_factor and latents_mean/latents_std."))
     parser.add_argument("--model", required=True, help="diffusers folder, single file, preset name or Hub id")
-    parser.add_argument("--data", required=True, help="image folder, or an HF dataset name (streamed)")
-    parser.add_argument("--split", default="validation", help="HF dataset split (default: validation)")
-    parser.add_argument("--image-column", default=None, help="HF dataset image column (default: auto-detect)")
-    parser.add_argument("--resolution", type=int_at_least(8), default=256)
-    parser.add_argument("--batch-size", type=int_at_least(1), default=8)
-    parser.add_argument("--max-images", type=int_at_least(2), default=None)
+    add_source_args(parser, min_images=2)
     parser.add_argument("--mode", action="store_true", help="use the posterior mean instead of a seeded sample")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="folder for latent_stats.json and latent_histogram.png")
     parser.add_argument("--write-config", action="store_true",
                         help="store scaling_factor (1/std) and shift_factor (mean) in the model folder's config.json")
     parser.add_argument("--per-channel", action="store_true",
                         help="with --write-config: store latents_mean/latents_std (SDXL-style) instead, scaling_factor 1.0")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"), default="float32")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``klvae-stats``: the table on stdout; a user error is one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_main("klvae-stats", lambda: _run(args))
+    return run_command(build_parser(), _run, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> None:
     if args.per_channel and not args.write_config:
         raise ValueError("--per-channel only applies with --write-config")
-    if args.write_config and not (Path(args.model) / "config.json").is_file() and not (Path(args.model) / "vae" / "config.json").is_file():
-        raise ValueError(f"--write-config needs a local diffusers-format model folder, got {args.model!r}")
+    if args.write_config:
+        model_config_path(args.model, "--write-config")  # before the long computation
     stats = compute_latent_statistics(
         args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
         sample_posterior=not args.mode, seed=args.seed, device=args.device, dtype=args.dtype, split=args.split,
@@ -354,7 +331,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.write_config:
         path = write_config(args.model, stats, per_channel=args.per_channel)
         logger.info("stored %s in %s", stats.config_update(args.per_channel), path)
-    return 0
 
 
 if __name__ == "__main__":

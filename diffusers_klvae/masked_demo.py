@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli_support import OneLineParser, int_at_least, positive_float
+
 logger = logging.getLogger(__name__)
 
 ASSET_PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "photos"
@@ -70,7 +72,7 @@ def train_mse(vae, images: torch.Tensor, *, steps: int, batch_size: int = 8, lr:
     Returns:
         the loss of every step.
     """
-    from .latents import downsampling_factor
+    from .latent_masks import downsampling_factor
     from .training import freeze_encoder, mask_batch
 
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -99,8 +101,9 @@ def train_mse(vae, images: torch.Tensor, *, steps: int, batch_size: int = 8, lr:
 def masked_scores(vae, images: torch.Tensor, pixel_masks: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB, uint8, peak 255) of: the plain reconstruction (``psnr``), and the decode of masked latents
     vs the pixel-masked image over kept pixels (``masked_psnr_kept``) and hole pixels (``masked_psnr_hole``)."""
-    from .evaluation import masked_reconstruct, psnr, reconstruct, region_psnr
+    from .evaluation import psnr, reconstruct, region_psnr
     from .imaging import to_uint8
+    from .latent_masks import masked_reconstruct
 
     decoded, target, region = masked_reconstruct(vae, images, pixel_masks)
     dec8, target8 = to_uint8(decoded).cpu(), to_uint8(target).cpu()
@@ -114,8 +117,8 @@ def masked_scores(vae, images: torch.Tensor, pixel_masks: torch.Tensor) -> dict[
 
 def demo_grid(originals: torch.Tensor, pixel_masks: torch.Tensor, models, rows: int = 4):
     """Rows: original | pixel-masked target | decoded from masked latents, one column per model."""
-    from .evaluation import masked_reconstruct
     from .imaging import image_grid, to_pil
+    from .latent_masks import masked_reconstruct
 
     columns = [originals[:rows].float()]
     for vae in models:
@@ -135,16 +138,16 @@ def _photo_paths(folder: str | None) -> list[Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_klvae.masked_demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m diffusers_klvae.masked_demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/masked_demo", help="output folder (default: outputs/masked_demo)")
     parser.add_argument("--photos", default=None, help="photo folder (default: ../shared/data/photos, else assets/photos)")
     parser.add_argument("--preset", default="small", help="model preset trained from scratch as the base (default: small, KL-f8)")
     parser.add_argument("--model", default=None, help="start from this trained model (folder, file or Hub id) instead: skips the base training")
-    parser.add_argument("--resolution", type=int, default=64, help="crop size (default: 64)")
-    parser.add_argument("--base-steps", type=int, default=60, help="plain MSE steps of the shared base model (default: 60)")
-    parser.add_argument("--finetune-steps", type=int, default=30, help="steps of each fine-tune (default: 30)")
-    parser.add_argument("--batch-size", type=int, default=8, help="default: 8")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--resolution", type=int_at_least(8), default=64, help="crop size (default: 64)")
+    parser.add_argument("--base-steps", type=int_at_least(1), default=60, help="plain MSE steps of the shared base model (default: 60)")
+    parser.add_argument("--finetune-steps", type=int_at_least(1), default=30, help="steps of each fine-tune (default: 30)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="default: 8")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--latent-mask-prob", type=float, default=0.5, help="mask probability of the mask-aware fine-tune (default: 0.5)")
     parser.add_argument("--mask-generator", choices=("boxes", "strokes"), default="boxes", help="training masks (default: boxes)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -155,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from . import KLVAE
     from .loading import load_vae
-    from .latents import downsampling_factor, random_pixel_mask
+    from .latent_masks import downsampling_factor, random_pixel_mask
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

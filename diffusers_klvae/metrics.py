@@ -17,6 +17,7 @@ from torch import nn
 
 from .eval_results import MetricSummary
 from .imaging import to_uint8
+from .latent_masks import downsampling_factor, masked_reconstruct, random_pixel_mask
 
 logger = logging.getLogger("diffusers_klvae.evaluation")
 
@@ -132,26 +133,18 @@ class _Meters:
 
     def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
         """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
-        if "psnr" in self.metrics:
-            with self.timed("psnr"):
-                self.values["psnr"] += psnr(x8, rec8).tolist()
-        if "ssim" in self.metrics:
-            with self.timed("ssim"):
-                self.values["ssim"] += ssim(x8, rec8).tolist()
-        if "lpips" in self.metrics:
-            with self.timed("lpips"):
-                self.values["lpips"] += lpips_distance(x8, rec8, self.lpips_model).tolist()
+        per_image = {"psnr": psnr, "ssim": ssim, "lpips": lambda x, y: lpips_distance(x, y, self.lpips_model)}
+        for metric in (m for m in self.metrics if m in per_image):
+            with self.timed(metric):
+                self.values[metric] += per_image[metric](x8, rec8).tolist()
         if "rfid" in self.metrics:
             with self.timed("rfid"):
                 self.fid_metric.update(x8, real=True)
                 self.fid_metric.update(rec8, real=False)
 
     def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
-        from .evaluation import masked_reconstruct  # evaluation imports this module: import at call time
-        from .latents import random_pixel_mask
-
         with self.timed("masked_psnr"):
-            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=_downsampling_factor(vae))
+            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=downsampling_factor(vae))
             decoded, target, region = masked_reconstruct(vae, x, mask)
             dec8, target8 = to_uint8(decoded), to_uint8(target)
             self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
@@ -171,8 +164,3 @@ class _Meters:
             return MetricSummary(float("nan"), None, count)
         return MetricSummary(float(self.fid_metric.compute()), None, count)
 
-
-def _downsampling_factor(vae) -> int:
-    from .latents import downsampling_factor
-
-    return downsampling_factor(vae)

@@ -10,22 +10,22 @@ from PIL import Image
 
 from diffusers_klvae import KLVAE
 from diffusers_klvae.imaging import to_tensor
-from diffusers_klvae.latents import (
+from diffusers_klvae.latent_masks import (
     apply_latent_mask,
     apply_pixel_mask,
-    attribute_direction,
-    decode_latents,
     downsampling_factor,
-    edit,
-    encode_images,
-    fit_latent_rgb_map,
-    fit_preview_map,
-    interpolate,
-    interpolate_latents,
     latent_mask_to_pixels,
-    latents_to_rgb,
     mask_to_latent,
     random_pixel_mask,
+)
+from diffusers_klvae.latent_preview import fit_latent_rgb_map, fit_preview_map, latents_to_rgb
+from diffusers_klvae.latents import (
+    attribute_direction,
+    decode_latents,
+    edit,
+    encode_images,
+    interpolate,
+    interpolate_latents,
     sample_prior,
     scale_latents,
     slerp,
