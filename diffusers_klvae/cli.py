@@ -60,12 +60,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu), loaded by
     ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
-    import torch
-
+    from .eval_data import resolve_device
     from .loading import load_vae
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_vae(spec, dtype=dtype).to(device).eval()
+    return load_vae(spec, dtype=dtype).to(resolve_device(device)).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -243,10 +243,12 @@ def autocast_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def default_device(vae: torch.nn.Module, spec) -> torch.device:
-    """Where a caller's model lives (``spec`` a module), else CUDA when available, else the CPU."""
-    if isinstance(spec, torch.nn.Module):
-        return next(vae.parameters()).device
+def resolve_device(device=None, model=None) -> torch.device:
+    """``device`` when given, else where a caller's ``model`` (a module) lives, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        return next(model.parameters()).device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -46,42 +46,22 @@ from PIL import Image
 from torch import nn
 
 from .cli_support import OneLineParser, int_at_least
-from .eval_data import (  # noqa: F401 - public names
-    PROTOCOLS,
-    ImageSource,
-    Protocol,
-    add_source_args,
-    autocast_dtype,
-    default_device,
-    get_protocol,
-    iter_batches,
-    model_name,
-    run_command,
+from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
+    PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
+    resolve_device, run_command,
 )
 from .eval_report import results_table, write_report  # noqa: F401 - public names
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
-from .imaging import IMAGE_EXTENSIONS, reconstruction_grid, to_uint8  # noqa: F401 - IMAGE_EXTENSIONS: public name
-from .latent_masks import masked_reconstruct  # noqa: F401 - public name
+from .imaging import reconstruction_grid, to_uint8
 from .loading import load_vae
 from .metrics import (  # noqa: F401 - public names of this module since before the split
-    PER_IMAGE_KEYS,
-    PEAK,
-    SSIM_KERNEL_SIZE,
-    SSIM_SIGMA,
-    lpips_distance,
-    _Meters,
-    make_fid_metric,
-    psnr,
-    region_psnr,
-    rfid,
-    ssim,
+    SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
 )
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "rfid")
 METRICS = DEFAULT_METRICS + ("masked_psnr",)
-LOWER_IS_BETTER = frozenset({"lpips", "rfid"})
 GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --output`
 
 
@@ -162,7 +142,7 @@ def evaluate(
     chosen = get_protocol(protocol)
     sample_posterior = chosen.sample_posterior if sample_posterior is None else sample_posterior
     vae = load_vae(vae_or_path)
-    device = torch.device(device) if device is not None else default_device(vae, vae_or_path)
+    device = resolve_device(device, vae_or_path)
     amp_dtype = autocast_dtype(dtype)
     lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
     meters = _Meters(metrics, lpips_model=lpips_model, fid_metric=make_fid_metric(fid_extractor).to(device) if fid_extractor else None, device=device)
@@ -284,7 +264,7 @@ def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net
     if not models:
         raise ValueError("give at least one model")
     metrics = _check_metrics(metrics)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
     results = []
     for spec in models:

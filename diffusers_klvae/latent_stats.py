@@ -30,7 +30,7 @@ import torch
 
 from .cli_io import model_config_path, update_config
 from .cli_support import OneLineParser, writing
-from .eval_data import ImageSource, add_source_args, autocast_dtype, default_device, iter_batches, model_name, run_command
+from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device, run_command
 from .loading import load_vae
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def compute_latent_statistics(
     from tqdm.auto import tqdm
 
     vae = load_vae(vae_or_path)
-    device = torch.device(device) if device is not None else default_device(vae, vae_or_path)
+    device = resolve_device(device, vae_or_path)
     vae = vae.to(device).eval()
     amp_dtype = autocast_dtype(dtype)
     generator = torch.Generator(device).manual_seed(seed)

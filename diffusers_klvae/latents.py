@@ -95,9 +95,8 @@ def _latent_stats(vae, latents: torch.Tensor):
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:  # per-channel statistics (diffusers SDXL / SD3-style pipelines)
-        shape = (1, -1, 1, 1)
-        return (torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape),
-                torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape))
+        column = lambda v: torch.tensor(v, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)  # noqa: E731
+        return column(mean), column(std)
     return (getattr(config, "shift_factor", None) or 0.0), 1.0
 
 
@@ -211,10 +210,8 @@ def interpolate_latents(latents_a: torch.Tensor, latents_b: torch.Tensor, steps:
         raise ValueError(f"steps must be >= 2, got {steps}")
     if latents_a.shape != latents_b.shape:
         raise ValueError(f"latents differ in shape: {tuple(latents_a.shape)} vs {tuple(latents_b.shape)}")
-    ts = [i / (steps - 1) for i in range(steps)]
-    if method == "lerp":
-        return torch.stack([torch.lerp(latents_a, latents_b, t) for t in ts])
-    return torch.stack([slerp(latents_a, latents_b, t) for t in ts])
+    mix = torch.lerp if method == "lerp" else slerp
+    return torch.stack([mix(latents_a, latents_b, i / (steps - 1)) for i in range(steps)])
 
 
 def interpolate(vae, image_a, image_b, steps: int = 8, method: str = "slerp", *, grid_path: str | os.PathLike | None = None) -> list[Image.Image]:
@@ -244,27 +241,8 @@ def interpolate(vae, image_a, image_b, steps: int = 8, method: str = "slerp", *,
     return frames
 
 
-def sample_prior_latents(vae, n: int, height: int, width: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Raw latents of prior samples: ``z ~ N(0, temperature² I)`` in diffusion space, unscaled once -> (n, C, h, w).
-
-    ``z`` is drawn on the CPU (the generator's device), so a seed gives the same samples on every device.
-    """
-    factor = _check_size(vae, height, width, "sample")
-    shape = (n, vae.config.latent_channels, height // factor, width // factor)
-    z = torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu") * temperature
-    return unscale_latents(vae, z)
-
-
-def sample_prior(
-    vae,
-    n: int,
-    height: int,
-    width: int,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-    *,
-    grid_path: str | os.PathLike | None = None,
-) -> list[Image.Image]:
+def sample_prior(vae, n: int, height: int, width: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+                 *, grid_path: str | os.PathLike | None = None) -> list[Image.Image]:
     """Decode ``n`` samples of the prior: ``decode(z / scaling_factor + shift_factor)``, ``z ~ N(0, I)``.
 
     ``z`` lives in diffusion space, where the model's ``scaling_factor`` (and shift / per-channel stats) make
@@ -273,15 +251,18 @@ def sample_prior(
 
     Args:
         n, height, width: number and pixel size of the samples (multiples of the downsampling factor).
-        generator (`torch.Generator`, *optional*): CPU generator for reproducible samples.
+        generator (`torch.Generator`, *optional*): for reproducible samples; ``z`` is drawn on its device (the CPU
+            by default), so a seed gives the same samples on every device.
         temperature (`float`, *optional*, defaults to 1.0): std multiplier of ``z``.
         grid_path (*optional*): also write the samples as one PNG grid.
 
     Returns:
         list of ``n`` PIL images.
     """
-    latents = sample_prior_latents(vae, n, height, width, generator=generator, temperature=temperature)
-    images = to_pil(decode_latents(vae, latents).cpu())
+    factor = _check_size(vae, height, width, "sample")
+    shape = (n, vae.config.latent_channels, height // factor, width // factor)
+    z = torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu") * temperature
+    images = to_pil(decode_latents(vae, unscale_latents(vae, z)).cpu())
     if grid_path is not None:
         save_grid(images, grid_path, columns=min(n, 8))
     return images

@@ -57,20 +57,10 @@ def train_mse(vae, images: torch.Tensor, *, steps: int, batch_size: int = 8, lr:
               mask_kind: str = "boxes", decoder_only: bool = False, generator: torch.Generator | None = None) -> list[float]:
     """A minimal plain-MSE training loop (no KL, no LPIPS, no GAN): enough to compare masking on vs off.
 
-    Args:
-        vae: the model, trained in place (on its own device).
-        images: the training pool (N, 3, H, W) in [-1, 1]; each step draws ``batch_size`` of them.
-        steps (`int`): optimizer steps.
-        batch_size (`int`, *optional*, defaults to 8).
-        lr (`float`, *optional*, defaults to 2e-4): Adam learning rate.
-        latent_mask_prob (`float`, *optional*, defaults to 0.0): probability per image of a random hole mask
-            (``training.mask_batch``: aligned to the latent grid; target = pixel-masked image).
-        mask_kind (`str`, *optional*, defaults to ``"boxes"``): ``"boxes"`` or ``"strokes"``.
-        decoder_only (`bool`, *optional*, defaults to `False`): freeze the encoder and ``quant_conv`` (stays frozen).
-        generator (`torch.Generator`, *optional*): CPU generator for batches and masks.
-
-    Returns:
-        the loss of every step.
+    ``vae`` is trained in place, with Adam at ``lr``, on ``batch_size`` images drawn from ``images`` (N, 3, H, W) in [-1, 1]
+    each step; ``latent_mask_prob``: the probability per image of a random ``mask_kind`` hole mask (``training.mask_batch``:
+    aligned to the latent grid, target = the pixel-masked image); ``decoder_only`` freezes the encoder and ``quant_conv``
+    for good; ``generator`` (CPU) draws the batches and masks. Returns the loss of every step.
     """
     from .latent_masks import downsampling_factor
     from .training import freeze_encoder, mask_batch
@@ -157,12 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from . import KLVAE
+    from .eval_data import resolve_device
     from .loading import load_vae
     from .latent_masks import downsampling_factor, random_pixel_mask
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -153,14 +153,10 @@ class _Meters:
     def summaries(self) -> dict[str, MetricSummary]:
         summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
         if "rfid" in self.metrics:
+            count = int(self.fid_metric.real_features_num_samples)
+            if count < 2:
+                logger.warning("rFID needs at least 2 images, got %d: not computed", count)
             with self.timed("rfid"):
-                summaries["rfid"] = self._rfid()
+                summaries["rfid"] = MetricSummary(float(self.fid_metric.compute()) if count >= 2 else float("nan"), None, count)
         return summaries
-
-    def _rfid(self) -> MetricSummary:
-        count = int(self.fid_metric.real_features_num_samples)
-        if count < 2:
-            logger.warning("rFID needs at least 2 images, got %d: not computed", count)
-            return MetricSummary(float("nan"), None, count)
-        return MetricSummary(float(self.fid_metric.compute()), None, count)
 

@@ -297,3 +297,17 @@ def test_preview_map_is_stored_in_the_config(tmp_path, photo_paths):
     # the preview explains the pooled images better than their mean colour does
     target = F.avg_pool2d(images, downsampling_factor(vae))
     assert (preview - target).square().mean() < (target - target.mean(dim=(0, 2, 3), keepdim=True)).square().mean()
+
+
+def test_preview_map_fits_images_of_several_sizes(photo_paths):
+    from diffusers_klvae.imaging import load_image, resize_and_crop
+
+    vae = tiny_vae()
+    square, wide = (to_tensor(resize_and_crop(load_image(p), 32)) for p in photo_paths[:2])
+    wide = torch.cat([wide, square.flip(-1)], dim=-1)  # (3, 32, 64)
+    factors = fit_preview_map(vae, [square, wide], store=False)  # each encoded alone, every latent pixel in one fit
+    assert vae.config.latent_rgb_factors is None  # store=False
+    pooled = [F.avg_pool2d(x[None], downsampling_factor(vae)) for x in (square, wide)]
+    latents = [encode_images(vae, x) for x in (square, wide)]
+    strip = lambda ts: torch.cat([t.flatten(2)[..., None, :] for t in ts], dim=-1)  # noqa: E731 - (1, C, 1, every pixel)
+    torch.testing.assert_close(factors, fit_latent_rgb_map(strip(latents), strip(pooled)), atol=1e-5, rtol=0)
