@@ -15,6 +15,7 @@ Protocols (``PROTOCOLS``; the name is written into every result):
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -203,28 +204,18 @@ def _load_hf_dataset(name: str, split: str):
 
 def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None,
                  protocol: str = "klvae") -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Preprocessed batches: (names, (B, 3, resolution, resolution) in [-1, 1]), at most ``max_images`` images.
-
-    Args:
-        source (`ImageSource`): the images.
-        resolution (`int`): output side.
-        batch_size (`int`): images per batch (the last one may be smaller).
-        max_images (`int` or `None`): stop after this many readable images (all when `None`).
-        protocol (`str`, *optional*, defaults to `"klvae"`): whose preprocessing (``PROTOCOLS``).
-    """
+    """``source`` preprocessed by ``protocol`` (``PROTOCOLS``) in batches (names, (B, 3, resolution, resolution) in
+    [-1, 1]) of ``batch_size`` (the last may be smaller), at most ``max_images`` readable images (all when None)."""
     preprocess = get_protocol(protocol).preprocess
-    names, tensors, taken = [], [], 0
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    for name, img in source:
+    names, tensors = [], []
+    for name, img in itertools.islice(source, max_images):  # stops before reading past the limit (nothing there counted)
         names.append(name)
         tensors.append(preprocess(img, resolution))
-        taken += 1
         if len(tensors) == batch_size:
             yield names, torch.stack(tensors)
             names, tensors = [], []
-        if max_images is not None and taken >= max_images:
-            break  # before reading the next image: nothing past the limit is decoded (or counted as skipped)
     if tensors:
         yield names, torch.stack(tensors)
 
