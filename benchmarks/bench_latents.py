@@ -36,7 +36,8 @@ def timed(fn, *, runs: int, sync) -> tuple[float, float]:
 
 def main() -> None:
     from diffusers_klvae import KLVAE
-    from diffusers_klvae.latents import fit_latent_rgb_map, latents_to_rgb, mask_to_latent, random_pixel_mask
+    from diffusers_klvae.latent_masks import mask_to_latent, random_pixel_mask
+    from diffusers_klvae.latent_preview import fit_latent_rgb_map, latents_to_rgb
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")

@@ -75,7 +75,8 @@ def cmd_reconstruct(args) -> None:
     import torch
 
     from .imaging import reconstruction_grid
-    from .latents import decode_latents, downsampling_factor, encode_images
+    from .latent_masks import downsampling_factor
+    from .latents import decode_latents, encode_images
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_dir(args.out)
@@ -100,7 +101,8 @@ def cmd_reconstruct(args) -> None:
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
-    from .latents import downsampling_factor, encode_images, scale_latents
+    from .latent_masks import downsampling_factor
+    from .latents import encode_images, scale_latents
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".safetensors")
@@ -137,7 +139,8 @@ def cmd_decode(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
-    from .latents import downsampling_factor, interpolate
+    from .latent_masks import downsampling_factor
+    from .latents import interpolate
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
@@ -168,7 +171,8 @@ def cmd_preview(args) -> None:
 
     from .imaging import to_pil
     from .latent_preview import fit_preview_map, latents_to_rgb
-    from .latents import downsampling_factor, encode_images, save_grid
+    from .latent_masks import downsampling_factor
+    from .latents import encode_images, save_grid
 
     if not args.images and not args.latents:
         raise ValueError("give images to preview or --latents FILE")

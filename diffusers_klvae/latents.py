@@ -19,16 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .imaging import image_grid, to_pil, to_tensor
-from .latent_masks import (  # noqa: F401 - public names of this module before the split
-    apply_latent_mask,
-    apply_pixel_mask,
-    as_mask_tensor,
-    downsampling_factor,
-    latent_mask_to_pixels,
-    mask_to_latent,
-    random_pixel_mask,
-)
-from .latent_preview import fit_latent_rgb_map, fit_preview_map, latents_to_rgb  # noqa: F401 - public names
+from .latent_masks import downsampling_factor
 
 SLERP_PARALLEL_EPS = 1e-4  # |cos| above 1 - eps: vectors are (anti)parallel, slerp degenerates to lerp
 

@@ -161,7 +161,7 @@ def mask_batch(x: torch.Tensor, *, factor: int, prob: float, kind: str = "boxes"
         ``(latent_mask (B, 1, H/f, W/f), target (B, 3, H, W))`` with 1 = keep and holes mid-gray (0) in the
         target, or ``(None, None)`` when no image of the batch got a hole.
     """
-    from .latents import apply_pixel_mask, mask_to_latent, random_pixel_mask
+    from .latent_masks import apply_pixel_mask, mask_to_latent, random_pixel_mask
 
     if prob <= 0:
         return None, None

@@ -90,7 +90,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         encoder_squeeze_excitation (`bool`, *optional*, defaults to `False`): channel gating after the second conv
             of every encoder down-block resnet (KLVAE only; starts as the identity).
         latent_rgb_factors (`list[list[float]]`, *optional*, defaults to `None`): a `(latent_channels + 1) × 3`
-            linear map latents → RGB for fast previews (`diffusers_klvae.latents.latents_to_rgb`; KLVAE only).
+            linear map latents → RGB for fast previews (`diffusers_klvae.latent_preview.latents_to_rgb`; KLVAE only).
     """
 
     _supports_gradient_checkpointing = True
