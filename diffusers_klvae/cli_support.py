@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import math
 import os
 import shutil
@@ -73,6 +74,13 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
         return EXIT_USAGE
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv) -> int:
+    """Parse ``argv``, log at INFO, then ``run(args)``; a user error is one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_main(parser.prog, lambda: run(args))
 
 
 class OneLineParser(argparse.ArgumentParser):

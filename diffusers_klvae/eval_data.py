@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .cli_support import int_at_least, run_main
+from .cli_support import int_at_least
 from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, resize_and_crop, to_rgb, to_tensor
 
@@ -259,10 +259,3 @@ def add_source_args(parser: argparse.ArgumentParser, *, min_images: int = 1) -> 
     parser.add_argument("--seed", type=int, default=0, help="seed of posterior samples (default: 0)")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda when available)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="autocast dtype of the VAE (metrics always run in float32)")
-
-
-def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv) -> int:
-    """Parse ``argv``, log at INFO, then ``run(args)``; a user error is one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_main(parser.prog, lambda: run(args))

@@ -45,10 +45,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cli_support import OneLineParser, int_at_least
+from .cli_support import OneLineParser, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
     PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
-    resolve_device, run_command,
+    resolve_device,
 )
 from .eval_report import results_table, write_report  # noqa: F401 - public names
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names

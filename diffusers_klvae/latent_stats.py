@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .cli_io import model_config_path, update_config
-from .cli_support import OneLineParser, writing
-from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device, run_command
+from .cli_support import OneLineParser, run_command, writing
+from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device
 from .loading import load_vae
 
 logger = logging.getLogger(__name__)
