@@ -370,9 +370,11 @@ def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
         h = _Computed((b, c_out, h_rows, w), lambda r0, r1: _conv_rows(block.conv1, x, r0, r1, pre1), [], read_maps=3)
         _statistics_pass(store, h)
         pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
-        band = lambda r0, r1: _conv_rows(block.conv2, h, r0, r1, pre2).add_(x.read(r0, r1))  # noqa: E731
-        _sweep(store, x, band, per_row=9 * _row_bytes(store, x), halo=2, lag=2)
-        return x
+
+        def band(r0: int, r1: int) -> torch.Tensor:  # reads rows r0 - 2 .. r1 + 2 of x, which it overwrites
+            return _conv_rows(block.conv2, h, r0, r1, pre2).add_(x.read(r0, r1))
+
+        return _sweep(store, x, band, per_row=9 * _row_bytes(store, x), halo=2, lag=2)
     h = _conv_pass(store, block.conv1, x, pre=pre1)
     pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
     shortcut = None if block.squeeze_excitation is not None else _shortcut(block, x)
