@@ -179,9 +179,9 @@ Two photos never seen in training, scored from these fp16 weights loaded in floa
 
 ![learning curve](learning_curve.png)
 
-The held-out PSNR flattens once the perceptual term dominates the loss (0.5·LPIPS, counted at every pixel, is several
-times the squared error after the first thousand steps): at this size and data, more steps of this recipe buy
-perceptual quality rather than PSNR.
+Held-out PSNR and LPIPS stop improving after about 2,000 steps while the training crops keep improving (their mean
+squared error falls by ~40% and their LPIPS by ~30% from step 2,000 to 4,500): with eleven training photos the model
+learns those photos rather than images in general. More photos, not more steps, is what this model needs next.
 
 ## Limitations
 
