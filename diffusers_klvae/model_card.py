@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .eval_results import EvaluationResult, MetricSummary, load_metrics, validation_result
+from .eval_results import EvaluationResult, MetricSummary, load_metrics
 from .publish_checks import flatten, is_local_path, is_secret_key, leaks, plain, read_json, sanitize_training_args
 
 logger = logging.getLogger(__name__)
