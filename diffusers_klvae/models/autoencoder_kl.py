@@ -9,11 +9,9 @@ diffusers ``models/autoencoders/autoencoder_kl.py``.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,17 +29,11 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import ACTIVATIONS, Decoder, Encoder, _hooked
+from .config import config_for_disk, config_from_disk, validate_architecture
+from .encoder_decoder import Decoder, Encoder, _hooked
 from .posterior import DiagonalGaussianDistribution
 from .presets import list_presets, preset_config
-
-DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
-UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
-# On disk, an SE model's down blocks carry this name, so that plain AutoencoderKL refuses the folder loudly
-# ("... does not exist") instead of silently dropping the gates.
-SE_DOWN_BLOCK_TYPE = "SqueezeExcitationDownEncoderBlock2D(needs diffusers_klvae.KLVAE)"
-# KLVAE-only config keys and their defaults: at these values a saved folder is a plain AutoencoderKL folder.
-EXTRA_CONFIG_DEFAULTS = {"encoder_squeeze_excitation": False, "latent_rgb_factors": None}
+from .single_file_model import SingleFileMixin
 
 
 @dataclass
@@ -56,7 +48,7 @@ class KLVAEOutput(DecoderOutput):
     latent_dist: DiagonalGaussianDistribution | None = None
 
 
-class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapterMixin):
+class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapterMixin, SingleFileMixin):
     r"""
     A VAE with KL loss: images → diagonal Gaussian latents → images. Config and weights are interchangeable with
     diffusers' [`AutoencoderKL`], and so is the model API: [`ModelMixin`] (loading, saving, layerwise casting, group
@@ -122,8 +114,8 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         latent_rgb_factors: list[list[float]] | None = None,
     ):
         super().__init__()
-        _validate_architecture(in_channels, out_channels, down_block_types, up_block_types, block_out_channels,
-                               layers_per_block, act_fn, latent_channels, norm_num_groups)
+        validate_architecture(in_channels, out_channels, down_block_types, up_block_types, block_out_channels,
+                              layers_per_block, latent_channels, norm_num_groups)
         levels = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                       groups=norm_num_groups, act_fn=act_fn, mid_block_add_attention=mid_block_add_attention)
         self.encoder = Encoder(in_channels=in_channels, latent_channels=latent_channels,
@@ -351,7 +343,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             self.original_attn_processors = None
         super().unfuse_qkv_projections()
 
-    # ------------------------------------------------------------------ presets and files
+    # ------------------------------------------------------------------ presets and files (single files: SingleFileMixin)
     @classmethod
     def preset_config(cls, name: str) -> dict:
         """Preset name → ``KLVAE`` keyword arguments (see ``list_presets()``)."""
@@ -366,112 +358,14 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         """A freshly initialised model of a named preset, e.g. ``KLVAE.from_preset("sd-kl-f8")``."""
         return cls(**{**preset_config(name), **overrides})
 
-    @classmethod
-    def from_single_file(
-        cls,
-        pretrained_model_link_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-        config: dict | str | os.PathLike | None = None,
-        *,
-        subfolder: str | None = None,
-        original_config: dict | str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        force_download: bool = False,
-        proxies: dict | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool | None = None,
-        revision: str | None = None,
-        config_revision: str | None = None,
-        disable_mmap: bool = False,
-        low_cpu_mem_usage: bool | None = None,
-        **kwargs,
-    ) -> "KLVAE":
-        r"""
-        Load an original LDM/CompVis VAE checkpoint (keys with ``first_stage_model.``, ``vae.`` or no prefix; diffusers
-        keys work too), with the arguments of diffusers' ``AutoencoderKL.from_single_file``, and return the same model
-        (``eval()`` mode).
-
-        Args:
-            pretrained_model_link_or_path_or_dict (`str`, `os.PathLike` or `dict`): a local ``.safetensors``/``.ckpt``
-                file, a Hub file URL (``https://huggingface.co/<repo>/blob/main/<file>``), or a state dict.
-            config (`str`, `os.PathLike` or `dict`, *optional*, defaults to `None`): a Hub repo id or local diffusers
-                folder (with ``subfolder``), a ``config.json`` path, a preset name or a config dict. `None`: the
-                ``"sd-kl-f8"`` preset (diffusers instead fetches the config of the model it infers from the keys,
-                which for a VAE-only file is the same SD 1.x config).
-            subfolder (`str`, *optional*, defaults to `None`): where ``config.json`` sits in the repo or folder.
-            original_config (`str` or `dict`, *optional*, defaults to `None`): an LDM YAML (path, URL or dict) to build
-                the config from, as in diffusers; excludes ``config``.
-            torch_dtype (`torch.dtype`, *optional*, defaults to `None`): dtype of the returned model (``dtype=`` too).
-            device (`str` or `torch.device`, *optional*, defaults to `None`): device of the returned model.
-            force_download, proxies, token, cache_dir, local_files_only, revision, config_revision, disable_mmap:
-                Hub download options, as in diffusers (``revision`` is the checkpoint's, ``config_revision`` the
-                config's).
-            low_cpu_mem_usage (`bool`, *optional*): accepted for diffusers compatibility; the checkpoint is loaded
-                into an initialised model either way.
-            kwargs: config overrides (e.g. ``scaling_factor=0.13025``); ``dtype`` is an alias of ``torch_dtype``.
-        """
-        from .single_file import checkpoint_state_dict, load_single_file_into
-
-        torch_dtype = kwargs.pop("dtype", None) or torch_dtype
-        unknown = sorted(set(kwargs) - set(inspect.signature(cls.__init__).parameters))
-        if unknown:
-            raise TypeError(f"from_single_file got unexpected arguments {unknown}; config overrides must be KLVAE "
-                            "config keys")
-        if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
-            raise TypeError(f"torch_dtype must be a torch.dtype, e.g. torch.float16; got {torch_dtype!r}")
-        hub = dict(force_download=force_download, proxies=proxies, token=token, cache_dir=cache_dir,
-                   local_files_only=local_files_only)
-        state = checkpoint_state_dict(pretrained_model_link_or_path_or_dict, revision=revision,
-                                      disable_mmap=disable_mmap, **hub)
-        if original_config is not None:
-            if config is not None:
-                raise ValueError("pass either config= or original_config=, not both")
-            config_dict = _config_from_original(original_config, state, local_files_only=local_files_only)
-        else:
-            config_dict = _resolve_config(config, subfolder=subfolder, revision=config_revision, **hub)
-        model = cls.from_config({**config_dict, **kwargs})
-        load_single_file_into(model, state, source=_describe(pretrained_model_link_or_path_or_dict))
-        return model.to(device=device, dtype=torch_dtype).eval()
-
-    def save_single_file(self, path: str | os.PathLike, force: bool = False) -> None:
-        """Write the original LDM layout (no prefix, 1×1-conv attention, ``.safetensors``) for ComfyUI / A1111.
-
-        Those loaders ignore any config and build the SD KL-f8 architecture (ComfyUI also its 16-channel variant
-        without quant convs), so a file of another architecture would fail to load or, worse, load and decode wrong.
-        The SD/SDXL architecture is therefore required (``single_file_mismatches`` lists what differs).
-
-        Args:
-            path (`str` or `os.PathLike`): the ``.safetensors`` file to write.
-            force (`bool`, *optional*, defaults to `False`): write any architecture, for tools that read a config
-                beside the file (``KLVAE.from_single_file(path, config=...)`` does).
-        """
-        from .single_file import save_single_file, single_file_mismatches
-
-        mismatches = single_file_mismatches(self.config)
-        if mismatches and not force:
-            differing = ", ".join(f"{key}={value!r} (needs {want!r})" for key, (value, want) in mismatches.items())
-            raise ValueError(f"ComfyUI/A1111 load single files as the SD KL-f8 architecture, and this config differs: "
-                             f"{differing}; use save_pretrained, or force=True for tools that read its config")
-        save_single_file(self, path)
-
     def to_json_string(self) -> str:
         # A default-architecture KLVAE saves as a plain AutoencoderKL folder: tools that know only diffusers read it.
-        config = json.loads(super().to_json_string())
-        if all(config.get(key) == default for key, default in EXTRA_CONFIG_DEFAULTS.items()):
-            config = {k: v for k, v in config.items() if k not in EXTRA_CONFIG_DEFAULTS}
-            config["_class_name"] = "AutoencoderKL"
-        elif config.get("encoder_squeeze_excitation"):
-            config["down_block_types"] = [SE_DOWN_BLOCK_TYPE] * len(config["down_block_types"])
+        config = config_for_disk(json.loads(super().to_json_string()))
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict, **kwargs):
-        config_dict = dict(config_dict)
-        if SE_DOWN_BLOCK_TYPE in (config_dict.get("down_block_types") or ()):
-            config_dict["down_block_types"] = [DOWN_BLOCK_TYPES[0]] * len(config_dict["down_block_types"])
-            config_dict["encoder_squeeze_excitation"] = True
-        return super().extract_init_dict(config_dict, **kwargs)
+        return super().extract_init_dict(config_from_disk(config_dict), **kwargs)
 
 
 def _check_unhooked(part: nn.Module, name: str) -> None:
@@ -480,60 +374,3 @@ def _check_unhooked(part: nn.Module, name: str) -> None:
     if _hooked(part):
         raise ValueError(f"tiling runs the {name} layer by layer, past the hook on its forward (block-level group "
                          "offloading); use enable_group_offload(..., offload_type='leaf_level') with tiling")
-
-
-def _resolve_config(config: dict | str | os.PathLike | None, *, subfolder: str | None = None, **hub) -> dict[str, Any]:
-    """``from_single_file``'s ``config``: None (the SD preset), a dict, a preset name, a local folder or config.json,
-    or a Hub repo id (``subfolder`` and Hub options as in ``ConfigMixin.load_config``) → a config dict."""
-    if config is None:
-        return preset_config("sd-kl-f8")
-    if isinstance(config, dict):
-        return dict(config)
-    if str(config) in list_presets():
-        return preset_config(str(config))
-    path = os.fspath(config)
-    if os.path.isfile(path):  # a config.json itself
-        path, subfolder = os.path.dirname(path) or ".", None
-    try:
-        return dict(KLVAE.load_config(path, subfolder=subfolder, **hub))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"config {config!r} is neither a dict, a preset ({', '.join(list_presets())}), a diffusers "
-                         f"folder nor a Hub repo with a config.json{f' in {subfolder!r}' if subfolder else ''}: {err}") from err
-
-
-def _config_from_original(original_config: dict | str, state: dict[str, torch.Tensor], *,
-                          local_files_only: bool | None) -> dict[str, Any]:
-    """An LDM YAML (dict, path or URL) → a diffusers config, with diffusers' own conversion."""
-    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm, fetch_original_config
-
-    if isinstance(original_config, str):
-        original_config = fetch_original_config(original_config, local_files_only=bool(local_files_only))
-    return create_vae_diffusers_config_from_ldm(original_config, state)
-
-
-def _describe(source) -> str:
-    return "the state dict" if isinstance(source, dict) else repr(os.fspath(source))
-
-
-def _validate_architecture(in_channels, out_channels, down_block_types, up_block_types, block_out_channels,
-                           layers_per_block, act_fn, latent_channels, norm_num_groups) -> None:
-    """Raise a ValueError naming the wrong value and what is allowed."""
-    levels = len(block_out_channels)
-    if levels == 0:
-        raise ValueError("block_out_channels must list at least one level, e.g. (128, 256, 512, 512)")
-    for name, types, allowed in (("down_block_types", down_block_types, DOWN_BLOCK_TYPES), ("up_block_types", up_block_types, UP_BLOCK_TYPES)):
-        bad = [t for t in types if t not in allowed]
-        if bad:
-            raise ValueError(f"{name} has unknown block type {bad[0]!r}; allowed: {list(allowed)}")
-        if len(types) != levels:
-            raise ValueError(f"{name} has {len(types)} entries but block_out_channels has {levels}: give one per level")
-    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("latent_channels", latent_channels),
-                        ("layers_per_block", layers_per_block), ("norm_num_groups", norm_num_groups)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    for channels in block_out_channels:
-        if channels % norm_num_groups:
-            raise ValueError(f"block_out_channels entry {channels} is not divisible by norm_num_groups={norm_num_groups}; "
-                             f"use channel counts that are multiples of {norm_num_groups} or a divisor of {channels} as norm_num_groups")
-    if act_fn not in ACTIVATIONS:
-        raise ValueError(f"act_fn={act_fn!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
