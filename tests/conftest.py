@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusers_klvae import KLVAE
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "photos"
 
 
@@ -25,6 +27,13 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def photo_paths(photos_dir) -> list[Path]:
     return sorted(photos_dir.glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    """The ``tiny`` preset (f2, 8/16 channels), seeded, in eval mode: one per test module."""
+    torch.manual_seed(0)
+    return KLVAE.from_preset("tiny").eval()
 
 
 def perturb_norms_and_biases(model, *, gain_std: float, bias_std: float):

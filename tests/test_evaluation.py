@@ -30,12 +30,6 @@ RES = 32  # evaluation resolution in these tests: tiny model, tiny images
 
 
 @pytest.fixture(scope="module")
-def tiny_vae():
-    torch.manual_seed(0)
-    return KLVAE.from_preset("tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def fast_lpips():
     from diffusers_klvae.perceptual import load_lpips
 

@@ -14,12 +14,6 @@ RES = 32
 
 
 @pytest.fixture(scope="module")
-def tiny_vae():
-    torch.manual_seed(0)
-    return KLVAE.from_preset("tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images(photo_paths):
     return [load_image(p) for p in photo_paths[:5]]
 
