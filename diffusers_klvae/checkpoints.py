@@ -7,7 +7,8 @@ models as ``save_pretrained`` folders, the layout users load (``vae/`` with the 
 ``discriminator/``), as diffusers' training examples do. Around it, what a kill or a second run must not break:
 
 - a checkpoint is written to ``.tmp-checkpoint-<step>/``, ``training_state.json`` (:data:`CHECKPOINT_MARKER`) last,
-  then renamed: a kill leaves the whole checkpoint or a temporary folder ``latest`` ignores;
+  then renamed: a kill leaves the whole checkpoint or a temporary folder ``latest`` ignores; a write failing on one
+  process fails on all of them (:func:`write_together`), so none waits at a barrier for a process already gone;
 - :func:`find_latest_checkpoint` skips marked checkpoints that miss a file; :func:`set_aside_newer_checkpoints`
   moves the newer ones aside when a run resumes from an older one; :class:`output_dir_lock` admits one run per folder;
 - pickles are read with ``torch.load(weights_only=True)`` only (see :func:`_refuse_unsafe_pickles`).
@@ -61,18 +62,27 @@ class GeneratorState:
 class PerProcessState:
     """Per-process state (a data-stream position, a generator) as one registered object.
 
-    Accelerate writes registered states from the main process only (one ``custom_checkpoint_<i>.pkl``), so
-    ``state_dict`` gathers every process's state (all processes call it: a collective) and each process loads its
-    own entry back.
+    Accelerate writes registered states from the main process only (one ``custom_checkpoint_<i>.pkl``), so every
+    process's state is gathered (a collective) and each process loads its own entry back. The save hook gathers
+    (:meth:`gather`) before ``save_state`` writes anything: a collective after a write that failed on one process
+    would leave the others waiting in it.
     """
 
     def __init__(self, obj, *, process_index: int, num_processes: int):
         self.obj, self.process_index, self.num_processes = obj, process_index, num_processes
+        self.gathered = None
 
-    def state_dict(self) -> dict:
+    def gather(self) -> None:
+        """Collect every process's state now (all processes call it: a collective); ``state_dict`` returns it."""
         from accelerate.utils import gather_object
 
-        return {"processes": gather_object([self.obj.state_dict()])}
+        self.gathered = {"processes": gather_object([self.obj.state_dict()])}
+
+    def state_dict(self) -> dict:
+        if self.gathered is None:
+            self.gather()
+        state, self.gathered = self.gathered, None
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         processes = state["processes"]
@@ -124,15 +134,20 @@ def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, d
     states = {"data_stream": PerProcessState(data_stream, **per_process),
               "generator": PerProcessState(GeneratorState(generator), **per_process), "ema_counters": EMACounters(ema), "loss_parameters": LossParameters(loss_fn)}
     accelerator.register_for_checkpointing(*(states[name] for name in REGISTERED_STATES))
-    accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema))
+    gathered = [states["data_stream"], states["generator"]]
+    accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema, gathered))
     accelerator.register_load_state_pre_hook(partial(_load_models, accelerator, ema))
 
 
-def _save_models(accelerator, ema, models: list, weights: list, output_dir: str) -> None:
-    """Accelerate's save hook: the VAE (raw + ``ema`` variant) and the discriminator as ``save_pretrained`` folders,
-    in place of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not to write those)."""
+def _save_models(accelerator, ema, per_process: list[PerProcessState], models: list, weights: list, output_dir: str) -> None:
+    """Accelerate's save hook, run by every process before ``save_state`` writes anything: first the collectives
+    (the per-process states are gathered), then the VAE (raw + ``ema`` variant) and the discriminator as
+    ``save_pretrained`` folders, in place of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not
+    to write those)."""
     from .training import save_model_folder
 
+    for state in per_process:
+        state.gather()
     vae, disc = models
     if accelerator.is_main_process:
         save_model_folder(accelerator.unwrap_model(vae), ema, Path(output_dir) / VAE_FOLDER)
@@ -181,9 +196,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
     """Write ``output_dir/checkpoint-<step>/`` atomically (``accelerator.save_state`` into a temporary folder, the
     marker last, one rename) and return its path. Every process must call it.
 
-    ``output_dir`` must be visible to every process (a shared filesystem on multi-node runs). A full disk raises
-    :class:`diffusers_klvae.cli_support.DiskFull` naming the checkpoint; the temporary folder is removed and the
-    previous checkpoints are untouched.
+    ``output_dir`` must be visible to every process (a shared filesystem on multi-node runs). A full disk on any
+    process raises :class:`diffusers_klvae.cli_support.DiskFull` naming the checkpoint on every process (none is
+    left waiting for one that failed); the temporary folder is removed and the previous checkpoints are untouched.
 
     Args:
         accelerator: the ``Accelerator``, with :func:`register_checkpoint_state` done.
@@ -192,33 +207,59 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
         training_state (`dict`, *optional*): JSON-serialisable extras for ``training_state.json`` (loss history, ...).
         total_limit (`int`, *optional*): keep at most this many complete checkpoints (oldest removed).
     """
-    from .cli_support import writing
-
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def start() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        with writing(final):
-            accelerator.save_state(os.fspath(tmp))  # every process: its RNG states; the main process: the rest
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state = {"step": step, "num_processes": accelerator.num_processes, **(training_state or {})}
-                (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state))
-    except OSError:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays as it was
-        raise
-    if accelerator.is_main_process:
+        tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        state = {"step": step, "num_processes": accelerator.num_processes, **(training_state or {})}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(state))
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic on POSIX: `latest` never sees a half-written checkpoint-<step>
         prune_checkpoints(output_dir, total_limit)
+
+    cleanup = partial(shutil.rmtree, tmp, ignore_errors=True)  # give the space back; the previous checkpoints stay
+    write_together(accelerator, final, start if main else None, cleanup=cleanup)
+    # every process: its RNG states; the main process: the rest (the marker only once every process's files are in)
+    write_together(accelerator, final, partial(accelerator.save_state, os.fspath(tmp)), cleanup=cleanup)
+    write_together(accelerator, final, finish if main else None, cleanup=cleanup)
+    if main:
         logger.info("saved %s", final)
-    accelerator.wait_for_everyone()
     return final
+
+
+def write_together(accelerator, path: Path, write, *, cleanup=None) -> None:
+    """Run ``write`` (None: nothing) on this process, then learn from every process whether its part failed, in one
+    collective that all of them reach, failed or not; then all return, or all raise, the main process after
+    ``cleanup``. A full disk is :class:`~diffusers_klvae.cli_support.DiskFull` naming ``path`` on every process, so each
+    ends with the same one-line error instead of waiting at a barrier for a process that has already failed."""
+    from accelerate.utils import gather_object
+
+    from .cli_support import DiskFull, one_line, writing
+
+    error = None
+    try:
+        with writing(path):
+            if write is not None:
+                write()
+    except Exception as err:  # noqa: BLE001 - re-raised below, once the other processes know
+        error = err
+    mine = None if error is None else (accelerator.process_index, isinstance(error, DiskFull), one_line(error))
+    failures = [f for f in gather_object([mine]) if f is not None]
+    if not failures:
+        return
+    if accelerator.is_main_process and cleanup is not None:
+        cleanup()
+    if error is not None:
+        raise error
+    rank, disk_full, message = failures[0]
+    raise DiskFull(path) if disk_full else RuntimeError(f"process {rank} failed while writing {path}: {message}")
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> dict:

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import accelerate.utils
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffusers_klvae import KLVAE, checkpoints, train_config, train_outputs, training
+from diffusers_klvae.cli_support import DiskFull
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_autoencoder.py"
@@ -483,3 +487,45 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_previous_checkpoin
     run_inprocess(quick_args(photos_dir, moved, "--max_train_steps", "2", "--checkpointing_steps", "1", "--num_validation_images", "0",
                              "--resume_from_checkpoint", "latest"))
     assert checkpoints.find_latest_checkpoint(moved) == moved / "checkpoint-2"
+
+
+def test_a_full_disk_ends_every_process_of_a_two_process_run(photos_dir, small_disk):
+    """One process failing to write a checkpoint must not leave the others waiting at a barrier: every process
+    ends with the one-line error and exit status 2, and the previous checkpoint stays intact."""
+    out = small_disk / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + (os.getpid() + 500) % 1000), "--tee", "2",
+           "--log-line-prefix-template", "[rank${rank}]:", str(SCRIPT),
+           *quick_args(photos_dir, out, "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                       "--num_validation_images", "0")]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                           start_new_session=True)  # its own process group: a hung run is killed whole below
+    try:
+        _, stderr = run.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        _, stderr = run.communicate()
+        pytest.fail(f"the 2-process run hung after the disk filled: {stderr[-3000:]}")
+    line = f"train_autoencoder.py: error: disk full while writing {out / 'checkpoint-2'}"
+    for rank in (0, 1):
+        assert f"[rank{rank}]:{line}" in stderr.splitlines(), stderr[-4000:]
+    assert re.search(r"exitcode\s*:\s*2\b", stderr) and not re.search(r"exitcode\s*:\s*-", stderr), stderr[-4000:]
+    assert run.returncode != 0
+    assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-1"  # intact: every file there
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("other", [(1, True, "disk full while writing X"), (1, False, "Permission denied: 'X'")])
+def test_a_failure_on_another_process_fails_this_one_too(tmp_path, monkeypatch, other):
+    """``write_together``: a process whose own part succeeded learns of the other's failure (one collective, here
+    its result) and raises too, after removing the temporary folder; a full disk reads as a full disk."""
+    tmp = tmp_path / ".tmp-checkpoint-2"
+    tmp.mkdir()
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, other])
+    main = SimpleNamespace(process_index=0, is_main_process=True)
+    with pytest.raises(DiskFull if other[1] else RuntimeError) as err:
+        checkpoints.write_together(main, tmp_path / "checkpoint-2", lambda: None, cleanup=lambda: shutil.rmtree(tmp))
+    expected = f"disk full while writing {tmp_path / 'checkpoint-2'}" if other[1] else "process 1 failed while writing"
+    assert expected in str(err.value) and not tmp.exists()
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, None])  # nobody failed: no error
+    checkpoints.write_together(main, tmp_path / "checkpoint-2", None)
