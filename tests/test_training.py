@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_klvae import KLVAE, checkpoints, train_config, train_outputs, training
+from diffusers_klvae import KLVAE, checkpoint_state, checkpoints, train_config, train_outputs, training
 from diffusers_klvae.cli_support import DiskFull
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -401,10 +401,10 @@ def test_latest_falls_back_past_a_checkpoint_without_weights(photos_dir, tmp_pat
 
 def test_a_checkpoint_pickle_holding_objects_is_refused_before_accelerate_unpickles_it(tmp_path):
     torch.save({"processes": [{"offset": 3}]}, tmp_path / "custom_checkpoint_0.pkl")  # what we write: plain values
-    checkpoints._refuse_unsafe_pickles(tmp_path)
+    checkpoint_state._refuse_unsafe_pickles(tmp_path)
     torch.save({"processes": [Path("x")]}, tmp_path / "custom_checkpoint_1.pkl")  # any other object: refused
     with pytest.raises(ValueError, match="custom_checkpoint_1.pkl holds more than tensors and plain values"):
-        checkpoints._refuse_unsafe_pickles(tmp_path)
+        checkpoint_state._refuse_unsafe_pickles(tmp_path)
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, tmp_path, run_inprocess):
