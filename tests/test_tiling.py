@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_klvae import KLVAE
-from diffusers_klvae.models import tiling
+from diffusers_klvae.models import tile_store, tiling
 from diffusers_klvae.models.blocks import GroupNorm, SqueezeExcitation
 
 CONFIG = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
@@ -134,7 +134,7 @@ def test_scaled_float16_maps_keep_range_and_precision():
     """Stored float16 with a power-of-two scale per row and channel: values far beyond float16's range (the SD VAE's
     activations overflow it) and tiny ones come back within float16's relative precision of their row's largest
     magnitude, where plain float16 gives inf."""
-    store = tiling._Store(torch.device("cpu"), torch.float32, torch.float16, 10**6)
+    store = tile_store.MapStore(torch.device("cpu"), torch.float32, torch.float16, 10**6)
     g = torch.Generator().manual_seed(0)
     band = torch.randn(2, 3, 5, 7, generator=g) * torch.tensor([1e6, 1.0, 1e-6])[:, None, None]
     assert not torch.isfinite(band.half()).all()

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from diffusers_klvae import KLVAE
-from diffusers_klvae.models import tiling
+from diffusers_klvae.models import tile_store, tiling
 
 # No mid-block attention: it runs on the whole latent map, outside the budget (docs/tiling.md).
 CONFIG = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, mid_block_add_attention=False,
@@ -85,14 +85,14 @@ def test_device_budget_is_respected(vae, budget, tmp_path):
 def test_maps_stay_on_the_device_while_they_fit(vae, monkeypatch):
     """Maps go to the store beyond the budget only: with a budget that holds them, none is created in host memory."""
     created = []
-    real = tiling._Store.new
+    real = tile_store.MapStore.new
 
     def new(store, shape):
         m = real(store, shape)
         created.append(m.on_device)
         return m
 
-    monkeypatch.setattr(tiling._Store, "new", new)
+    monkeypatch.setattr(tile_store.MapStore, "new", new)
     z = torch.randn(1, 4, 40, 36, generator=torch.Generator().manual_seed(2))
     for budget, on_device in ((10_000_000, True), (50_000, False)):
         created.clear()
@@ -108,13 +108,13 @@ def test_file_store_is_exact_and_leaves_no_files(vae, tmp_path, monkeypatch):
     """float64 maps in memory-mapped files (every map beyond a 20 kB budget): the untiled result, and the files are
     gone after the call (unlinked as soon as they are mapped)."""
     files = []
-    real = tiling._FileMap.__init__
+    real = tile_store.FileMap.__init__
 
     def init(self, store, shape):
         real(self, store, shape)
         files.append(shape)
 
-    monkeypatch.setattr(tiling._FileMap, "__init__", init)
+    monkeypatch.setattr(tile_store.FileMap, "__init__", init)
     model = KLVAE(**{**CONFIG, "mid_block_add_attention": True}).double().eval()
     model.load_state_dict(vae.state_dict(), strict=False)
     z = torch.randn(2, 4, 37, 29, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -4,34 +4,30 @@ Per-tile GroupNorm statistics are what give diffusers' tiled VAE its seams: ever
 and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here there are no tiles to disagree:
 the network runs layer by layer over *whole* maps, and only the computation is cut into pieces.
 
-- Every map between two layers lives whole in a store (``_Store``): on the compute device while the maps held there
-  fit ``MAP_SHARE`` of the budget, otherwise in host memory (pinned for CUDA), or with ``map_store="file"`` in an
-  unlinked temporary file read and written a band at a time (its pages are in the page cache, not in the process).
+- Every map between two layers lives whole in a store (``tile_store.MapStore``: the device within the budget, else
+  host memory or an unlinked temporary file), which merges the exact whole-map moments of every map as it is written
+  (Chan's formula, float64): the next GroupNorm (and squeeze-and-excitation mean) uses them for every band.
 - A layer streams bands of full rows through the device, each with the halo rows its convs need, and writes its
   output bands into a new map (or over its input, a few rows behind the band that reads it). The band height keeps
   the band's temporaries within what the maps on the device leave of the budget.
-- GroupNorm statistics (and squeeze-and-excitation means) are exact: while a map is written, the moments of every
-  band are merged (Chan's formula, float64) into whole-map moments, which the next GroupNorm uses for every band.
 - Host memory holds at most ``HOST_MAPS`` times the largest map a resnet writes (the residual stream, held anyway).
   Beyond that a layer recomputes instead of storing: an upsampler's ×2 map is computed from its input wherever it is
   read, and a resnet runs its first conv twice (once for its second GroupNorm's statistics) and writes its output
   over its input. A file store holds every map.
+- An upsampler's conv runs in its four-phase form on the map before upsampling (16/36 of the multiply-adds).
 - The mid-block attention holds the keys and values of the whole latent map on the device and streams query bands.
 
-The only difference from the untiled network is the rounding of the stored maps: a float32 model stores them in
-float16 with a power-of-two scale per row and channel by default (``storage_dtype=torch.float32`` stores them
-exactly, ``torch.bfloat16`` without scales). The budget does not cover the weights, the returned output, the
-caller's input, or the attention's keys and values; a band is at least one row, whatever its bytes. Statistics reach
-the GroupNorms through their ``stats_hook`` (``_statistics_of``), so every GroupNorm and conv runs as a module call
-(hooks of layerwise casting, group offloading and PEFT adapters run as untiled). Figures: ``docs/tiling.md``.
+The only difference from the untiled network is float rounding, above all that of the stored maps: a float32 model
+stores them in 2 bytes by default (``tile_store.Map``: float16, centred and scaled per row and channel;
+``storage_dtype=torch.float32`` stores them exactly). The budget does not cover the weights, the returned output,
+the caller's input, or the attention's keys and values; a band is at least one row, whatever its bytes. Statistics
+reach the GroupNorms through their ``stats_hook`` (``_statistics_of``), so every GroupNorm and conv runs as a module
+call (hooks of layerwise casting, group offloading and PEFT adapters run as untiled; a hooked upsampler conv runs
+on the upsampled rows). Figures: ``docs/tiling.md``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -39,25 +35,17 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, merge_moments,
-                     nearest_2x, upscale_dtype)
+from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, nearest_2x,
+                     upscale_dtype)
+from .encoder_decoder import _hooked
+from .tile_store import STORAGE_DTYPE, MapStore, Map, Moments
 
 # Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
 # holds about four such maps at its peak, so the default bounds device memory as its tiles do.
 DEVICE_TILES = 4
-# Of the budget, whole maps may take this share on the device; the rest is for the bands being computed.
-MAP_SHARE = 0.75
 # Maps in host memory: at most this many times the largest map a resnet writes (which is held in any case); beyond,
 # layers recompute rather than hold a second full-resolution map (see the module docstring).
 HOST_MAPS = 1.5
-# The bytes of a band's tensors that the row estimate counts, times this, must fit: convolution kernels reorder and pad
-# their inputs in workspaces the estimate does not see.
-WORKSPACE_FACTOR = 1.5
-# Maps of a float32 model by default: half the memory. float16 with a power-of-two scale per row and channel
-# (``_Map``): ~18 dB closer to untiled than bfloat16, and no overflow.
-STORAGE_DTYPE = torch.float16
-SCALED_MAX_EXPONENT = 15  # scaled rows stay below 2**15 < 65504, float16's largest value
-MAP_STORES = ("memory", "file")
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
@@ -69,17 +57,17 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
         return decoder(z if vae.post_quant_conv is None else vae.post_quant_conv(z))
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
     up_dtype = upscale_dtype(decoder)  # as Decoder.forward: the mid block may run in another dtype (upcast_vae)
-    store = _Store.for_call(vae, z, up_dtype, layers, vae.tile_latent_min_size**2)
+    store = _new_store(vae, z, up_dtype, layers, vae.tile_latent_min_size**2)
     with computing_in(z.dtype):  # z's dtype, not a weight's: layerwise casting stores those narrower
         # post_quant_conv (1×1) runs on conv_in's bands: not even the latents are transformed whole
-        x = _conv_pass(store, decoder.conv_in, _Map.wrap(store, z), pre=vae.post_quant_conv)
+        x = _conv_pass(store, decoder.conv_in, Map.wrap(store, z), pre=vae.post_quant_conv)
         x = _mid_block(store, decoder.mid_block, x)
     store.dtype = up_dtype
     with computing_in(up_dtype):
         for layer in layers:
             x = _layer(store, layer, x)
         b, _, h, w = x.shape
-        out = _Map.wrap(store, torch.empty(b, base_layer(decoder.conv_out).out_channels, h, w, dtype=up_dtype,
+        out = Map.wrap(store, torch.empty(b, base_layer(decoder.conv_out).out_channels, h, w, dtype=up_dtype,
                                            device=z.device))
         _statistics_pass(store, x)
         _conv_pass(store, decoder.conv_out, x, out, pre=_norm_act(decoder.conv_norm_out, decoder.conv_act, x, store))
@@ -96,15 +84,15 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
         moments = encoder(x)
         return moments if vae.quant_conv is None else vae.quant_conv(moments)
     layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
-    store = _Store.for_call(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
+    store = _new_store(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
     with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
-        h = _conv_pass(store, encoder.conv_in, _Map.wrap(store, x))
+        h = _conv_pass(store, encoder.conv_in, Map.wrap(store, x))
         for layer in layers[1:]:
             h = _layer(store, layer, h)
         h = _mid_block(store, encoder.mid_block, h)
         b, _, rows, cols = h.shape
         channels = base_layer(vae.quant_conv or encoder.conv_out).out_channels
-        out = _Map.wrap(store, torch.empty(b, channels, rows, cols, dtype=x.dtype, device=x.device))
+        out = Map.wrap(store, torch.empty(b, channels, rows, cols, dtype=x.dtype, device=x.device))
         # quant_conv (1×1) runs on conv_out's bands, written straight into the returned moments
         _conv_pass(store, encoder.conv_out, h, out, pre=_norm_act(encoder.conv_norm_out, encoder.conv_act, h, store),
                    post=vae.quant_conv)
@@ -112,194 +100,22 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
     return out.tensor
 
 
-# ------------------------------------------------------------------ the map store
-class _Store:
-    """Where the whole maps of one tiled call live, and how many rows a band may have: ``budget`` bytes of the
-    ``device`` for the maps held there and the bands (computed in ``dtype``, stored in ``storage``); beyond, maps go to
-    ``kind`` (``"memory"``: host memory, pinned for CUDA, up to ``host_cap`` bytes before layers recompute instead;
-    ``"file"``: temporary files in ``folder``)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, storage: torch.dtype, budget: int, *,
-                 kind: str = "memory", folder: str | None = None, host_cap: float = math.inf):
-        if kind not in MAP_STORES:
-            raise ValueError(f"map_store must be one of {MAP_STORES}; got {kind!r}")
-        self.device, self.dtype, self.storage, self.budget = device, dtype, storage, int(budget)
-        self.kind, self.folder, self.host_cap = kind, folder, host_cap
-        self.on_device = 0  # bytes of the whole maps held on the device now
-        self.in_host = 0  # bytes of the whole maps held in host memory now
-
-    @classmethod
-    def for_call(cls, vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> "_Store":
-        """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
-        times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
-        storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
-        budget = getattr(vae, "tile_max_device_bytes", None)
-        if budget is None:
-            budget = DEVICE_TILES * _map_sizes(layers, tile_pixels)[0] * dtype.itemsize
-        resnet_out = _map_sizes(layers, x.shape[2] * x.shape[3])[1] * x.shape[0] * storage.itemsize
-        return cls(x.device, x.dtype, storage, budget, kind=getattr(vae, "tile_map_store", None) or "memory",
-                   folder=getattr(vae, "tile_map_dir", None), host_cap=HOST_MAPS * resnet_out)
-
-    def fits(self, shape: tuple[int, ...]) -> bool:
-        """Whether one more map of ``shape`` may be held beside those held now (in a file, always)."""
-        nbytes = math.prod(shape) * self.storage.itemsize
-        return (self.on_device + nbytes <= MAP_SHARE * self.budget or self.kind == "file"
-                or self.in_host + nbytes <= self.host_cap)
-
-    def new(self, shape: tuple[int, ...]) -> "_Map":
-        """An empty map of ``shape`` (B, C, H, W): on the device while the maps there fit ``MAP_SHARE`` of the budget."""
-        nbytes = math.prod(shape) * self.storage.itemsize
-        if self.on_device + nbytes <= MAP_SHARE * self.budget:
-            self.on_device += nbytes
-            return _Map(self, torch.empty(shape, dtype=self.storage, device=self.device), counted=nbytes)
-        if self.kind == "file":
-            return _FileMap(self, shape)
-        pin = self.device.type == "cuda"  # pinned host memory: faster copies to and from the device
-        self.in_host += nbytes
-        return _Map(self, torch.empty(shape, dtype=self.storage, pin_memory=pin), in_host=nbytes)
-
-    def rows(self, per_row: float, halo: float = 0) -> int:
-        """Rows of a band whose tensors take ``per_row`` bytes per row (plus ``halo`` rows), within what the maps on the
-        device leave of the budget; at least one."""
-        free = self.budget - self.on_device
-        return max(1, int(free / (WORKSPACE_FACTOR * per_row)) - math.ceil(halo))
+def _new_store(vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> MapStore:
+    """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
+    times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
+    storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
+    budget = getattr(vae, "tile_max_device_bytes", None)
+    if budget is None:
+        budget = DEVICE_TILES * _map_sizes(layers, tile_pixels)[0] * dtype.itemsize
+    resnet_out = _map_sizes(layers, x.shape[2] * x.shape[3])[1] * x.shape[0] * storage.itemsize
+    return MapStore(x.device, x.dtype, storage, budget, kind=getattr(vae, "tile_map_store", None) or "memory",
+                    folder=getattr(vae, "tile_map_dir", None), host_cap=HOST_MAPS * resnet_out)
 
 
-class _Moments:
-    """Whole-map per-channel moments merged band by band (count per channel, mean and M2 in float64, each (B, C))."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, band: torch.Tensor) -> None:
-        wide = band if band.dtype in (torch.float32, torch.float64) else band.float()  # half: float32 moments
-        var, mean = torch.var_mean(wide, dim=(2, 3), correction=0)
-        count = band.shape[2] * band.shape[3]
-        part = (count, mean.double(), var.double() * count)
-        self.n, self.mean, self.m2 = part if self.mean is None else merge_moments((self.n, self.mean, self.m2), part)
-
-    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (mean, biased var) of the whole map, each (B, C) float64."""
-        return self.mean, self.m2 / self.n
-
-    def group_stats(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group (mean, biased var) of the whole map, each (B, groups) float64 (every channel has n values)."""
-        b = self.mean.shape[0]
-        mean_c, m2_c = self.mean.view(b, groups, -1), self.m2.view(b, groups, -1)
-        mean_g = mean_c.mean(-1)
-        m2_g = m2_c.sum(-1) + self.n * (mean_c - mean_g[..., None]).square().sum(-1)
-        return mean_g, m2_g / (self.n * mean_c.shape[-1])
-
-
-class _Map:
-    """A whole map (B, C, H, W) held as a tensor (on the device or in host memory), read and written in bands of rows.
-
-    While a pass writes it, the per-channel moments of the bands written are merged into ``moments`` (``_Moments``):
-    the GroupNorm statistics of the next layer.
-
-    Stored in float16 for a wider compute dtype, every row of every channel is scaled by a power of two that brings its
-    largest magnitude just under 2¹⁵ (``exponents``, (B, C, H) int32 on the device): float16's 11-bit precision
-    without its range limit (the SD VAE's activations overflow float16), 8× finer than bfloat16 in the same bytes.
-    """
-
-    def __init__(self, store: _Store, tensor: torch.Tensor | None, *, counted: int = 0, in_host: int = 0,
-                 track: bool = True, shape: tuple[int, ...] | None = None):
-        self.store, self.tensor, self.counted, self.in_host, self.track = store, tensor, counted, in_host, track
-        self.on_device = counted > 0  # held on the device within the budget (else in host memory or a file)
-        self.moments, self.read_maps = None, 1
-        self.shape = torch.Size(shape if shape is not None else tensor.shape)
-        scaled = track and store.storage == torch.float16 and store.dtype != torch.float16
-        b, c, h, _ = self.shape
-        self.exponents = torch.zeros(b, c, h, dtype=torch.int32, device=store.device) if scaled else None
-        if scaled:  # on the device whatever the store: counted in the budget (2/W of the map's bytes)
-            store.on_device += self.exponents.nbytes
-            self.counted += self.exponents.nbytes
-
-    @classmethod
-    def wrap(cls, store: _Store, tensor: torch.Tensor) -> "_Map":
-        """A map over a tensor the caller owns (the input, the returned output): not counted in the budget, stored as
-        it is, and no layer normalizes it (no moments)."""
-        return cls(store, tensor, track=False)
-
-    def _get(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 as stored, (B, C, rows, W) (a view of the tensor)."""
-        return self.tensor[:, :, r0:r1]
-
-    def _put(self, r0: int, band: torch.Tensor) -> None:
-        """Store ``band`` (compute dtype, on the compute device) at rows r0.. in the storage dtype."""
-        self.tensor[:, :, r0: r0 + band.shape[2]].copy_(band)
-
-    def read(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 on the compute device in the compute dtype (a view when the map is stored that way: callers
-        must not write into it)."""
-        band = self._get(r0, r1).to(self.store.device, self.store.dtype, memory_format=torch.contiguous_format)
-        if self.exponents is None:
-            return band
-        scale = torch.exp2((self.exponents[:, :, r0:r1] - SCALED_MAX_EXPONENT).to(self.store.dtype))
-        return band.mul_(scale[..., None])  # a power of two: exact
-
-    def begin(self) -> None:
-        """Start a pass writing the map: its moments restart from nothing."""
-        self.moments = _Moments() if self.track else None
-
-    def write(self, r0: int, band: torch.Tensor) -> None:
-        """Store the computed ``band`` at rows r0.., and merge its moments (of the computed values, before the
-        storage rounding: what the untiled network normalizes). A scaled map scales ``band`` in place: callers pass
-        their own temporaries."""
-        if self.moments is not None:
-            self.moments.add(band)
-        if self.exponents is not None:  # |band| < 2**exponent per row and channel → |scaled| < 2**SCALED_MAX_EXPONENT
-            low, high = torch.aminmax(band, dim=3)  # no full-size temporary, unlike band.abs()
-            exponent = torch.frexp(torch.maximum(-low, high)).exponent
-            self.exponents[:, :, r0: r0 + band.shape[2]] = exponent
-            band.mul_(torch.exp2((SCALED_MAX_EXPONENT - exponent).to(band.dtype))[..., None])
-        self._put(r0, band)
-
-    def free(self) -> None:
-        """Release the map (its bytes return to the budget and the host cap)."""
-        self.store.on_device -= self.counted
-        self.store.in_host -= self.in_host
-        self.counted, self.in_host, self.tensor, self.exponents = 0, 0, None, None
-
-
-class _FileMap(_Map):
-    """A map in an unlinked temporary file, laid out (H, B, C, W) so that a band of rows is one byte range, read and
-    written with one ``preadv``/``pwrite`` per band: its pages are in the kernel's page cache (written back to disk
-    when memory is short), never in the process, and no page is faulted in one at a time."""
-
-    def __init__(self, store: _Store, shape: tuple[int, ...]):
-        super().__init__(store, None, shape=shape)
-        b, c, h, w = shape
-        self.row_bytes = b * c * w * store.storage.itemsize
-        fd, path = tempfile.mkstemp(prefix="klvae-map-", suffix=".bin", dir=store.folder)
-        os.unlink(path)  # the descriptor keeps the file until freed
-        self.fd, self._close = fd, weakref.finalize(self, os.close, fd)  # closed by free(), or when collected
-
-    def _get(self, r0: int, r1: int) -> torch.Tensor:
-        b, c, _, w = self.shape
-        rows = torch.empty(r1 - r0, b, c, w, dtype=self.store.storage)
-        view, offset = memoryview(rows.view(torch.uint8).numpy()).cast("B"), r0 * self.row_bytes
-        while view:  # a regular file reads short only past 2 GiB per call
-            done = os.preadv(self.fd, [view], offset)
-            view, offset = view[done:], offset + done
-        return rows.permute(1, 2, 0, 3)
-
-    def _put(self, r0: int, band: torch.Tensor) -> None:
-        rows = torch.empty(band.shape[2], *band.shape[:2], band.shape[3], dtype=self.store.storage)
-        rows.copy_(band.permute(2, 0, 1, 3))
-        view, offset = memoryview(rows.view(torch.uint8).numpy()).cast("B"), r0 * self.row_bytes
-        while view:
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
-
-    def free(self) -> None:
-        super().free()
-        self._close()
-
-
+# ------------------------------------------------------------------ layers, streamed
 class _Computed:
     """A map that is never stored: its rows are computed from other maps wherever they are read (an upsampler's ×2
-    output when host memory cannot hold it). ``moments`` as ``_Map``'s, filled by ``_statistics_pass``."""
+    output when host memory cannot hold it). ``moments`` as ``Map``'s, filled by ``_statistics_pass``."""
 
     def __init__(self, shape: tuple[int, ...], rows, sources: list, read_maps: float):
         self.shape, self.rows, self.sources, self.moments = torch.Size(shape), rows, sources, None
@@ -313,19 +129,17 @@ class _Computed:
             source.free()
 
 
-# ------------------------------------------------------------------ layers, streamed
-def _layer(store: _Store, layer: nn.Module, x) -> _Map | _Computed:
+def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
     """``layer(x)`` for a layer of the up/down blocks, as a new map (or a computed one); x is freed."""
     if isinstance(layer, ResnetBlock):
         return _resnet(store, layer, x)
     if isinstance(layer, Upsample):
         b, c, h, w = x.shape
-        near = _nearest(x)
-        up = _Computed((b, base_layer(layer.conv).out_channels, 2 * h, 2 * w),
-                       lambda r0, r1: _conv_rows(layer.conv, near, r0, r1), [x], read_maps=3)
+        up = _Computed((b, base_layer(layer.conv).out_channels, 2 * h, 2 * w), _upsampled(store, layer.conv, x), [x],
+                       read_maps=3)
         if not store.fits(up.shape):
             return up  # x is freed with it
-        out = _sweep(store, store.new(tuple(up.shape)), up.read, per_row=(up.read_maps + 3) * _row_bytes(store, up))
+        out = _sweep(store, store.new(tuple(up.shape)), up.read, per_row=(up.read_maps + 3) * store.row_bytes(up))
     elif isinstance(layer, Downsample):
         out = _conv_pass(store, layer.conv, x, down=True)
     else:
@@ -334,15 +148,54 @@ def _layer(store: _Store, layer: nn.Module, x) -> _Map | _Computed:
     return out
 
 
-def _nearest(x):
-    """x upsampled ×2 (nearest), as a map computed when read."""
-    b, c, h, w = x.shape
+def _upsampled(store: MapStore, conv: nn.Module, x):
+    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``. A plain 3×3 conv runs in its four-phase form on x
+    (``_phase_kernels``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped or hooked one
+    (PEFT adapter, layerwise casting, offloading) runs as a module call on the upsampled rows."""
+    b, _, h, w = x.shape
+    geometry = base_layer(conv)
+    plain = (type(conv) is nn.Conv2d and not _hooked(conv) and not conv._forward_pre_hooks and not conv._forward_hooks
+             and geometry.kernel_size == (3, 3) and geometry.stride == (1, 1) and geometry.padding == (1, 1))
+    if not plain:
+        near = _Computed((b, x.shape[1], 2 * h, 2 * w), lambda r0, r1: _nearest_rows(x, r0, r1), [], read_maps=1)
+        return lambda r0, r1: _conv_rows(conv, near, r0, r1)
+    kernel, bias = _phase_kernels(conv, store.dtype)
 
     def rows(r0: int, r1: int) -> torch.Tensor:
-        a = r0 // 2
-        return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
+        a0, a1 = r0 // 2, (r1 + 1) // 2  # the input rows whose ×2 rows cover r0:r1, and one halo row each side
+        lo, hi = max(a0 - 1, 0), min(a1 + 1, h)
+        band = F.pad(x.read(lo, hi), (1, 1, 1 - (a0 - lo), 1 - (hi - a1)))  # zeros beyond the map: the conv's padding
+        n = a1 - a0
+        phases = F.conv2d(band, kernel, bias).unflatten(1, (2, 2, -1))  # (B, 2, 2, C, n + 1, W + 1)
+        out = band.new_empty(b, phases.shape[3], n, 2, w, 2)  # rows 2i + a, columns 2j + c of the ×2 map
+        for a in (0, 1):
+            for c in (0, 1):
+                out[:, :, :, a, :, c] = phases[:, a, c, :, a: a + n, c: c + w]
+        return out.view(b, -1, 2 * n, 2 * w)[:, :, r0 - 2 * a0: r1 - 2 * a0]
 
-    return _Computed((b, c, 2 * h, 2 * w), rows, [x], read_maps=1)
+    return rows
+
+
+# Kernel row r of a 3×3 conv after nearest ×2 upsampling reads input row i + (phase + r - 1) // 2 for output row
+# 2i + phase: phase 0 reads input rows i - 1 (kernel row 0) and i (rows 1, 2), phase 1 rows i (rows 0, 1) and i + 1
+# (row 2). Columns alike. (phase, tap, kernel row) → 1 where that kernel row is summed into that tap.
+_PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)
+
+
+def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The 2×2 kernels (4·C_out, C_in, 2, 2) and bias of ``conv(nearest_2x(x))``'s four output phases (row phase
+    major), for a conv over x padded by one zero row and column each side: output (i + row phase, j + column phase)
+    of phase (a, c) is the ×2 map's pixel (2i + a, 2j + c). Kernel sums in float64, rounded once."""
+    w = conv.weight.detach()
+    kernel = torch.einsum("ayk,cxl,oikl->acoiyx", _PHASE_TAPS.to(w.device), _PHASE_TAPS.to(w.device), w.double())
+    bias = None if conv.bias is None else conv.bias.detach().to(dtype).repeat(4)
+    return kernel.reshape(-1, w.shape[1], 2, 2).to(dtype), bias
+
+
+def _nearest_rows(x, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of x upsampled ×2 (nearest)."""
+    a = r0 // 2
+    return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
 
 
 def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
@@ -354,7 +207,7 @@ def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
     return conv(band if pre is None else pre(band))[:, :, r0 - a: r1 - a]
 
 
-def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
+def _resnet(store: MapStore, block: ResnetBlock, x) -> Map:
     """``block(x)`` in two passes (three with a squeeze-and-excitation gate); x is freed.
 
     conv1 writes a new map h; conv2 writes over h (a few rows behind its reads) and adds the shortcut of x band by
@@ -365,7 +218,7 @@ def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
     b, _, h_rows, w = x.shape
     c_out = base_layer(block.conv1).out_channels
     pre1 = _norm_act(block.norm1, block.nonlinearity, x, store)
-    if (isinstance(x, _Map) and block.conv_shortcut is None and block.squeeze_excitation is None
+    if (isinstance(x, Map) and block.conv_shortcut is None and block.squeeze_excitation is None
             and not store.fits((b, c_out, h_rows, w))):
         h = _Computed((b, c_out, h_rows, w), lambda r0, r1: _conv_rows(block.conv1, x, r0, r1, pre1), [], read_maps=3)
         _statistics_pass(store, h)
@@ -374,13 +227,13 @@ def _resnet(store: _Store, block: ResnetBlock, x) -> _Map:
         def band(r0: int, r1: int) -> torch.Tensor:  # reads rows r0 - 2 .. r1 + 2 of x, which it overwrites
             return _conv_rows(block.conv2, h, r0, r1, pre2).add_(x.read(r0, r1))
 
-        return _sweep(store, x, band, per_row=9 * _row_bytes(store, x), halo=2, lag=2)
+        return _sweep(store, x, band, per_row=9 * store.row_bytes(x), halo=2, lag=2)
     h = _conv_pass(store, block.conv1, x, pre=pre1)
     pre2 = _norm_act(block.norm2, block.nonlinearity, h, store)
     shortcut = None if block.squeeze_excitation is not None else _shortcut(block, x)
-    _conv_pass(store, block.conv2, h, h, pre=pre2, add=shortcut, add_row=x.read_maps * _row_bytes(store, x))
+    _conv_pass(store, block.conv2, h, h, pre=pre2, add=shortcut, add_row=x.read_maps * store.row_bytes(x))
     if block.squeeze_excitation is not None:  # the gate needs the whole-map mean of conv2's output: one more pass
-        _sweep(store, h, _gate(block, h, x), per_row=4 * _row_bytes(store, h))
+        _sweep(store, h, _gate(block, h, x), per_row=4 * store.row_bytes(h))
     x.free()
     return h
 
@@ -392,7 +245,7 @@ def _shortcut(block: ResnetBlock, x):
     return lambda r0, r1: block.conv_shortcut(x.read(r0, r1))
 
 
-def _gate(block: ResnetBlock, h: _Map, x):
+def _gate(block: ResnetBlock, h: Map, x):
     """Band r0:r1 of ``gate(h) + shortcut(x)``, the gate pooling with the whole-map mean of h."""
     gate, shortcut = block.squeeze_excitation, _shortcut(block, x)
     stats = h.moments.channel_stats()  # now: the pass that rewrites h restarts its moments
@@ -404,7 +257,7 @@ def _gate(block: ResnetBlock, h: _Map, x):
     return band
 
 
-def _mid_block(store: _Store, mid, x: _Map) -> _Map:
+def _mid_block(store: MapStore, mid, x: Map) -> Map:
     """resnet → attention over the whole map → resnet; x is freed."""
     x = _resnet(store, mid.resnets[0], x)
     for attention in mid.attentions:
@@ -412,7 +265,7 @@ def _mid_block(store: _Store, mid, x: _Map) -> _Map:
     return _resnet(store, mid.resnets[1], x)
 
 
-def _attention(store: _Store, attn, x: _Map) -> _Map:
+def _attention(store: MapStore, attn, x: Map) -> Map:
     """``attn(x)`` (single-head self-attention over all pixels, with residual); x is freed.
 
     With diffusers' default processor (``AttnProcessor2_0``, what it computes is known), streamed: the keys and values
@@ -424,7 +277,7 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
         y = attn(x.read(0, h))
         x.free()
         out = store.new(tuple(y.shape))
-        return _sweep(store, out, lambda r0, r1: y[:, :, r0:r1].clone(), per_row=2 * _row_bytes(store, out))
+        return _sweep(store, out, lambda r0, r1: y[:, :, r0:r1].clone(), per_row=2 * store.row_bytes(out))
     probe = torch.empty(b, c, 1, 1, dtype=store.dtype, device=store.device)
     with _statistics_of([attn.group_norm], lambda module, t: x.moments.group_stats(module.num_groups)):
         scale, shift = attn.group_norm(probe, return_scale_shift=True)
@@ -434,41 +287,40 @@ def _attention(store: _Store, attn, x: _Map) -> _Map:
 
     kv_bytes = 2 * b * h * w * c * store.dtype.itemsize
     store.on_device += kv_bytes
-    keys = torch.empty(b, 1, h * w, c, dtype=store.dtype, device=store.device)
-    values = torch.empty_like(keys)
+    kv = torch.empty(2, b, 1, h * w, c, dtype=store.dtype, device=store.device)  # keys, values
     rows = store.rows(store.dtype.itemsize * w * c * 4)
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         t = tokens(x.read(r0, r1))
-        keys[:, 0, r0 * w: r1 * w] = attn.to_k(t)
-        values[:, 0, r0 * w: r1 * w] = attn.to_v(t)
+        kv[0, :, 0, r0 * w: r1 * w] = attn.to_k(t)
+        kv[1, :, 0, r0 * w: r1 * w] = attn.to_v(t)
 
     def band(r0: int, r1: int) -> torch.Tensor:
         residual = x.read(r0, r1)
         query = attn.to_q(tokens(residual))[:, None]
-        y = F.scaled_dot_product_attention(query, keys, values, dropout_p=0.0, is_causal=False)[:, 0]
+        y = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0, is_causal=False)[:, 0]
         y = attn.to_out[1](attn.to_out[0](y.to(query.dtype)))
         return (y.transpose(1, 2).reshape(b, c, r1 - r0, w) + residual).div_(attn.rescale_output_factor)
 
     # band, queries, attention output, projection, residual sum
     out = store.new((b, c, h, w))
-    _sweep(store, out, band, per_row=6 * _row_bytes(store, out))
-    del keys, values
+    _sweep(store, out, band, per_row=6 * store.row_bytes(out))
+    kv = None  # the keys and values go before the next layer allocates
     store.on_device -= kv_bytes
     x.free()
     return out
 
 
-def _norm_act(norm: GroupNorm, act: nn.Module, x, store: _Store):
+def _norm_act(norm: GroupNorm, act: nn.Module, x, store: MapStore):
     """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x. The scale and shift come
     from the module call (``return_scale_shift``), so that hooks on the module run before its weights are read."""
     probe = torch.empty(x.shape[0], x.shape[1], 1, 1, dtype=store.dtype, device=store.device)
     with _statistics_of([norm], lambda module, t: x.moments.group_stats(module.num_groups)):
         scale, shift = norm(probe, return_scale_shift=True)
-    return lambda band: _act_(act, torch.addcmul(shift, band, scale))
+    return lambda band: _act_(act, band.mul_(scale).add_(shift))  # in place: bands read from a map are new tensors
 
 
-def _sweep(store: _Store, out: _Map, band_of, *, per_row: float, halo: int = 0, lag: int = 0) -> _Map:
+def _sweep(store: MapStore, out: Map, band_of, *, per_row: float, halo: int = 0, lag: int = 0) -> Map:
     """Write ``band_of(r0, r1)`` (rows r0:r1 of the result) into ``out`` band by band, merging its moments. A band's
     temporaries take ``per_row`` bytes per output row, plus ``halo`` input rows each side. With ``lag`` (out is also
     read, ``lag`` rows around each band), a band is written only once no later band reads its rows."""
@@ -487,17 +339,17 @@ def _sweep(store: _Store, out: _Map, band_of, *, per_row: float, halo: int = 0, 
     return out
 
 
-def _statistics_pass(store: _Store, x) -> None:
+def _statistics_pass(store: MapStore, x) -> None:
     """Fill the moments of a computed map (a stored one has them from its writing pass)."""
     if x.moments is None and isinstance(x, _Computed):
-        x.moments = _Moments()
-        rows = store.rows((x.read_maps + 1) * _row_bytes(store, x), halo=2)
+        x.moments = Moments()
+        rows = store.rows((x.read_maps + 1) * store.row_bytes(x), halo=2)
         for r0 in range(0, x.shape[2], rows):
             x.moments.add(x.read(r0, min(r0 + rows, x.shape[2])))
 
 
-def _conv_pass(store: _Store, conv: nn.Module, x, out: _Map | None = None, *, pre=None, down: bool = False,
-               add=None, add_row: int = 0, post=None) -> _Map:
+def _conv_pass(store: MapStore, conv: nn.Module, x, out: Map | None = None, *, pre=None, down: bool = False,
+               add=None, add_row: int = 0, post=None) -> Map:
     """``post(conv(pre(x))) + add(r0, r1)`` into ``out`` (default: a new map; may be x itself), streamed: ``pre`` a
     GroupNorm + activation (or a 1×1 conv) of each input band, ``post`` a 1×1 conv of each output band, ``add`` rows
     r0:r1 of a map to add (its temporaries take ``add_row`` bytes per row); ``down``: ``Downsample``'s stride-2 conv with LDM's asymmetric padding (one zero row and
@@ -520,13 +372,8 @@ def _conv_pass(store: _Store, conv: nn.Module, x, out: _Map | None = None, *, pr
 
     # per output row: input read and pre(input) (two input rows when down), the conv's output, the added map, a
     # pending band and a spare
-    per_row = (2 if down else 1) * (x.read_maps + 1) * _row_bytes(store, x) + 4 * _row_bytes(store, out) + add_row
+    per_row = (2 if down else 1) * (x.read_maps + 1) * store.row_bytes(x) + 4 * store.row_bytes(out) + add_row
     return _sweep(store, out, band, per_row=per_row, halo=1, lag=1 if out is x else 0)
-
-
-def _row_bytes(store: _Store, x) -> int:
-    """Bytes of one row of x in the compute dtype."""
-    return store.dtype.itemsize * x.shape[0] * x.shape[1] * x.shape[3]
 
 
 @contextmanager
