@@ -37,7 +37,6 @@ from torch import nn
 
 from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, nearest_2x,
                      upscale_dtype)
-from .encoder_decoder import _hooked
 from .tile_store import STORAGE_DTYPE, MapStore, Map, Moments
 
 # Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
@@ -118,11 +117,8 @@ class _Computed:
     output when host memory cannot hold it). ``moments`` as ``Map``'s, filled by ``_statistics_pass``."""
 
     def __init__(self, shape: tuple[int, ...], rows, sources: list, read_maps: float):
-        self.shape, self.rows, self.sources, self.moments = torch.Size(shape), rows, sources, None
+        self.shape, self.read, self.sources, self.moments = torch.Size(shape), rows, sources, None  # read(r0, r1)
         self.read_maps = read_maps  # temporaries of reading a row, in rows of this map (a stored map: 1)
-
-    def read(self, r0: int, r1: int) -> torch.Tensor:
-        return self.rows(r0, r1)
 
     def free(self) -> None:
         for source in self.sources:
@@ -149,24 +145,26 @@ def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
 
 
 def _upsampled(store: MapStore, conv: nn.Module, x):
-    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``. A plain 3×3 conv runs in its four-phase form on x
-    (``_phase_kernels``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped or hooked one
-    (PEFT adapter, layerwise casting, offloading) runs as a module call on the upsampled rows."""
+    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``. A 3×3 ``nn.Conv2d`` runs in its four-phase form on x
+    (``_PhaseForm``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped one (a PEFT adapter,
+    whose extra terms would see x instead of the upsampled rows) runs on the upsampled rows."""
     b, _, h, w = x.shape
-    geometry = base_layer(conv)
-    plain = (type(conv) is nn.Conv2d and not _hooked(conv) and not conv._forward_pre_hooks and not conv._forward_hooks
-             and geometry.kernel_size == (3, 3) and geometry.stride == (1, 1) and geometry.padding == (1, 1))
-    if not plain:
+    if not (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
         near = _Computed((b, x.shape[1], 2 * h, 2 * w), lambda r0, r1: _nearest_rows(x, r0, r1), [], read_maps=1)
         return lambda r0, r1: _conv_rows(conv, near, r0, r1)
-    kernel, bias = _phase_kernels(conv, store.dtype)
+    phase_form = _PhaseForm()
 
     def rows(r0: int, r1: int) -> torch.Tensor:
         a0, a1 = r0 // 2, (r1 + 1) // 2  # the input rows whose ×2 rows cover r0:r1, and one halo row each side
         lo, hi = max(a0 - 1, 0), min(a1 + 1, h)
         band = F.pad(x.read(lo, hi), (1, 1, 1 - (a0 - lo), 1 - (hi - a1)))  # zeros beyond the map: the conv's padding
         n = a1 - a0
-        phases = F.conv2d(band, kernel, bias).unflatten(1, (2, 2, -1))  # (B, 2, 2, C, n + 1, W + 1)
+        conv._conv_forward = phase_form  # the module call runs the hooks (casting, offloading), which pass the weights
+        try:
+            phases = conv(band).unflatten(1, (2, 2, -1))  # (B, 2, 2, C, n + 1, W + 1)
+        finally:
+            del conv._conv_forward  # back to nn.Conv2d's
         out = band.new_empty(b, phases.shape[3], n, 2, w, 2)  # rows 2i + a, columns 2j + c of the ×2 map
         for a in (0, 1):
             for c in (0, 1):
@@ -182,14 +180,22 @@ def _upsampled(store: MapStore, conv: nn.Module, x):
 _PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)
 
 
-def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The 2×2 kernels (4·C_out, C_in, 2, 2) and bias of ``conv(nearest_2x(x))``'s four output phases (row phase
-    major), for a conv over x padded by one zero row and column each side: output (i + row phase, j + column phase)
-    of phase (a, c) is the ×2 map's pixel (2i + a, 2j + c). Kernel sums in float64, rounded once."""
-    w = conv.weight.detach()
-    kernel = torch.einsum("ayk,cxl,oikl->acoiyx", _PHASE_TAPS.to(w.device), _PHASE_TAPS.to(w.device), w.double())
-    bias = None if conv.bias is None else conv.bias.detach().to(dtype).repeat(4)
-    return kernel.reshape(-1, w.shape[1], 2, 2).to(dtype), bias
+class _PhaseForm:
+    """``_conv_forward(x, weight, bias)`` of a 3×3 conv, in the four-phase form of ``conv(nearest_2x(·))``: 2×2 kernels
+    (4·C_out, C_in, 2, 2), row phase major, over x padded by one zero row and column each side; output (i + a, j + c)
+    of phase (a, c) is the ×2 map's pixel (2i + a, 2j + c). Kernel taps are sums of the 3×3 taps, in float64, rounded
+    once; they are derived again only when the weights passed differ (hooks may pass new tensors every call)."""
+
+    def __init__(self):
+        self.weight = self.kernel = self.bias = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight is None or not (weight is self.weight or torch.equal(weight, self.weight)):
+            taps = _PHASE_TAPS.to(weight.device)
+            kernel = torch.einsum("ayk,cxl,oikl->acoiyx", taps, taps, weight.detach().double())
+            self.weight, self.kernel = weight, kernel.reshape(-1, weight.shape[1], 2, 2).to(x.dtype)
+            self.bias = None if bias is None else bias.detach().to(x.dtype).repeat(4)
+        return F.conv2d(x, self.kernel, self.bias)
 
 
 def _nearest_rows(x, r0: int, r1: int) -> torch.Tensor:
@@ -352,8 +358,8 @@ def _conv_pass(store: MapStore, conv: nn.Module, x, out: Map | None = None, *, p
                add=None, add_row: int = 0, post=None) -> Map:
     """``post(conv(pre(x))) + add(r0, r1)`` into ``out`` (default: a new map; may be x itself), streamed: ``pre`` a
     GroupNorm + activation (or a 1×1 conv) of each input band, ``post`` a 1×1 conv of each output band, ``add`` rows
-    r0:r1 of a map to add (its temporaries take ``add_row`` bytes per row); ``down``: ``Downsample``'s stride-2 conv with LDM's asymmetric padding (one zero row and
-    column after the map), else a stride-1 conv with its own padding."""
+    r0:r1 of a map to add (its temporaries take ``add_row`` bytes per row); ``down``: ``Downsample``'s stride-2 conv
+    with LDM's asymmetric padding (one zero row and column after the map), else a stride-1 conv with its own padding."""
     b, c_in, h, w = x.shape
     c_out = base_layer(conv).out_channels
     size = ((h - 2) // 2 + 1, (w - 2) // 2 + 1) if down else (h, w)
@@ -393,7 +399,7 @@ def _map_sizes(layers: list[nn.Module], pixels: int) -> tuple[int, int]:
     for an input of ``pixels``."""
     largest = resnet_out = 0
     for layer in layers:
-        conv = layer.conv1 if isinstance(layer, ResnetBlock) else layer.conv if isinstance(layer, (Upsample, Downsample)) else layer
+        conv = layer.conv1 if isinstance(layer, ResnetBlock) else getattr(layer, "conv", layer)  # up/down: .conv
         conv = base_layer(conv)  # a PEFT adapter wraps the conv
         if isinstance(layer, Upsample):
             pixels *= 4
