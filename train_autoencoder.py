@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from diffusers_klvae import checkpoints, data, train_config, train_outputs, training
+from diffusers_klvae import checkpoint_state, checkpoints, data, train_config, train_outputs, training
 from diffusers_klvae.cli_support import EXIT_USAGE, DiskFull, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
@@ -91,7 +92,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     if ema is not None:
         ema.to(accelerator.device)
     generator = torch.Generator().manual_seed(seed * 1000 + rank)  # posterior samples and masks; per process
-    checkpoints.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream, loss_fn=loss_fn)
+    checkpoint_state.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream, loss_fn=loss_fn)
 
     # 4) trackers, resume (last: it restores the RNG states the loop continues from)
     if accelerator.is_main_process:
@@ -139,10 +140,13 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
                 history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
 
             # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
-            if val is not None and accelerator.is_main_process and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+            if val is not None and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
                 seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
-                metrics = train_outputs.run_validation(accelerator, vae, ema, val.pixel_values, step, out, lpips_model=training.metric_lpips(loss_fn),
-                                                  extra=seen)
+                validate = partial(train_outputs.run_validation, accelerator, vae, ema, val.pixel_values, step, out,
+                                   lpips_model=training.metric_lpips(loss_fn), extra=seen)
+                # main process only, but every process learns whether it failed (a full disk ends them all)
+                result = checkpoints.write_together(accelerator, out / "validation", validate if accelerator.is_main_process else None)
+                metrics = result if accelerator.is_main_process else metrics
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                 path = checkpoints.save_checkpoint(accelerator, out, step, total_limit=cfg.checkpoints_total_limit,
                                                    training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics})

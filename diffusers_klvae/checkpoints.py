@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 from .checkpoint_state import DISC_FOLDER, REGISTERED_STATES, VAE_FOLDER, registered_state_file
-from .checkpoint_state import register_checkpoint_state as register_checkpoint_state  # train_autoencoder.py calls it here
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +79,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
     return final
 
 
-def write_together(accelerator, path: Path, write, *, cleanup=None) -> None:
-    """Run ``write`` (None: nothing) on this process, then learn from every process whether its part failed, in one
+def write_together(accelerator, path: Path, write, *, cleanup=None):
+    """Run ``write`` (None: nothing) on this process and return its result, then learn from every process whether its part failed, in one
     collective that all of them reach, failed or not; then all return, or all raise, the main process after
     ``cleanup``. A full disk is :class:`~diffusers_klvae.cli_support.DiskFull` naming ``path`` on every process, so each
     ends with the same one-line error instead of waiting at a barrier for a process that has already failed."""
@@ -89,19 +88,20 @@ def write_together(accelerator, path: Path, write, *, cleanup=None) -> None:
 
     from .cli_support import DiskFull, one_line, writing
 
-    error = None
+    error = result = None
     try:
         with writing(path):
             if write is not None:
-                write()
+                result = write()
     except Exception as err:  # noqa: BLE001 - re-raised below, once the other processes know
         error = err
     mine = None if error is None else (accelerator.process_index, isinstance(error, DiskFull), one_line(error))
     failures = [f for f in gather_object([mine]) if f is not None]
     if not failures:
-        return
+        return result
     if accelerator.is_main_process and cleanup is not None:
         cleanup()
+    accelerator.wait_for_everyone()  # all end together, after the cleanup (torchrun stops the rest once one exits)
     if error is not None:
         raise error
     rank, disk_full, message = failures[0]

@@ -509,7 +509,10 @@ def test_a_full_disk_ends_every_process_of_a_two_process_run(photos_dir, small_d
     line = f"train_autoencoder.py: error: disk full while writing {out / 'checkpoint-2'}"
     for rank in (0, 1):  # a whole line, maybe after the main process's unterminated progress bar
         assert re.search(rf"\[rank{rank}\]:{re.escape(line)}$", stderr, re.MULTILINE), stderr[-4000:]
-    assert re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", stderr) == ["2", "2"], stderr[-4000:]  # torchrun's report
+    # torchrun's report: exit status 2; a rank still tearing down when the other has exited may be SIGTERMed by
+    # torchrun itself (-15), after its error line above
+    codes = re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, stderr[-4000:]
     assert run.returncode != 0
     assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-1"  # intact: every file there
     assert not list(out.glob(".tmp-*"))
@@ -522,7 +525,7 @@ def test_a_failure_on_another_process_fails_this_one_too(tmp_path, monkeypatch, 
     tmp = tmp_path / ".tmp-checkpoint-2"
     tmp.mkdir()
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, other])
-    main = SimpleNamespace(process_index=0, is_main_process=True)
+    main = SimpleNamespace(process_index=0, is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(DiskFull if other[1] else RuntimeError) as err:
         checkpoints.write_together(main, tmp_path / "checkpoint-2", lambda: None, cleanup=lambda: shutil.rmtree(tmp))
     expected = f"disk full while writing {tmp_path / 'checkpoint-2'}" if other[1] else "process 1 failed while writing"
