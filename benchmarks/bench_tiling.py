@@ -5,7 +5,7 @@ biases randomized) for both classes, in one run; the untiled KLVAE result is the
 agree untiled to ~1e-5).
 
 Fidelity: real photos at sizes that are not multiples of the tile, from 2×3 to 8×8 tiles; encode (moments) and decode
-(of the untiled moments), KLVAE with its maps stored in scaled float16 (the default), bfloat16 and float32,
+(of the untiled moments), KLVAE with its maps stored in centred, scaled float16 (the default), bfloat16 and float32,
 diffusers tiled.
 Memory and time: a fresh subprocess per figure loads the model, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), runs one tiled decode (after a 64² burn-in) and reads ``VmHWM - VmRSS(before)``: the

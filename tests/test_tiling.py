@@ -253,3 +253,19 @@ def test_pipeline_call_path(vae):
     assert got.shape == (1, 3, 40, 24)
     assert torch.isfinite(got).all()
     assert psnr(got, want) >= 45
+
+
+def test_upsample_phase_form_equals_conv_after_upsampling():
+    """The four-phase form of a 3×3 conv after nearest ×2 upsampling (how tiling runs upsamplers): conv(nearest_2x(x))
+    to float64 rounding, and the conv's own forward is back afterwards."""
+    from diffusers_klvae.models.blocks import nearest_2x
+    from diffusers_klvae.models.upsample_phases import PhaseForm, has_phase_form, upsample_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    assert has_phase_form(conv) and not has_phase_form(torch.nn.Conv2d(3, 5, 3))
+    got = upsample_conv(conv, torch.nn.functional.pad(x, (1, 1, 1, 1)), PhaseForm())
+    want = conv(nearest_2x(x))
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-12
+    assert "_conv_forward" not in vars(conv)

@@ -37,7 +37,8 @@ from torch import nn
 
 from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, nearest_2x,
                      upscale_dtype)
-from .tile_store import STORAGE_DTYPE, MapStore, Map, Moments
+from .tile_store import STORAGE_DTYPE, Map, MapStore, Moments
+from .upsample_phases import PhaseForm, has_phase_form, upsample_conv
 
 # Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
 # holds about four such maps at its peak, so the default bounds device memory as its tiles do.
@@ -146,56 +147,21 @@ def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
 
 def _upsampled(store: MapStore, conv: nn.Module, x):
     """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``. A 3×3 ``nn.Conv2d`` runs in its four-phase form on x
-    (``_PhaseForm``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped one (a PEFT adapter,
-    whose extra terms would see x instead of the upsampled rows) runs on the upsampled rows."""
+    (``upsample_phases``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped one (a PEFT
+    adapter, whose extra terms would see x instead of the upsampled rows) runs on the upsampled rows."""
     b, _, h, w = x.shape
-    if not (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"):
+    if not has_phase_form(conv):
         near = _Computed((b, x.shape[1], 2 * h, 2 * w), lambda r0, r1: _nearest_rows(x, r0, r1), [], read_maps=1)
         return lambda r0, r1: _conv_rows(conv, near, r0, r1)
-    phase_form = _PhaseForm()
+    phase_form = PhaseForm()
 
     def rows(r0: int, r1: int) -> torch.Tensor:
         a0, a1 = r0 // 2, (r1 + 1) // 2  # the input rows whose ×2 rows cover r0:r1, and one halo row each side
         lo, hi = max(a0 - 1, 0), min(a1 + 1, h)
         band = F.pad(x.read(lo, hi), (1, 1, 1 - (a0 - lo), 1 - (hi - a1)))  # zeros beyond the map: the conv's padding
-        n = a1 - a0
-        conv._conv_forward = phase_form  # the module call runs the hooks (casting, offloading), which pass the weights
-        try:
-            phases = conv(band).unflatten(1, (2, 2, -1))  # (B, 2, 2, C, n + 1, W + 1)
-        finally:
-            del conv._conv_forward  # back to nn.Conv2d's
-        out = band.new_empty(b, phases.shape[3], n, 2, w, 2)  # rows 2i + a, columns 2j + c of the ×2 map
-        for a in (0, 1):
-            for c in (0, 1):
-                out[:, :, :, a, :, c] = phases[:, a, c, :, a: a + n, c: c + w]
-        return out.view(b, -1, 2 * n, 2 * w)[:, :, r0 - 2 * a0: r1 - 2 * a0]
+        return upsample_conv(conv, band, phase_form)[:, :, r0 - 2 * a0: r1 - 2 * a0]
 
     return rows
-
-
-# Kernel row r of a 3×3 conv after nearest ×2 upsampling reads input row i + (phase + r - 1) // 2 for output row
-# 2i + phase: phase 0 reads input rows i - 1 (kernel row 0) and i (rows 1, 2), phase 1 rows i (rows 0, 1) and i + 1
-# (row 2). Columns alike. (phase, tap, kernel row) → 1 where that kernel row is summed into that tap.
-_PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float64)
-
-
-class _PhaseForm:
-    """``_conv_forward(x, weight, bias)`` of a 3×3 conv, in the four-phase form of ``conv(nearest_2x(·))``: 2×2 kernels
-    (4·C_out, C_in, 2, 2), row phase major, over x padded by one zero row and column each side; output (i + a, j + c)
-    of phase (a, c) is the ×2 map's pixel (2i + a, 2j + c). Kernel taps are sums of the 3×3 taps, in float64, rounded
-    once; they are derived again only when the weights passed differ (hooks may pass new tensors every call)."""
-
-    def __init__(self):
-        self.weight = self.kernel = self.bias = None
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.weight is None or not (weight is self.weight or torch.equal(weight, self.weight)):
-            taps = _PHASE_TAPS.to(weight.device)
-            kernel = torch.einsum("ayk,cxl,oikl->acoiyx", taps, taps, weight.detach().double())
-            self.weight, self.kernel = weight, kernel.reshape(-1, weight.shape[1], 2, 2).to(x.dtype)
-            self.bias = None if bias is None else bias.detach().to(x.dtype).repeat(4)
-        return F.conv2d(x, self.kernel, self.bias)
 
 
 def _nearest_rows(x, r0: int, r1: int) -> torch.Tensor:
@@ -246,9 +212,7 @@ def _resnet(store: MapStore, block: ResnetBlock, x) -> Map:
 
 def _shortcut(block: ResnetBlock, x):
     """Rows r0:r1 of the block's shortcut of x."""
-    if block.conv_shortcut is None:
-        return lambda r0, r1: x.read(r0, r1)
-    return lambda r0, r1: block.conv_shortcut(x.read(r0, r1))
+    return x.read if block.conv_shortcut is None else lambda r0, r1: block.conv_shortcut(x.read(r0, r1))
 
 
 def _gate(block: ResnetBlock, h: Map, x):
@@ -284,9 +248,7 @@ def _attention(store: MapStore, attn, x: Map) -> Map:
         x.free()
         out = store.new(tuple(y.shape))
         return _sweep(store, out, lambda r0, r1: y[:, :, r0:r1].clone(), per_row=2 * store.row_bytes(out))
-    probe = torch.empty(b, c, 1, 1, dtype=store.dtype, device=store.device)
-    with _statistics_of([attn.group_norm], lambda module, t: x.moments.group_stats(module.num_groups)):
-        scale, shift = attn.group_norm(probe, return_scale_shift=True)
+    scale, shift = _scale_shift(attn.group_norm, x, store)
 
     def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, rows, W) → normalized (B, rows·W, C)
         return torch.addcmul(shift, t, scale).flatten(2).transpose(1, 2)
@@ -317,12 +279,17 @@ def _attention(store: MapStore, attn, x: Map) -> Map:
     return out
 
 
-def _norm_act(norm: GroupNorm, act: nn.Module, x, store: MapStore):
-    """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x. The scale and shift come
-    from the module call (``return_scale_shift``), so that hooks on the module run before its weights are read."""
+def _scale_shift(norm: GroupNorm, x, store: MapStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (B, C, 1, 1), with ``norm(band) == band * scale + shift`` under the GroupNorm statistics of
+    the whole map x; from the module call (``return_scale_shift``), so that hooks run before its weights are read."""
     probe = torch.empty(x.shape[0], x.shape[1], 1, 1, dtype=store.dtype, device=store.device)
     with _statistics_of([norm], lambda module, t: x.moments.group_stats(module.num_groups)):
-        scale, shift = norm(probe, return_scale_shift=True)
+        return norm(probe, return_scale_shift=True)
+
+
+def _norm_act(norm: GroupNorm, act: nn.Module, x, store: MapStore):
+    """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x."""
+    scale, shift = _scale_shift(norm, x, store)
     return lambda band: _act_(act, band.mul_(scale).add_(shift))  # in place: bands read from a map are new tensors
 
 
