@@ -285,10 +285,11 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
                 weights, the input, the returned output and the mid-block attention's keys and values (two
                 latent-sized maps) come on top.
             storage_dtype (`torch.dtype`, *optional*): dtype of the stored maps (default `None`: for a float32 model
-                float16 with a power-of-two scale per row and channel, no overflow; else the model's dtype).
-                ``torch.float32`` stores a float32 model's maps exactly, ``torch.bfloat16`` unscaled.
+                float16, each row of each channel centred on its midrange and scaled by a power of two, no overflow;
+                else the model's dtype). ``torch.float32`` stores a float32 model's maps exactly, ``torch.bfloat16``
+                centred, unscaled.
             map_store (`str`, *optional*): where maps beyond the budget live: ``"memory"`` (default; host memory,
-                pinned for CUDA) or ``"file"`` (memory-mapped temporary files: bounds RAM for CPU users).
+                pinned for CUDA) or ``"file"`` (an unlinked temporary file read and written per band: bounds RAM for CPU users).
             map_dir (`str` or `os.PathLike`, *optional*): directory of the ``"file"`` maps (default: the system's
                 temporary directory).
         """
