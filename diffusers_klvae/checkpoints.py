@@ -46,7 +46,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
     left waiting for one that failed); the temporary folder is removed and the previous checkpoints are untouched.
 
     Args:
-        accelerator: the ``Accelerator``, with :func:`register_checkpoint_state` done.
+        accelerator: the ``Accelerator``, with :func:`~diffusers_klvae.checkpoint_state.register_checkpoint_state` done.
         output_dir (`str`): the run's folder.
         step (`int`): optimizer updates done.
         training_state (`dict`, *optional*): JSON-serialisable extras for ``training_state.json`` (loss history, ...).
@@ -80,9 +80,9 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, tr
 
 
 def write_together(accelerator, path: Path, write, *, cleanup=None):
-    """Run ``write`` (None: nothing) on this process and return its result, then learn from every process whether its part failed, in one
-    collective that all of them reach, failed or not; then all return, or all raise, the main process after
-    ``cleanup``. A full disk is :class:`~diffusers_klvae.cli_support.DiskFull` naming ``path`` on every process, so each
+    """Run ``write`` (None: nothing) on this process, then learn from every process whether its part failed, in one
+    collective that all of them reach, failed or not; then all return (``write``'s result), or all raise, the main
+    process after ``cleanup``. A full disk is :class:`~diffusers_klvae.cli_support.DiskFull` naming ``path`` on every process, so each
     ends with the same one-line error instead of waiting at a barrier for a process that has already failed."""
     from accelerate.utils import gather_object
 
@@ -110,7 +110,7 @@ def write_together(accelerator, path: Path, write, *, cleanup=None):
 
 def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> dict:
     """Restore everything :func:`save_checkpoint` wrote (``accelerator.load_state``; call after ``prepare`` and
-    :func:`register_checkpoint_state`); returns its ``training_state.json`` (``step`` etc.)."""
+    :func:`~diffusers_klvae.checkpoint_state.register_checkpoint_state`); returns its ``training_state.json`` (``step`` etc.)."""
     from .loading import EMA_WEIGHTS_NAME
 
     path = Path(path)
