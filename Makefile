@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # Trains the small preset on the bundled photos for a few minutes and writes outputs/demo/.
 demo: $(STAMP)
-	$(PY) -m diffusers_klvae.demo
+	$(PY) examples/demo.py
 
 # One thread per process: the suite is many tiny ops (and 2-process runs), where OpenMP spin-waiting costs 10x.
 test: $(STAMP)

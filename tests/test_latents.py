@@ -31,7 +31,7 @@ from diffusers_klvae.latents import (
     slerp,
     unscale_latents,
 )
-from diffusers_klvae.masked_demo import train_mse
+from examples.masked_demo import train_mse
 
 SIZE = 16  # synthetic images: 16x16 -> 8x8 latents with the f2 test model
 SQUARE = (slice(4, 12), slice(4, 12))  # the "attribute": a bright square, on the 2-pixel latent grid

@@ -14,7 +14,7 @@ The demo, on the bundled photos, CPU-sized:
    box masks, prints a table and writes a grid: original | pixel-masked target | decoded from masked latents
    (plain fine-tune) | the same (mask-aware fine-tune).
 
-    python -m diffusers_klvae.masked_demo --out outputs/masked_demo
+    python examples/masked_demo.py --out outputs/masked_demo
 
 Both fine-tunes train the decoder only (the encoder is frozen, like Stable Diffusion's ``sd-vae-ft-mse``):
 masking happens after the encoder, and it halves the CPU cost.
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli_support import OneLineParser, int_at_least, positive_float
+from diffusers_klvae.cli_support import OneLineParser, int_at_least, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ SHARED_PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data
 
 def photo_crops(paths, *, resolution: int, per_image: int, scale: float = 1.5, generator: torch.Generator) -> torch.Tensor:
     """Random ``resolution``² crops of photos resized (shorter side) to ``scale * resolution`` -> (N, 3, r, r) in [-1, 1]."""
-    from .imaging import load_image, resize_and_crop, to_tensor
+    from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor
 
     crops = []
     for path in paths:
@@ -62,8 +62,8 @@ def train_mse(vae, images: torch.Tensor, *, steps: int, batch_size: int = 8, lr:
     aligned to the latent grid, target = the pixel-masked image); ``decoder_only`` freezes the encoder and ``quant_conv``
     for good; ``generator`` (CPU) draws the batches and masks. Returns the loss of every step.
     """
-    from .latent_masks import downsampling_factor
-    from .training import freeze_encoder, mask_batch
+    from diffusers_klvae.latent_masks import downsampling_factor
+    from diffusers_klvae.training import freeze_encoder, mask_batch
 
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if decoder_only:
@@ -91,9 +91,9 @@ def train_mse(vae, images: torch.Tensor, *, steps: int, batch_size: int = 8, lr:
 def masked_scores(vae, images: torch.Tensor, pixel_masks: torch.Tensor) -> dict[str, float]:
     """Mean PSNR (dB, uint8, peak 255) of: the plain reconstruction (``psnr``), and the decode of masked latents
     vs the pixel-masked image over kept pixels (``masked_psnr_kept``) and hole pixels (``masked_psnr_hole``)."""
-    from .evaluation import psnr, reconstruct, region_psnr
-    from .imaging import to_uint8
-    from .latent_masks import masked_reconstruct
+    from diffusers_klvae.evaluation import psnr, reconstruct, region_psnr
+    from diffusers_klvae.imaging import to_uint8
+    from diffusers_klvae.latent_masks import masked_reconstruct
 
     decoded, target, region = masked_reconstruct(vae, images, pixel_masks)
     dec8, target8 = to_uint8(decoded).cpu(), to_uint8(target).cpu()
@@ -107,8 +107,8 @@ def masked_scores(vae, images: torch.Tensor, pixel_masks: torch.Tensor) -> dict[
 
 def demo_grid(originals: torch.Tensor, pixel_masks: torch.Tensor, models, rows: int = 4):
     """Rows: original | pixel-masked target | decoded from masked latents, one column per model."""
-    from .imaging import image_grid, to_pil
-    from .latent_masks import masked_reconstruct
+    from diffusers_klvae.imaging import image_grid, to_pil
+    from diffusers_klvae.latent_masks import masked_reconstruct
 
     columns = [originals[:rows].float()]
     for vae in models:
@@ -128,7 +128,7 @@ def _photo_paths(folder: str | None) -> list[Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m diffusers_klvae.masked_demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python examples/masked_demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/masked_demo", help="output folder (default: outputs/masked_demo)")
     parser.add_argument("--photos", default=None, help="photo folder (default: ../shared/data/photos, else assets/photos)")
     parser.add_argument("--preset", default="small", help="model preset trained from scratch as the base (default: small, KL-f8)")
@@ -146,10 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from . import KLVAE
-    from .eval_data import resolve_device
-    from .loading import load_vae
-    from .latent_masks import downsampling_factor, random_pixel_mask
+    from diffusers_klvae import KLVAE
+    from diffusers_klvae.eval_data import resolve_device
+    from diffusers_klvae.loading import load_vae
+    from diffusers_klvae.latent_masks import downsampling_factor, random_pixel_mask
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -14,7 +14,7 @@ Writes to ``outputs/demo/``: ``photos.png`` and ``domain.png`` (rows: original |
 errors), ``loss_curve.png``, ``metrics.md`` / ``metrics.json``, ``run/`` (the fine-tuned model, EMA as the
 ``ema`` variant, checkpoints, model card) and ``staged/`` (the Hub folder).
 
-Usage: ``python -m diffusers_klvae.demo [--steps 40] [--output_dir outputs/demo] [--from_scratch]``;
+Usage: ``python examples/demo.py [--steps 40] [--output_dir outputs/demo] [--from_scratch]``;
 ``--from_scratch`` trains a fresh ``small`` preset on the bundled photos instead (the pretraining recipe on a
 demo budget: expect blurry reconstructions after a few minutes).
 """
@@ -53,7 +53,7 @@ def prepare_output(out: Path) -> None:
             sys.exit(f"demo: error: {out} is not empty and was not made by the demo; pass another --output_dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by python -m diffusers_klvae.demo\n")
+    (out / MARKER).write_text("made by python examples/demo.py\n")
 
 
 def split_domain(folder: Path) -> torch.Tensor:
@@ -61,7 +61,7 @@ def split_domain(folder: Path) -> torch.Tensor:
     size and at half size (more context per tile), without the near-black ones -> (N, 3, 128, 128) in [-1, 1]."""
     from PIL import Image
 
-    from .imaging import load_image, to_tensor
+    from diffusers_klvae.imaging import load_image, to_tensor
 
     folder.mkdir(parents=True)
     tiles = []
@@ -81,16 +81,16 @@ def split_domain(folder: Path) -> torch.Tensor:
 
 
 def center_crops(paths, resolution: int) -> torch.Tensor:
-    from .imaging import load_image, resize_and_crop, to_tensor
+    from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor
 
     return torch.stack([to_tensor(resize_and_crop(load_image(p), resolution)) for p in paths])
 
 
 def score(vae, images: torch.Tensor, lpips_model) -> tuple[dict[str, float], torch.Tensor]:
     """Mean PSNR / SSIM / LPIPS of the model's reconstructions (evaluation protocol: posterior mode, uint8)."""
-    from .evaluation import lpips_distance, psnr, ssim
-    from .imaging import to_uint8
-    from .train_outputs import reconstruct
+    from diffusers_klvae.evaluation import lpips_distance, psnr, ssim
+    from diffusers_klvae.imaging import to_uint8
+    from diffusers_klvae.train_outputs import reconstruct
 
     recs = reconstruct(vae, images)
     x, y = to_uint8(images), to_uint8(recs)
@@ -114,9 +114,9 @@ def run_training(argv: list[str]) -> float:
 
 
 def fine_tune_demo(args, out: Path, lpips_model) -> dict:
-    from . import KLVAE
-    from .hub import main as klvae_push
-    from .imaging import reconstruction_grid
+    from diffusers_klvae import KLVAE
+    from diffusers_klvae.hub import main as klvae_push
+    from diffusers_klvae.imaging import reconstruction_grid
 
     if not (PRETRAINED / "config.json").is_file():
         sys.exit(f"demo: error: no pretrained model at {PRETRAINED}; run with --from_scratch")
@@ -168,8 +168,8 @@ def fine_tune_demo(args, out: Path, lpips_model) -> dict:
 
 
 def from_scratch_demo(args, out: Path, lpips_model) -> dict:
-    from . import KLVAE
-    from .imaging import reconstruction_grid
+    from diffusers_klvae import KLVAE
+    from diffusers_klvae.imaging import reconstruction_grid
 
     torch.manual_seed(SEED)
     KLVAE.from_preset("small").save_pretrained(out / "untrained")  # "before" is exactly the starting point
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (150 if args.from_scratch else 40)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    from .perceptual import load_lpips
+    from diffusers_klvae.perceptual import load_lpips
 
     out = Path(args.output_dir)
     prepare_output(out)
