@@ -123,6 +123,7 @@ def model_card(vae, result, stats, points, state, *, source, wall_time, params, 
     command = "python pretrained/make_klvae_small_photos.py train   # = train_autoencoder.py " + " ".join(
         a if "*" not in a else f'"{a}"' for a in TRAIN_ARGS)
     disc_start, warmup = int(train_arg("--disc_start")), int(train_arg("--lr_warmup_steps"))
+    zoom = TRAIN_ARGS[TRAIN_ARGS.index("--crop_zoom") + 1:TRAIN_ARGS.index("--crop_zoom") + 3]
     schedule = "no" if train_arg("--lr_scheduler") == "constant_with_warmup" else train_arg("--lr_scheduler")
     text = f"""---
 {data.to_yaml()}
@@ -162,7 +163,7 @@ Two photos never seen in training, scored from these fp16 weights loaded in floa
   ```
 - Data: {len(train_photos)} redistributable photos (`assets/photos` minus the held-out pair, and `assets/pretrain`;
   attribution in their `NOTICE.md`): {", ".join(p.name for p in train_photos)}. Random 128² crops with the
-  shorter side resized to 1–4× 128 px (never above the photo's own size) and horizontal flips.
+  shorter side resized to {zoom[0]}–{zoom[1]}× 128 px (never above the photo's own size) and horizontal flips.
 - Held out: {", ".join(HELD_OUT)} (validation images, excluded from the training stream by content).
 - {steps:,} steps of batch 4 ({images:,} crops seen), AdamW (β = 0.5, 0.9), rate 4e-4 after {warmup} warm-up steps,
   then {schedule} decay, no gradient clipping, fp32; GAN (hinge, `NLayerDiscriminator`) from step {disc_start:,}.
