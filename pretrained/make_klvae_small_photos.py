@@ -123,7 +123,8 @@ def model_card(vae, result, stats, points, state, *, source, wall_time, params, 
     command = "python pretrained/make_klvae_small_photos.py train   # = train_autoencoder.py " + " ".join(
         a if "*" not in a else f'"{a}"' for a in TRAIN_ARGS)
     disc_start, warmup = int(train_arg("--disc_start")), int(train_arg("--lr_warmup_steps"))
-    zoom = TRAIN_ARGS[TRAIN_ARGS.index("--crop_zoom") + 1:TRAIN_ARGS.index("--crop_zoom") + 3]
+    at = TRAIN_ARGS.index("--crop_zoom")
+    zoom = TRAIN_ARGS[at + 1:at + 3]  # its two values: the smallest and largest zoom
     schedule = "no" if train_arg("--lr_scheduler") == "constant_with_warmup" else train_arg("--lr_scheduler")
     text = f"""---
 {data.to_yaml()}
