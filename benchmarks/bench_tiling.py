@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = [ROOT.parent / "shared" / "data" / "photos", ROOT / "assets" / "photos"]
+PHOTOS = [ROOT.parent / "shared" / "data" / "photos", *sorted(p for p in (ROOT / "assets").iterdir() if p.is_dir())]
 # (photo, height, width, tile): 2×3, 3×4 and 8×8 tiles, no size a multiple of its tile
 CASES = [("china.jpg", 392, 520, 256), ("hubble_deep_field.jpg", 520, 776, 256), ("retina.jpg", 504, 504, 64)]
 QUICK_CASES = [("astronaut.jpg", 136, 200, 64)]
@@ -71,12 +71,9 @@ def perturbed_state(seed: int = 0, state: dict | None = None) -> dict:
 def photo(name: str, size: tuple[int, int]) -> torch.Tensor:
     from diffusers_klvae.imaging import load_image, resize_and_crop, to_tensor
 
-    for folder in PHOTOS:
-        path = folder / name
-        if path.exists():
-            break
-    else:
-        path = next(p for p in sorted(PHOTOS[-1].glob("*.jpg")))
+    path = next((folder / name for folder in PHOTOS if (folder / name).is_file()), None)
+    if path is None:  # a silently swapped photo would mislabel every row
+        raise SystemExit(f"bench_tiling.py: error: photo {name!r} not found in {', '.join(map(str, PHOTOS))}")
     img = load_image(path)
     h, w = size
     if h == w:

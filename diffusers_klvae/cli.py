@@ -81,6 +81,7 @@ def cmd_reconstruct(args) -> None:
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_dir(args.out)
     paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
+    x_all = _stack_same_size(images, paths) if args.grid else None  # before writing anything: a grid needs one size
     generator = _generator(args.seed)
     recs = []
     for path, x in zip(paths, images):  # one at a time: photos may differ in size
@@ -91,10 +92,9 @@ def cmd_reconstruct(args) -> None:
         recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
     if args.grid:
-        x_all, rec_all = _stack_same_size(images, paths), torch.stack(recs)
         grid = _output_file(args.grid, ".png")
         with writing(grid):
-            reconstruction_grid(x_all, [rec_all]).save(grid)
+            reconstruction_grid(x_all, [torch.stack(recs)]).save(grid)
         logger.info("wrote %s", args.grid)
 
 

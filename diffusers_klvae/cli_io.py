@@ -85,7 +85,7 @@ def _stack_same_size(images, paths):
 
     sizes = {tuple(x.shape[-2:]) for x in images}
     if len(sizes) > 1:
-        raise ValueError(f"images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): pass --resolution")
+        raise ValueError(f"images differ in size ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}): pass --resolution")
     return torch.stack(images)
 
 

@@ -1,50 +1,17 @@
-"""Image data for autoencoder training: HF ``datasets`` streams -> robust decode -> [-1, 1] batches that resume exactly.
+"""Image data for autoencoder training: any source as a ``datasets.IterableDataset``, decoded by ``imaging``'s one
+reader, preprocessed to [-1, 1] crops, with held-out validation images excluded by content.
 
-Public API (keyword-only after the first argument)::
+What ``train_autoencoder.py`` does::
 
-    load_image_dataset(*, dataset_name=None, dataset_config_name=None, train_data_dir=None, data_files=None,
-                       image_paths=None, split="train", streaming=None, cache_dir=None, num_shards=64)
-        -> datasets.IterableDataset
-        # Hub id (streaming by default) | local image folder (``imaging.list_image_paths``) | data_files (*.parquet, *.tar
-        # webdataset, *.arrow, or image files) | an explicit list of image paths. Always an IterableDataset.
-
-    check_image_column(dataset, image_column=None) -> str
-        # the image column's name; None auto-detects "image", "img", "jpg", "png", "webp", "jpeg".
-        # ValueError listing the existing columns if it is missing.
-
-    decode_image(data: bytes, *, name: str) -> PIL.Image.Image   # imaging's one reader (8-bit RGB); UnreadableImage if not
-    preprocess_image(img, *, resolution, center_crop=True, random_flip=False, generator=None) -> Tensor (3, res, res)
-
-    make_train_stream(dataset, *, image_column=None, resolution, batch_size, center_crop=False, random_flip=True,
-                      shuffle_buffer_size=1000, seed=0, process_index=0, num_processes=1, min_size=None,
-                      exclude=frozenset(), num_threads=0) -> ImageStream
-
-    class ImageStream:                       # an endless, resumable batch iterator (use it instead of a DataLoader)
-        __iter__()  -> yields {"pixel_values": float32 (batch_size, 3, res, res) in [-1, 1]}, epoch after epoch
-        examples()  -> yields {"pixel_values": (3, res, res)} one image at a time (same stream, same state)
-        state_dict() -> dict                 # JSON-serialisable: exact position + counters; take it between batches
-        load_state_dict(state, *, strict=True)
-        epoch: int; seen: int (images yielded); skipped: int (unreadable or too small); excluded: int (held out)
-        skip_reasons: dict[str, int]          # skipped images by reason ("undecodable", "dangling symlink", "too small"...)
-
-    take_validation_images(dataset, n, *, image_column=None, resolution, min_size=None) -> ValidationImages
-    load_validation_images(paths, *, resolution) -> ValidationImages
-    @dataclass ValidationImages: pixel_values (n, 3, res, res) in [-1, 1]; names: list[str]; keys: frozenset[str]
-        # pass ``exclude=val.keys`` to make_train_stream so held-out images never reach training
-
-Typical use (what ``train_autoencoder.py`` does)::
-
-    ds = load_image_dataset(train_data_dir="assets/photos")   # listed by imaging.list_image_paths
+    ds = load_image_dataset(train_data_dir="assets/photos")   # or dataset_name=, data_files=, image_paths=
     val = take_validation_images(ds, 2, resolution=128)
     stream = make_train_stream(ds, resolution=128, batch_size=4, seed=0, exclude=val.keys,
                                process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     for step, batch in zip(range(max_steps), stream):   # endless; checkpoint with stream.state_dict()
         ...
 
-The training stream (``make_train_stream``, ``ImageStream``) lives in ``train_stream``; both names are importable
-from here.
-
-The pixel convention (see ``imaging``): float32 RGB in [-1, 1], shape (3, H, W); a batch is ``torch.stack`` of them.
+The training stream (``make_train_stream``, ``ImageStream``: endless, resumable, counts what it skips) lives in
+``train_stream``; both names are importable from here. Pixels are float32 RGB in [-1, 1], shape (3, H, W).
 """
 
 from __future__ import annotations

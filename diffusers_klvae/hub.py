@@ -318,7 +318,7 @@ def _parser() -> OneLineParser:
     parser.add_argument("model_dir", type=Path, help="diffusers-format VAE folder (or pipeline folder / .safetensors)")
     parser.add_argument("--repo-id", required=True, help="Hub repo, 'user/name'")
     parser.add_argument("--metrics", type=Path, help="metrics.json written by klvae-eval --output")
-    parser.add_argument("--metrics-model", help="this model's name in a multi-model metrics file (default: first)")
+    parser.add_argument("--metrics-model", help="this model's name in a multi-model metrics file (default: the row whose path is MODEL_DIR, else the only local path, else the first)")
     parser.add_argument("--images", type=Path, nargs="+", default=[], help="reconstruction grid / loss-curve PNGs")
     parser.add_argument("--training-args", type=Path, help="JSON of the training arguments (secrets are dropped)")
     parser.add_argument("--no-ema", action="store_true",

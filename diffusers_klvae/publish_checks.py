@@ -23,6 +23,8 @@ from .loading import CONFIG_NAME, WEIGHTS_NAME
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
 HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _WINDOWS_ABS_RE = re.compile(r"^[A-Za-z]:[\\/]")
+# an absolute path inside a longer text ("backbone (/root/.cache/...)"), not a URL's "//" nor a Hub id's "org/name"
+_EMBEDDED_PATH_RE = re.compile(r"(?:^|[\s(\[=,'\"])(?:/|~/|[A-Za-z]:[\\/])[\w.~-]")
 _MIN_ENV_VALUE_LEN = 8  # shorter environment values ("1", "true", "fp16") are too common to mean anything
 _TEXT_SUFFIXES = {".md", ".json", ".txt", ".yaml", ".yml"}
 _DROP = object()  # marks a value _scrub removes
@@ -34,9 +36,11 @@ def is_local_path(value: str) -> bool:
 
 
 def leaks(value: str, env_values: Sequence[str] | None = None) -> bool:
-    """True if a string is an absolute local path, looks like a Hub token, or contains an environment value."""
+    """True if a string is or contains an absolute local path, looks like a Hub token, or contains an environment
+    value."""
     env_values = _env_values() if env_values is None else env_values
-    return is_local_path(value) or bool(HF_TOKEN_RE.search(value)) or any(env in value for env in env_values)
+    return (is_local_path(value) or bool(_EMBEDDED_PATH_RE.search(value)) or bool(HF_TOKEN_RE.search(value))
+            or any(env in value for env in env_values))
 
 
 def is_secret_key(key: str) -> bool:
@@ -138,7 +142,8 @@ def _leak_problems(folder: Path, token: str | None) -> list[str]:
         rel = path.relative_to(folder).as_posix()
         if (token and token in text) or HF_TOKEN_RE.search(text):
             problems.append(f"{rel} contains an access token")
-        problems += [f"{rel} contains the local path {m.pattern!r}" for m in markers if m.search(text)]
+        found = (m.search(text) for m in markers)
+        problems += [f"{rel} contains the local path {f[0]!r}" for f in found if f]
     return problems
 
 

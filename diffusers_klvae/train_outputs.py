@@ -1,5 +1,6 @@
 """What a training run writes besides its checkpoints: validation grids and metrics, loss and validation curves,
-the final model (raw weights + the ``ema`` variant) with its model card, and the progress display.
+the final model (raw weights + the ``ema`` variant) with its model card and ``training_args.json``, and the progress
+display.
 
 Main process only, unless a function says otherwise.
 """
@@ -178,6 +179,9 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
                                  images=[os.path.relpath(p, out) for p in images], training_args=cfg.to_dict(),
                                  base_model=base_model, datasets=datasets, has_ema=ema is not None)
     card.save(out / "README.md")
+    # the arguments the card was made from, for `klvae-push OUT --training-args OUT/training_args.json` (no token:
+    # the token is never an argument)
+    (out / "training_args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     for future in hub_futures:  # checkpoint uploads: report failures, never lose the final model for them
         try:
             logger.info("checkpoint pushed: %s", future.result())

@@ -69,6 +69,7 @@ def ema_model(run: Path):
 
 
 def export(run: Path, wall_time: str | None) -> None:
+    from diffusers_klvae.eval_results import results_to_dict
     from diffusers_klvae.evaluation import evaluate
     from diffusers_klvae.imaging import reconstruction_grid
     from diffusers_klvae.latent_stats import compute_latent_statistics
@@ -98,7 +99,7 @@ def export(run: Path, wall_time: str | None) -> None:
     card = model_card(vae, result, stats, points, state, source=source, wall_time=wall_time,
                       params=sum(p.numel() for p in vae.parameters()), train_photos=train_photos)
     (TARGET / "README.md").write_text(card)
-    (TARGET / "metrics.json").write_text(result.to_json())
+    (TARGET / "metrics.json").write_text(json.dumps(results_to_dict([result]), indent=2) + "\n")  # klvae-eval's shape
     print(card)  # noqa: T201
 
 

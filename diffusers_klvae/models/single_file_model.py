@@ -84,7 +84,8 @@ class SingleFileMixin:
             config_dict = _resolve_config(cls, config, subfolder=subfolder, revision=config_revision, **hub)
         model = cls.from_config({**config_dict, **kwargs})
         load_single_file_into(model, state, source=_describe(pretrained_model_link_or_path_or_dict))
-        return model.to(device=device, dtype=torch_dtype).eval()
+        placement = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}  # a dtype=None
+        return model.to(**placement).eval()  # would still make diffusers warn about float32 modules
 
     def save_single_file(self, path: str | os.PathLike, force: bool = False) -> None:
         """Write the original LDM layout (no prefix, 1×1-conv attention, ``.safetensors``) for ComfyUI / A1111.
