@@ -12,15 +12,17 @@ in ``data``, the loss in ``losses``. See docs/training.md.
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from diffusers_klvae import checkpoint_state, checkpoints, data, train_config, train_outputs, training
-from diffusers_klvae.cli_support import EXIT_USAGE, DiskFull, one_line, writing
+from diffusers_klvae.cli_support import EXIT_USAGE, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
 
@@ -48,11 +50,18 @@ def train(cfg: train_config.TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
     with checkpoints.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
+        resume = checkpoints.resolve_resume_path(cfg.resume_from_checkpoint, out)
+        if resume is None:  # a new run: not over an earlier run, nor into a folder of other files
+            checkpoints.check_no_earlier_run(out)
+        else:
+            checkpoints.check_resume_step(resume, cfg.max_train_steps)
         with writing(out):  # a full disk anywhere in the run: one DiskFull naming the folder
-            return _train(cfg, accelerator, out, seed)
+            if accelerator.is_main_process:
+                train_outputs.write_training_args(cfg, out)
+            return _train(cfg, accelerator, out, seed, resume)
 
 
-def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> dict:
+def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, resume: Path | None) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # 1) data: held-out validation images, then this process's shard of the stream (validation images excluded)
@@ -98,11 +107,8 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int) -> 
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.tracker_project_name, config=train_config.tracker_config(cfg))
     step, history, train_seconds = 0, [], 0.0
-    resume = checkpoints.resolve_resume_path(cfg.resume_from_checkpoint, out)
     metrics = {}
-    if resume is None:
-        checkpoints.check_no_earlier_run(out)
-    else:
+    if resume is not None:
         if accelerator.is_main_process:
             checkpoints.set_aside_newer_checkpoints(out, resume)
         accelerator.wait_for_everyone()
@@ -176,5 +182,6 @@ if __name__ == "__main__":
         _fail(err)
     try:
         train(config)
-    except (checkpoints.OutputDirError, DiskFull) as err:  # the folder is taken, or the disk is full: one line
+    # a user's error (the folder, the disk, the data, a model or checkpoint file, the machine): one line, no traceback
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
         _fail(err)

@@ -138,18 +138,37 @@ def _save_models(accelerator, ema, per_process: list[PerProcessState], models: l
 def _load_models(accelerator, ema, models: list, input_dir: str) -> None:
     """Accelerate's load hook: the weights :func:`_save_models` wrote (emptying ``models`` tells Accelerate not to
     look for its own files); also the pickle check that must run before Accelerate reads its files."""
-    from safetensors.torch import load_file
-
     from .loading import EMA_WEIGHTS_NAME, WEIGHTS_NAME
 
     _refuse_unsafe_pickles(Path(input_dir))
     vae, disc = (accelerator.unwrap_model(m) for m in models)
-    vae.load_state_dict(load_file(Path(input_dir) / VAE_FOLDER / WEIGHTS_NAME), strict=True)
-    disc.load_state_dict(load_file(Path(input_dir) / DISC_FOLDER / WEIGHTS_NAME), strict=True)
+    _load_weights(vae, Path(input_dir) / VAE_FOLDER / WEIGHTS_NAME)
+    _load_weights(disc, Path(input_dir) / DISC_FOLDER / WEIGHTS_NAME)
     if ema is not None:
-        shadow = load_file(Path(input_dir) / VAE_FOLDER / EMA_WEIGHTS_NAME)
+        shadow = _read_weights(Path(input_dir) / VAE_FOLDER / EMA_WEIGHTS_NAME)
         ema.shadow_params = [shadow[name].to(p.device, p.dtype) for name, p in vae.named_parameters()]
     models.clear()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is corrupt or truncated ({err})") from None
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    """A checkpoint's weights into ``module``; weights of another architecture are named in one line, not as
+    ``load_state_dict``'s list of every mismatched tensor."""
+    state, own = _read_weights(path), module.state_dict()
+    differ = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+    if differ:
+        raise ValueError(f"{path} does not fit the model of this run ({len(differ)} tensors differ, e.g. {differ[0]!r}): "
+                         "resume with the model arguments of the run that saved it")
+    module.load_state_dict(state, strict=True)
 
 
 def _refuse_unsafe_pickles(folder: Path) -> None:
@@ -163,4 +182,8 @@ def _refuse_unsafe_pickles(folder: Path) -> None:
         try:
             torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - UnpicklingError and friends: refuse the file, say which
-            raise ValueError(f"{file} holds more than tensors and plain values; refusing to unpickle it ({err})") from None
+            # torch cannot tell a broken file from a forbidden object ("Unsupported operand" either way): say both
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            cause = next((b for a, b in zip(lines, lines[1:]) if a.endswith("WeightsUnpickler error:")), lines[0] if lines else "")
+            raise ValueError(f"{file} is corrupt or holds more than tensors and plain values; refusing to unpickle it "
+                             f"({cause})") from None

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
+TRAINING_ARGS = "training_args.json"  # a run's arguments, written when it starts (klvae-push --training-args reads it)
+LOCK_NAME = ".train.lock"
 
 
 
@@ -219,12 +221,25 @@ class OutputDirError(ValueError):
 
 
 def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
-    """A new run must not overwrite an earlier run's checkpoints or model silently."""
+    """A new run must not overwrite an earlier run's checkpoints or model, nor files that are not a run's, silently.
+    A folder where a run started (``TRAINING_ARGS``) but saved no checkpoint may start again."""
     output_dir = Path(output_dir)
     found = [p.name for p in list_checkpoints(output_dir)] + [n for n in ("config.json",) if (output_dir / n).is_file()]
     if found:
         raise OutputDirError(f"--output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with "
                              "--resume_from_checkpoint latest, or choose another --output_dir")
+    if not (output_dir / TRAINING_ARGS).is_file():
+        others = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
+        if others:
+            raise OutputDirError(f"--output_dir {output_dir} is not empty and no training run started there (it holds "
+                                 f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): choose an empty or new folder")
+
+
+def check_resume_step(resume: Path, max_train_steps: int) -> None:
+    """A checkpoint past the end has nothing left to train (the final step's checkpoint may redo the final save)."""
+    if checkpoint_step(resume) > max_train_steps:
+        raise ValueError(f"{resume.name} is past --max_train_steps {max_train_steps}: raise --max_train_steps to continue "
+                         "that run")
 
 
 def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume: Path) -> list[Path]:
@@ -247,7 +262,7 @@ class output_dir_lock:
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
-        self.path = Path(output_dir) / ".train.lock"
+        self.path = Path(output_dir) / LOCK_NAME
         self.enabled = enabled
         self.file = None
 

@@ -32,6 +32,7 @@ from .cli_io import (
     _load_images,
     _output_dir,
     _output_file,
+    _output_stems,
     _raw_latents,
     _read_latents,
     _save_image,
@@ -78,21 +79,21 @@ def cmd_reconstruct(args) -> None:
     from .latent_masks import downsampling_factor
     from .latents import decode_latents, encode_images
 
+    grid = _output_file(args.grid, ".png") if args.grid else None  # before any work
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_dir(args.out)
     paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
-    x_all = _stack_same_size(images, paths) if args.grid else None  # before writing anything: a grid needs one size
+    x_all = _stack_same_size(images, paths) if grid else None  # before writing anything: a grid needs one size
     generator = _generator(args.seed)
     recs = []
-    for path, x in zip(paths, images):  # one at a time: photos may differ in size
+    for path, stem, x in zip(paths, _output_stems(paths), images):  # one at a time: photos may differ in size
         latents = encode_images(vae, x, sample=args.sample, generator=generator)
         rec = decode_latents(vae, latents)[0].cpu()
         _check_finite(rec, f"the reconstruction of {path!r}")
-        _save_image(rec, out / f"{Path(path).stem}.png")
+        _save_image(rec, out / f"{stem}.png")
         recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
-    if args.grid:
-        grid = _output_file(args.grid, ".png")
+    if grid:
         with writing(grid):
             reconstruction_grid(x_all, [torch.stack(recs)]).save(grid)
         logger.info("wrote %s", args.grid)
@@ -133,8 +134,8 @@ def cmd_decode(args) -> None:
     names = json.loads(metadata["files"]) if "files" in metadata else []
     if len(names) != len(images):
         names = [f"{i:04d}" for i in range(len(images))]
-    for name, image in zip(names, images):
-        _save_image(image, out / f"{Path(name).stem}.png")
+    for stem, image in zip(_output_stems(names), images):
+        _save_image(image, out / f"{stem}.png")
     logger.info("wrote %d images to %s", len(images), out)
 
 
@@ -144,12 +145,12 @@ def cmd_interpolate(args) -> None:
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
+    frames_dir = _output_dir(args.frames_dir, "--frames-dir") if args.frames_dir else None
     paths, (a, b) = _load_images([args.image_a, args.image_b], args.resolution, downsampling_factor(vae), skip_unreadable=False)
     _stack_same_size([a, b], paths)
     with writing(out):
         frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
-    if args.frames_dir:
-        frames_dir = _output_dir(args.frames_dir)
+    if frames_dir:
         for i, frame in enumerate(frames):
             with writing(frames_dir / f"frame_{i:03d}.png"):
                 frame.save(frames_dir / f"frame_{i:03d}.png")

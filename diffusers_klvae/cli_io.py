@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from .cli_support import writing
+from .cli_support import check_output_folder, writing
 
 logger = logging.getLogger("diffusers_klvae.cli")  # the messages users see from `klvae`
 
@@ -41,7 +41,10 @@ def _load_images(paths, resolution: int | None, factor: int, *, skip_unreadable:
     if resolution and resolution % factor:
         raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
     kept, images, skipped = [], [], []
-    for path in _image_paths(paths):
+    found = _image_paths(paths)
+    if not found:
+        raise ValueError(f"no image files found in {', '.join(map(repr, map(os.fspath, paths)))}")
+    for path in found:
         try:
             img = load_image(path)
         except UnreadableImage as err:
@@ -95,10 +98,18 @@ def _generator(seed: int | None):
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
-def _output_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path!r} exists and is not a folder")
+def _output_stems(names) -> list[str]:
+    """One output file stem per input: its own, or all numbered (``0003-x``) when two inputs share one (a/x.jpg, b/x.png),
+    so that no output replaces another."""
+    stems = [Path(name).stem for name in names]
+    if len(set(stems)) == len(stems):
+        return stems
+    logger.warning("inputs share file names: outputs are numbered in input order")
+    return [f"{i:04d}-{stem}" for i, stem in enumerate(stems)]
+
+
+def _output_dir(path: str, flag: str = "--out") -> Path:
+    out = check_output_folder(path, flag)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -138,8 +149,9 @@ def _raw_latents(vae, latents, metadata: dict, space: str | None):
     if latents.ndim == 3:
         latents = latents[None]
     channels = vae.config.latent_channels
-    if latents.ndim != 4 or latents.shape[1] != channels:
-        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
+    if latents.ndim != 4 or latents.shape[1] != channels or not latents.numel():
+        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w), "
+                         "none of them 0")
     _check_finite(latents, "the latents")
     return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
 

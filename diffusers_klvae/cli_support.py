@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 EXIT_USAGE = 2  # argparse's exit code for bad input; used for every user error
@@ -61,6 +62,13 @@ def _nearly_full(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """An output folder given as ``flag``, checked before any work: it may not exist yet, but must not be a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {os.fspath(path)!r} exists and is not a folder")
+    return Path(path)
+
+
 def one_line(err: BaseException) -> str:
     """An error as one line (messages from libraries may hold newlines)."""
     return " ".join(str(err).split()) or type(err).__name__
@@ -73,6 +81,9 @@ def run_main(prog: str, body: Callable[[], int | None]) -> int:
         return int(body() or 0)
     except (ValueError, OSError, RuntimeError) as err:
         sys.stderr.write(f"{prog}: error: {one_line(err)}\n")
+        return EXIT_USAGE
+    except MemoryError:
+        sys.stderr.write(f"{prog}: error: out of memory: use smaller images (--resolution) or batches\n")
         return EXIT_USAGE
 
 

@@ -148,6 +148,8 @@ class ImageSource:
                 return ((os.path.relpath(p, path), _loader(p)) for p in files)
             if path.is_file():
                 return iter([(path.name, _loader(path))])
+            if path.exists():
+                raise ValueError(f"data {os.fspath(data)!r} is neither a folder nor a regular file")
             if not _looks_like_dataset_id(os.fspath(data)):
                 raise FileNotFoundError(f"data {os.fspath(data)!r}: no such folder or file (nor an HF dataset name)")
             return self._hf_entries(_load_hf_dataset(os.fspath(data), self.split))
@@ -237,7 +239,10 @@ def autocast_dtype(dtype) -> torch.dtype | None:
 def resolve_device(device=None, model=None) -> torch.device:
     """``device`` when given, else where a caller's ``model`` (a module) lives, else CUDA when available, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use --device cpu)")
+        return device
     if isinstance(model, torch.nn.Module):
         return next(model.parameters()).device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

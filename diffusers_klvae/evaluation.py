@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .cli_support import OneLineParser, int_at_least, run_command
+from .cli_support import OneLineParser, check_output_folder, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
     PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
     resolve_device,
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.output:
+        check_output_folder(args.output, "--output")  # before the long computation
     results, grid = compare(
         args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
         device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],

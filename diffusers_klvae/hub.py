@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from .cli_support import OneLineParser, run_main
 from .eval_results import load_metrics
+from .imaging import load_image
 from .loading import CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae
 from .model_card import DEFAULT_LICENSE, render_model_card, same_path, single_file_tools
 from .publish_checks import CARD_NAME, sanitize_training_args, validate_folder
@@ -119,8 +120,9 @@ def _stage_images(images: Sequence, folder: Path) -> list[Path]:
             if not path.is_file():
                 raise FileNotFoundError(f"image not found: {os.fspath(path)!r} (expected a PNG/JPEG file)")
             name = _safe_image_name(path.name, taken)
-            with Image.open(path) as img:  # re-encode as PNG: one format on the card, no EXIF (may hold paths/GPS)
-                img.convert("RGB").save(folder / IMAGES_SUBFOLDER / name)
+            # the one reader (16-bit scaled, alpha composited, bombs refused), re-encoded as PNG: one format on the
+            # card, no EXIF (may hold paths/GPS)
+            load_image(path).save(folder / IMAGES_SUBFOLDER / name)
         staged.append(Path(IMAGES_SUBFOLDER) / name)
     return staged
 
@@ -364,8 +366,13 @@ def _run(args) -> int:
     )
     if args.dry_run:
         folder = args.folder or Path(tempfile.mkdtemp(prefix="klvae-push-")) / "repo"
-        stage_folder(vae, folder, repo_id=args.repo_id, **options)
-        validate_folder(folder)
+        try:
+            stage_folder(vae, folder, repo_id=args.repo_id, **options)
+            validate_folder(folder)
+        except BaseException:
+            if args.folder is None:  # a failed dry run leaves no temporary copy of the weights behind
+                shutil.rmtree(folder.parent, ignore_errors=True)
+            raise
         _print_listing(folder, args.repo_id)
         return 0
     print(publish(vae, args.repo_id, folder=args.folder, private=args.private, commit_message=args.commit_message,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .cli_io import model_config_path, update_config
-from .cli_support import OneLineParser, run_command, writing
+from .cli_support import OneLineParser, check_output_folder, run_command, writing
 from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device
 from .loading import load_vae
 
@@ -316,6 +316,8 @@ def _run(args: argparse.Namespace) -> None:
         raise ValueError("--per-channel only applies with --write-config")
     if args.write_config:
         model_config_path(args.model, "--write-config")  # before the long computation
+    if args.output:
+        check_output_folder(args.output, "--output")
     stats = compute_latent_statistics(
         args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
         sample_posterior=not args.mode, seed=args.seed, device=args.device, dtype=args.dtype, split=args.split,

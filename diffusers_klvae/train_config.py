@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal, Sequence
 
 from transformers import HfArgumentParser
 
+from .cli_support import OneLineParser
 from .loading import SINGLE_FILE_SUFFIXES
 
 DEFAULT_PRESET = "sd-kl-f8"
@@ -153,6 +155,8 @@ class _TrainConfigParser(HfArgumentParser):
         super().__init__(TrainConfig, prog="train_autoencoder.py",
                          description="Train or fine-tune a KL autoencoder (KLVAE).")
 
+    error = OneLineParser.error  # one line naming the problem, exit 2 (argparse would print the whole usage first)
+
     def _parse_dataclass_field(self, parser, field: dataclasses.Field):
         meta = dict(field.metadata)
         name = meta.pop("group")
@@ -199,6 +203,22 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for f in dataclasses.fields(cfg):  # nan/inf in any number would train a NaN model and exit 0
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} must be a finite number, got {value}")
+    for name in ("learning_rate", "disc_learning_rate", "adam_epsilon"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("perceptual_weight", "kl_weight", "disc_weight", "disc_factor", "adam_weight_decay", "max_grad_norm",
+                 "lr_warmup_steps", "dataloader_num_workers", "disc_start"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.shuffle_buffer_size < 1:
+        raise ValueError(f"--shuffle_buffer_size must be >= 1, got {cfg.shuffle_buffer_size}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
     if not 1.0 <= cfg.crop_zoom[0] <= cfg.crop_zoom[1]:
@@ -209,8 +229,11 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
         raise ValueError(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
     if cfg.num_validation_images < 0:
         raise ValueError(f"--num_validation_images must be >= 0, got {cfg.num_validation_images}")
-    if cfg.push_to_hub and cfg.hub_model_id is None:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/your-vae)")
+    for flag in ("push_to_hub", "hub_push_checkpoints"):
+        if getattr(cfg, flag) and cfg.hub_model_id is None:
+            raise ValueError(f"--{flag} needs --hub_model_id (e.g. your-name/your-vae)")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ValueError(f"--output_dir {cfg.output_dir!r} is a file, not a folder")
     if not (cfg.dataset_name or cfg.train_data_dir or cfg.data_files):
         raise ValueError("no training data: give --dataset_name, --train_data_dir or --data_files")
     if cfg.train_data_dir and not Path(cfg.train_data_dir).is_dir():

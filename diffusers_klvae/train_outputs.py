@@ -1,6 +1,5 @@
 """What a training run writes besides its checkpoints: validation grids and metrics, loss and validation curves,
-the final model (raw weights + the ``ema`` variant) with its model card and ``training_args.json``, and the progress
-display.
+the run's arguments, the final model (raw weights + the ``ema`` variant) with its model card, and the progress display.
 
 Main process only, unless a function says otherwise.
 """
@@ -157,6 +156,14 @@ def plot_validation_curve(points: Sequence[dict[str, Any]], path: str | os.PathL
 # ----------------------------------------------------------------------------------------------------------
 
 
+def write_training_args(cfg: TrainConfig, out: Path) -> None:
+    """``out/training_args.json`` at the start of a run: what the card is made from, for ``klvae-push --training-args``
+    (no token in it: a token is never an argument)."""
+    from .checkpoints import TRAINING_ARGS
+
+    (out / TRAINING_ARGS).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
 def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=(), hub_api=None) -> None:
     """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``
     (through ``hub_api``, a ``huggingface_hub.HfApi``; a new one when `None`)."""
@@ -179,9 +186,6 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
                                  images=[os.path.relpath(p, out) for p in images], training_args=cfg.to_dict(),
                                  base_model=base_model, datasets=datasets, has_ema=ema is not None)
     card.save(out / "README.md")
-    # the arguments the card was made from, for `klvae-push OUT --training-args OUT/training_args.json` (no token:
-    # the token is never an argument)
-    (out / "training_args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
     for future in hub_futures:  # checkpoint uploads: report failures, never lose the final model for them
         try:
             logger.info("checkpoint pushed: %s", future.result())

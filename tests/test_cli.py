@@ -70,6 +70,18 @@ def test_reconstruct_grid_of_two_sizes_fails_before_writing_anything(work, capsy
     assert not list(out.glob("*.png"))
 
 
+def test_inputs_sharing_a_file_name_get_numbered_outputs(work):
+    for sub in ("a", "b"):  # a/im.png and b/im.png: one output would replace the other
+        (work / "dup" / sub).mkdir(parents=True, exist_ok=True)
+        Image.open(work / f"im{sub == 'b':d}.png").save(work / "dup" / sub / "im.png")
+    out = work / "rec-dup"
+    assert run("reconstruct", "--model", work / "model", work / "dup", "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000-im.png", "0001-im.png"]
+    assert run("encode", "--model", work / "model", work / "dup", "-o", work / "dup.safetensors") == 0
+    assert run("decode", "--model", work / "model", work / "dup.safetensors", "--out", work / "dec-dup") == 0
+    assert sorted(p.name for p in (work / "dec-dup").iterdir()) == ["0000-im.png", "0001-im.png"]
+
+
 def test_encode_then_decode_round_trips(work):
     raw_file, scaled_file = work / "raw.safetensors", work / "scaled.safetensors"
     model = work / "model"

@@ -37,6 +37,9 @@ def work(tmp_path_factory, photo_paths):
         latents[0, 1, 2, 3] = value
         save_file({"latents": latents}, str(root / f"{name}.safetensors"))
     save_file({"latents": torch.zeros(1, 4, 16, 16)}, str(root / "zeros.safetensors"))
+    save_file({"latents": torch.zeros(0, 4, 16, 16)}, str(root / "none.safetensors"))
+    (root / "empty").mkdir()
+    os.mkfifo(root / "fifo.png")
     Image.fromarray(np.full((SIZE, SIZE), np.nan, dtype=np.float32), "F").save(root / "nan.tif")
     return root
 
@@ -78,6 +81,13 @@ BAD = [  # (command, argv, what the one line must say)
     ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--resolution", "4"], "expected an integer >= 8, got 4"),
     ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--metrics", "psnr", "--device", "nodevice"], "nodevice"),
     ("klvae-eval", ["--data", "{w}/photos"], "the following arguments are required: --model"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--output", "{w}/zeros.safetensors"],
+     "--output '{w}/zeros.safetensors' exists and is not a folder"),  # said before the evaluation, not after it
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/fifo.png"], "is neither a folder nor a regular file"),
+    ("klvae", ["encode", "--model", "{model}", "{w}/empty", "-o", "{w}/z.safetensors"], "no image files found in '{w}/empty'"),
+    ("klvae", ["decode", "--model", "{model}", "{w}/none.safetensors", "--out", "{w}/dec_none"], "none of them 0"),
+    ("klvae", ["interpolate", "--model", "{model}", "{w}/photos/im0.png", "{w}/photos/im1.png", "-o", "{w}/i.png",
+               "--frames-dir", "{w}/zeros.safetensors"], "--frames-dir '{w}/zeros.safetensors' exists and is not a folder"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--max-images", "1"], "argument --max-images: expected an integer >= 2, got 1"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--per-channel"], "--per-channel only applies with --write-config"),
 ]
@@ -90,7 +100,7 @@ def test_bad_input_is_one_line_naming_what_was_expected(work, command, argv, mes
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1, err
     prog = f"klvae {argv[0]}" if command == "klvae" and argv[0] != "bogus" else command
-    assert err[0].startswith(f"{prog}: error: ") and message in err[0], err
+    assert err[0].startswith(f"{prog}: error: ") and message.format(w=work) in err[0], err
     assert "Traceback" not in err[0]
 
 
@@ -181,3 +191,11 @@ def test_torch_writer_on_a_full_disk_is_named(full_disk):
     with pytest.raises(ValueError, match="unrelated"):  # other errors pass through unchanged
         with writing(full_disk / "x"):
             raise ValueError("unrelated")
+
+
+def test_cuda_without_a_gpu_is_named(monkeypatch):
+    from diffusers_klvae.eval_data import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+        resolve_device("cuda")

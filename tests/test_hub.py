@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -489,3 +490,23 @@ def test_squeeze_excitation_model_stages_and_loads(vaes, tmp_path):
             assert torch.equal(loaded.state_dict()[key], value), key
     text = (folder / "README.md").read_text()
     assert "from diffusers_klvae import KLVAE" in text and "ComfyUI" not in text
+
+
+def test_push_images_go_through_the_one_reader_and_a_failed_dry_run_leaves_nothing(vaes, tmp_path, monkeypatch, capsys):
+    vaes[0].save_pretrained(tmp_path / "model")
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))  # a 16-bit grey ramp
+    Image.fromarray(ramp).save(tmp_path / "sixteen.png")  # mode I;16
+    code = hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--images", str(tmp_path / "sixteen.png"),
+                     "--dataset", str(tmp_path / "private" / "photos"), "--dry-run", "--folder", str(tmp_path / "staged")])
+    assert code == 0
+    staged = np.asarray(Image.open(tmp_path / "staged" / "images" / "sixteen.png").convert("L"), dtype=np.float64)
+    assert abs(staged.mean() - 127.5) < 2  # scaled to 8 bits (a plain RGB conversion clips it to white)
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "- photos\n" in card and str(tmp_path / "private") not in card  # a local dataset path: its last component
+
+    monkeypatch.setattr(hub.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code = hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--images", str(tmp_path / "broken.png"), "--dry-run"])
+    assert code == 2 and "broken.png" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staged copy of the weights is gone

@@ -107,6 +107,14 @@ def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
         (["--image_column", "picture"], "image column 'picture' not in the dataset; its columns are ['image']"),
         (["--latent_mask_prob", "1.5"], "--latent_mask_prob must be in [0, 1]"),
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--hub_push_checkpoints"], "--hub_push_checkpoints needs --hub_model_id"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),  # a NaN model, exit 0, before
+        (["--kl_weight", "nan"], "--kl_weight must be a finite number, got nan"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),
+        (["--disc_weight", "-0.5"], "--disc_weight must be >= 0, got -0.5"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be >= 0, got -1"),
+        (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1), got 2.0"),
+        (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(photos_dir, tmp_path, extra, message):
@@ -133,7 +141,69 @@ def test_script_exits_with_one_line_error(photos_dir, tmp_path, monkeypatch, cap
     assert err.startswith("train_autoencoder.py: error: --resolution 31 must be a multiple of") and err.count("\n") == 1
 
 
+def run_script(argv, monkeypatch, capsys) -> str:
+    """train_autoencoder.py as a command: exit status 2 and one line on stderr (no traceback); returns that line."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("train_autoencoder.py: error: "), err
+    return err
+
+
+def test_argparse_errors_are_one_line_too(photos_dir, tmp_path, monkeypatch, capsys):
+    err = run_script(base_args(photos_dir, tmp_path, "--lr_scheduler", "bogus"), monkeypatch, capsys)
+    assert "argument --lr_scheduler/--lr-scheduler: invalid choice: 'bogus'" in err  # no 60-line usage block first
+
+
+def test_a_folder_of_other_files_is_refused_and_left_alone(photos_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    err = run_script(base_args(photos_dir, out), monkeypatch, capsys)
+    assert f"--output_dir {out} is not empty and no training run started there (it holds README.md)" in err
+    assert (out / "README.md").read_text() == "my notes" and not (out / "training_args.json").exists()
+
+
+def test_runtime_user_errors_are_one_line(photos_dir, tmp_path, monkeypatch, capsys):
+    """Errors found after parsing (the data, a checkpoint) end as every command's do: one line, exit 2."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg")
+    err = run_script(base_args(bad, tmp_path / "out1", "--num_validation_images", "1"), monkeypatch, capsys)
+    assert "no decodable image" in err
+    err = run_script(base_args(photos_dir, tmp_path / "out2", "--resume_from_checkpoint", str(bad)), monkeypatch, capsys)
+    assert f"{bad} is not a complete checkpoint-<step> folder" in err
+
+
 # ------------------------------------------------------------------------------------------------- resume
+
+
+def test_a_checkpoint_of_another_model_or_a_corrupt_one_is_named_in_one_line(photos_dir, tmp_path, run_inprocess,
+                                                                               monkeypatch, capsys):
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path / "run"
+    run_inprocess(base_args(photos_dir, out, "--max_train_steps", "1", "--perceptual_weight", "0"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()  # the first run's progress bar
+    resume = base_args(photos_dir, out, "--max_train_steps", "2", "--perceptual_weight", "0", "--resume_from_checkpoint", "latest")
+    other_model = [("small" if a == "tiny" else a) for a in resume]
+    err = run_script(other_model, monkeypatch, capsys)  # was a 137-line size-mismatch traceback
+    assert "checkpoint-1/vae/diffusion_pytorch_model.safetensors does not fit the model of this run" in err
+    AcceleratorState._reset_state(True)
+    (out / "checkpoint-1" / "custom_checkpoint_0.pkl").write_bytes(os.urandom(64))
+    err = run_script(resume, monkeypatch, capsys)
+    assert "custom_checkpoint_0.pkl is corrupt or holds more than tensors and plain values" in err
+
+
+def test_a_checkpoint_past_the_end_is_refused():
+    checkpoints.check_resume_step(Path("run/checkpoint-2"), 2)  # the final step's: may redo the final save
+    with pytest.raises(ValueError, match="checkpoint-2 is past --max_train_steps 1: raise --max_train_steps"):
+        checkpoints.check_resume_step(Path("run/checkpoint-2"), 1)
 
 
 def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
@@ -405,7 +475,7 @@ def test_a_checkpoint_pickle_holding_objects_is_refused_before_accelerate_unpick
     torch.save({"processes": [{"offset": 3}]}, tmp_path / "custom_checkpoint_0.pkl")  # what we write: plain values
     checkpoint_state._refuse_unsafe_pickles(tmp_path)
     torch.save({"processes": [Path("x")]}, tmp_path / "custom_checkpoint_1.pkl")  # any other object: refused
-    with pytest.raises(ValueError, match="custom_checkpoint_1.pkl holds more than tensors and plain values"):
+    with pytest.raises(ValueError, match="custom_checkpoint_1.pkl is corrupt or holds more than tensors and plain values"):
         checkpoint_state._refuse_unsafe_pickles(tmp_path)
 
 
