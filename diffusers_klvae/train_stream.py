@@ -218,8 +218,10 @@ class ImageStream:
             pos, pixels, _ = result
             if pos.epoch != epoch:
                 if fresh and not usable:
-                    raise ValueError(f"epoch {epoch} of process {self.process_index} had no usable image (all undecodable, "
-                                     f"smaller than min_size={self.min_size} or excluded); {self.skipped} skipped")
+                    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skip_reasons.items()))
+                    raise ValueError(f"epoch {epoch} of process {self.process_index} had no usable image: {self.skipped} "
+                                     f"skipped ({reasons or 'none'}; min_size={self.min_size}), {self.excluded} held out for "
+                                     "validation")
                 epoch, fresh, usable = pos.epoch, True, False
             usable = usable or pixels is not None
             yield result
