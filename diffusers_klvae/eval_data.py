@@ -125,9 +125,13 @@ class ImageSource:
         return DataSource("images", type=type(data).__name__, count=len(data) if hasattr(data, "__len__") else None)
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image]]:
-        """Yield (name, RGB PIL image); what the reader refuses is logged, counted and left out."""
+        """(name, RGB PIL image) pairs; what the reader refuses is logged, counted and left out. The source opens now:
+        a missing folder or dataset fails here, before a caller draws a progress bar."""
         self.skipped, self.skipped_names, self.skip_reasons = 0, [], {}
-        for name, load in self._entries():
+        return self._read(self._entries())
+
+    def _read(self, entries) -> Iterator[tuple[str, Image.Image]]:
+        for name, load in entries:
             try:
                 yield name, load()
             except ValueError as err:  # UnreadableImage (a ValueError), or an unexpected value in a dataset row
@@ -211,8 +215,12 @@ def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_i
     preprocess = get_protocol(protocol).preprocess
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    return _batches(iter(source), preprocess, resolution, batch_size, max_images)  # the source opens now
+
+
+def _batches(images, preprocess, resolution: int, batch_size: int, max_images: int | None):
     names, tensors = [], []
-    for name, img in itertools.islice(source, max_images):  # stops before reading past the limit (nothing there counted)
+    for name, img in itertools.islice(images, max_images):  # stops before reading past the limit (nothing there counted)
         names.append(name)
         tensors.append(preprocess(img, resolution))
         if len(tensors) == batch_size:

@@ -29,10 +29,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_support import OneLineParser, run_main
+from .cli_support import OneLineParser, check_output_folder, run_main, writing
 from .eval_results import load_metrics
 from .imaging import load_image
-from .loading import CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae
+from .loading import CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae, stored_dtype
 from .model_card import DEFAULT_LICENSE, render_model_card, same_path, single_file_tools
 from .publish_checks import CARD_NAME, sanitize_training_args, validate_folder
 
@@ -158,28 +158,27 @@ def stage_folder(
     Returns:
         `Path`: the staged folder.
     """
-    folder = Path(folder)
+    folder = check_output_folder(folder, "staging folder")
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"staging folder {os.fspath(folder)!r} is not empty; pass a new or empty folder")
     _check_repo_id(repo_id)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    vae.save_pretrained(folder, safe_serialization=True)
-    _strip_local_name(folder / CONFIG_NAME)
-    if ema_vae is not None:
-        _stage_ema(vae, _materialize_ema(vae, ema_vae), folder)
-    single_file_name = None
-    if single_file or (single_file is None and single_file_tools(vae.config)):
-        single_file_name = f"{repo_id.split('/')[-1]}.safetensors"
-        _as_klvae(vae).save_single_file(folder / single_file_name)
-    staged_images = _stage_images(list(images or ()), folder)
-
-    card = render_model_card(
-        vae, repo_id=repo_id, metrics=metrics, metrics_model=metrics_model, images=staged_images,
-        training_args=training_args, base_model=base_model, datasets=datasets, license=license,
-        single_file_name=single_file_name, has_ema=ema_vae is not None,
-    )
-    card.save(folder / CARD_NAME)
+    with writing(folder):  # a full disk: "disk full while writing <folder>", as every command says it
+        folder.mkdir(parents=True, exist_ok=True)
+        vae.save_pretrained(folder, safe_serialization=True)
+        _strip_local_name(folder / CONFIG_NAME)
+        if ema_vae is not None:
+            _stage_ema(vae, _materialize_ema(vae, ema_vae), folder)
+        single_file_name = None
+        if single_file or (single_file is None and single_file_tools(vae.config)):
+            single_file_name = f"{repo_id.split('/')[-1]}.safetensors"
+            _as_klvae(vae).save_single_file(folder / single_file_name)
+        staged_images = _stage_images(list(images or ()), folder)
+        card = render_model_card(
+            vae, repo_id=repo_id, metrics=metrics, metrics_model=metrics_model, images=staged_images,
+            training_args=training_args, base_model=base_model, datasets=datasets, license=license,
+            single_file_name=single_file_name, has_ema=ema_vae is not None,
+        )
+        card.save(folder / CARD_NAME)
     return folder
 
 
@@ -357,10 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    vae = load_vae(args.model_dir)
+    dtype = stored_dtype(args.model_dir)  # publish the weights as stored: an fp16 folder stays fp16
+    vae = load_vae(args.model_dir, dtype=dtype)
     with_ema = not args.no_ema and has_variant(args.model_dir, EMA_VARIANT)
     options = dict(
-        ema_vae=load_vae(args.model_dir, variant=EMA_VARIANT) if with_ema else None, metrics=args.metrics,
+        ema_vae=load_vae(args.model_dir, variant=EMA_VARIANT, dtype=dtype) if with_ema else None, metrics=args.metrics,
         metrics_model=args.metrics_model or _metrics_model(args.metrics, args.model_dir), images=args.images,
         training_args=args.training_args, base_model=args.base_model, datasets=args.dataset, license=args.license,
     )

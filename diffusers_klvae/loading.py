@@ -56,6 +56,10 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
         if variant is not None and not has_variant(path, variant, subfolder=subfolder):
             raise FileNotFoundError(f"no {variant!r} weights in {spec!r}: expected "
                                     f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
+        weights = path / (subfolder or "")
+        stored = (WEIGHTS_NAME, f"{WEIGHTS_NAME}.index.json", "diffusion_pytorch_model.bin")  # one file, shards, pickle
+        if variant is None and not any((weights / name).is_file() for name in stored):
+            raise ValueError(f"folder {os.fspath(weights)!r} has config.json but no weights: expected {WEIGHTS_NAME}")
     elif variant is not None and (path.is_file() or spec.endswith(SINGLE_FILE_SUFFIXES)):
         raise ValueError(f"a single file has no weights variants; got variant={variant!r} for {spec!r}")
     try:
@@ -95,6 +99,21 @@ def _model_subfolder(folder: Path) -> str | None:
         return "vae"
     raise ValueError(f"folder {os.fspath(folder)!r} has no config.json (nor vae/config.json): not a diffusers-format "
                      f"model; expected config.json + {WEIGHTS_NAME}, a pipeline folder with vae/, or a single file")
+
+
+def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a local model folder's weights are stored in (``None`` for anything else), so that a tool that
+    re-saves a model (``klvae-push``) keeps an fp16 folder fp16."""
+    from safetensors import safe_open
+
+    folder = Path(model).expanduser()
+    try:
+        file = folder / (_model_subfolder(folder) or "") / WEIGHTS_NAME
+        with safe_open(file, "pt") as f:
+            name = next(iter(f.keys()), None)
+            return {"F16": torch.float16, "BF16": torch.bfloat16}.get(f.get_slice(name).get_dtype()) if name else None
+    except Exception:  # noqa: BLE001 - not a folder of safetensors weights (the loader will say why): no dtype to keep
+        return None
 
 
 def looks_like_hub_id(spec: str) -> bool:

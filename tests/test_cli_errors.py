@@ -199,3 +199,19 @@ def test_cuda_without_a_gpu_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("command", ["klvae-eval", "klvae-stats"])
+def test_a_missing_source_fails_before_any_progress_bar(work, command, capsys):
+    assert run(command, ["--model", str(work / "model"), "--data", str(work / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{command}: error: data "), err  # the whole of stderr: one line
+
+
+def test_klvae_push_on_a_full_disk_says_so(work, full_disk, capsys):
+    from diffusers_klvae import hub
+
+    staged = full_disk / "staged"
+    assert hub.main([str(work / "model"), "--repo-id", "me/x", "--dry-run", "--folder", str(staged)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0] == f"klvae-push: error: disk full while writing {staged}", err

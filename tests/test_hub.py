@@ -510,3 +510,12 @@ def test_push_images_go_through_the_one_reader_and_a_failed_dry_run_leaves_nothi
     code = hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--images", str(tmp_path / "broken.png"), "--dry-run"])
     assert code == 2 and "broken.png" in capsys.readouterr().err
     assert list((tmp_path / "tmp").iterdir()) == []  # the staged copy of the weights is gone
+
+
+def test_klvae_push_keeps_the_stored_dtype(vaes, tmp_path):
+    import copy
+
+    copy.deepcopy(vaes[0]).to(torch.float16).save_pretrained(tmp_path / "model")  # an fp16 folder, as pretrained/ holds
+    assert hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--dry-run", "--folder", str(tmp_path / "staged")]) == 0
+    staged = load_file(tmp_path / "staged" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in staged.values()} == {torch.float16}  # not doubled to fp32

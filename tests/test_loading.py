@@ -57,11 +57,14 @@ def test_hub_ids_pass_subfolder_revision_and_variant(monkeypatch):
     ("./no/such/model.ckpt", "not an existing folder or file, not a preset"),
     ("empty", r"has no config.json \(nor vae/config.json\)"),
     ("bad.safetensors", "cannot load model .*bad.safetensors"),
+    ("noweights", "folder 'noweights' has config.json but no weights: expected diffusion_pytorch_model.safetensors"),
 ])
 def test_errors_are_one_line_naming_what_was_expected(spec, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=message) as info:
         load_vae(spec)
     assert "\n" not in str(info.value)
