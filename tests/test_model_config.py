@@ -72,6 +72,8 @@ def test_non_floating_and_wrong_rank(vae):
         vae.decode(torch.randn(4, 4, 4))
     with pytest.raises(ValueError, match="4-D"):
         vae(torch.randn(1, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"the image tensor is empty: shape \(0, 3, 8, 8\)"):
+        vae.encode(torch.randn(0, 3, 8, 8))  # not torch's "cannot reshape tensor of 0 elements"
 
 
 # ------------------------------------------------------------------ presets

@@ -267,6 +267,8 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             raise ValueError(f"expected a floating-point {what} tensor (float32/float16/bfloat16, images in [-1, 1]); got {x.dtype}")
         if x.shape[1] != channels:
             raise ValueError(f"expected {channels} channels in the {what} (shape (B, {channels}, H, W)); got shape {tuple(x.shape)}")
+        if not x.numel():
+            raise ValueError(f"the {what} tensor is empty: shape {tuple(x.shape)}")
         for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
             if size % factor:
                 lower, upper = size // factor * factor, (size // factor + 1) * factor
@@ -274,7 +276,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
                 raise ValueError(f"{what} {name} {size} is not a multiple of the downsampling factor {factor}: use {nearest}")
 
     # ------------------------------------------------------------------ runtime switches (diffusers' names)
-    # enable_slicing / disable_slicing / disable_tiling come from AutoencoderMixin
+    # enable_slicing / disable_slicing come from AutoencoderMixin
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None, *,
                       max_device_bytes: int | None = None, storage_dtype: torch.dtype | None = None,
                       map_store: str | None = None, map_dir: str | os.PathLike | None = None) -> None:
