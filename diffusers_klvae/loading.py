@@ -10,6 +10,7 @@ the raw ones (``diffusion_pytorch_model.ema.safetensors``): ``load_vae(folder, v
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -57,6 +58,12 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
             raise FileNotFoundError(f"no {variant!r} weights in {spec!r}: expected "
                                     f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
         weights = path / (subfolder or "")
+        try:  # a config.json that is not a JSON object makes diffusers try the Hub and blame the network
+            config_ok = isinstance(json.loads((weights / CONFIG_NAME).read_text(encoding="utf-8")), dict)
+        except (ValueError, UnicodeDecodeError):
+            config_ok = False
+        if not config_ok:
+            raise ValueError(f"{os.fspath(weights / CONFIG_NAME)!r} is not a JSON object: expected a diffusers model config")
         stored = (WEIGHTS_NAME, f"{WEIGHTS_NAME}.index.json", "diffusion_pytorch_model.bin")  # one file, shards, pickle
         if variant is None and not any((weights / name).is_file() for name in stored):
             raise ValueError(f"folder {os.fspath(weights)!r} has config.json but no weights: expected {WEIGHTS_NAME}")

@@ -58,6 +58,7 @@ def test_hub_ids_pass_subfolder_revision_and_variant(monkeypatch):
     ("empty", r"has no config.json \(nor vae/config.json\)"),
     ("bad.safetensors", "cannot load model .*bad.safetensors"),
     ("noweights", "folder 'noweights' has config.json but no weights: expected diffusion_pytorch_model.safetensors"),
+    ("listconfig", r"'listconfig/config.json' is not a JSON object: expected a diffusers model config"),
 ])
 def test_errors_are_one_line_naming_what_was_expected(spec, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,6 +66,8 @@ def test_errors_are_one_line_naming_what_was_expected(spec, message, tmp_path, m
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
+    (tmp_path / "listconfig").mkdir()
+    (tmp_path / "listconfig" / "config.json").write_text("[1, 2, 3]")
     with pytest.raises(ValueError, match=message) as info:
         load_vae(spec)
     assert "\n" not in str(info.value)

@@ -28,6 +28,7 @@ def tiny(**overrides) -> dict:
         (dict(act_fn="tanh"), ["tanh", "silu", "gelu"]),
         (dict(latent_channels=0), ["latent_channels", "0"]),
         (dict(layers_per_block=0), ["layers_per_block", "0"]),
+        (dict(block_out_channels=(-8, 16)), ["block_out_channels entries must be positive integers; got -8"]),
         (dict(block_out_channels=(), down_block_types=(), up_block_types=()), ["block_out_channels"]),
     ],
 )

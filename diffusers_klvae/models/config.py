@@ -33,6 +33,8 @@ def validate_architecture(in_channels, out_channels, down_block_types, up_block_
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     for channels in block_out_channels:
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"block_out_channels entries must be positive integers; got {channels!r}")
         if channels % norm_num_groups:
             raise ValueError(f"block_out_channels entry {channels} is not divisible by norm_num_groups={norm_num_groups}; "
                              f"use channel counts that are multiples of {norm_num_groups} or a divisor of {channels} as norm_num_groups")
