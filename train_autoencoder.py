@@ -19,12 +19,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from datasets.exceptions import DatasetsError
 from safetensors import SafetensorError
 
 from diffusers_klvae import checkpoint_state, checkpoints, data, train_config, train_outputs, training
 from diffusers_klvae.cli_support import EXIT_USAGE, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
+# what a user's input or machine can raise (datasets' own errors included): one line and exit status 2, no traceback
+USER_ERRORS = (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, DatasetsError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,10 +181,9 @@ def _fail(err: BaseException) -> None:
 if __name__ == "__main__":
     try:
         config = train_config.parse_args(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as err:  # bad arguments: one clear line before any work, no traceback
+    except USER_ERRORS as err:  # bad arguments, a model or data that cannot be opened: one line before any work
         _fail(err)
     try:
         train(config)
-    # a user's error (the folder, the disk, the data, a model or checkpoint file, the machine): one line, no traceback
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+    except USER_ERRORS as err:  # the folder, the disk, the data, a model or checkpoint file, the machine: one line
         _fail(err)

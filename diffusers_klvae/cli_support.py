@@ -64,9 +64,13 @@ def _nearly_full(path: str | os.PathLike) -> bool:
 
 def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     """An output folder given as ``flag``, checked before any work: it may not exist yet, but must not be a file."""
-    if Path(path).exists() and not Path(path).is_dir():
+    path = Path(path)
+    if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {os.fspath(path)!r} exists and is not a folder")
-    return Path(path)
+    parent = next((p for p in path.parents if p.exists()), None)  # the folder it would be made in
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {os.fspath(path)!r} is under {os.fspath(parent)!r}, which is a file")
+    return path
 
 
 def one_line(err: BaseException) -> str:

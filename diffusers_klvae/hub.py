@@ -34,7 +34,7 @@ from .eval_results import load_metrics
 from .imaging import load_image
 from .loading import CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae, stored_dtype
 from .model_card import DEFAULT_LICENSE, render_model_card, same_path, single_file_tools
-from .publish_checks import CARD_NAME, sanitize_training_args, validate_folder
+from .publish_checks import CARD_NAME, LICENSE_ID, REPO_ID, sanitize_training_args, validate_folder
 
 __all__ = [  # the publishing API; the names from loading, model_card and publish_checks stay importable from here
     "CONFIG_NAME", "EMA_VARIANT", "EMA_WEIGHTS_NAME", "WEIGHTS_NAME", "has_variant", "load_vae", "load_metrics",
@@ -161,7 +161,7 @@ def stage_folder(
     folder = check_output_folder(folder, "staging folder")
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"staging folder {os.fspath(folder)!r} is not empty; pass a new or empty folder")
-    _check_repo_id(repo_id)
+    _check_ids(repo_id, license)
     with writing(folder):  # a full disk: "disk full while writing <folder>", as every command says it
         folder.mkdir(parents=True, exist_ok=True)
         vae.save_pretrained(folder, safe_serialization=True)
@@ -182,9 +182,11 @@ def stage_folder(
     return folder
 
 
-def _check_repo_id(repo_id: str) -> None:
-    if not isinstance(repo_id, str) or not re.fullmatch(r"([\w.-]+/)?[\w.-]+", repo_id or ""):
+def _check_ids(repo_id: str, license: str) -> None:
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id or ""):
         raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
+    if not isinstance(license, str) or not LICENSE_ID.fullmatch(license):
+        raise ValueError(f"license must be a Hub license id such as 'apache-2.0', 'openrail++' or 'other', got {license!r}")
 
 
 # ----------------------------------------------------------------------------------------------- upload

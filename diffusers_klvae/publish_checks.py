@@ -22,6 +22,8 @@ from .loading import CONFIG_NAME, WEIGHTS_NAME
 
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
 HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+REPO_ID = re.compile(r"([\w.-]+/)?[\w.-]+")  # "user/name" or "name"
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license ids: "apache-2.0", "openrail++", "other"
 _WINDOWS_ABS_RE = re.compile(r"^[A-Za-z]:[\\/]")
 # an absolute path inside a longer text ("backbone (/root/.cache/...)"), not a URL's "//" nor a Hub id's "org/name"
 _EMBEDDED_PATH_RE = re.compile(r"(?:^|[\s(\[=,'\"])(?:/|~/|[A-Za-z]:[\\/])[\w.~-]")

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from .cli_support import OneLineParser
 from .loading import SINGLE_FILE_SUFFIXES
+from .publish_checks import REPO_ID
 
 DEFAULT_PRESET = "sd-kl-f8"
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -232,6 +233,8 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     for flag in ("push_to_hub", "hub_push_checkpoints"):
         if getattr(cfg, flag) and cfg.hub_model_id is None:
             raise ValueError(f"--{flag} needs --hub_model_id (e.g. your-name/your-vae)")
+    if cfg.hub_model_id is not None and not REPO_ID.fullmatch(cfg.hub_model_id):  # before the run, not after it
+        raise ValueError(f"--hub_model_id must look like 'user/name' or 'name', got {cfg.hub_model_id!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ValueError(f"--output_dir {cfg.output_dir!r} is a file, not a folder")
     if not (cfg.dataset_name or cfg.train_data_dir or cfg.data_files):

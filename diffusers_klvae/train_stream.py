@@ -221,7 +221,7 @@ class ImageStream:
                     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skip_reasons.items()))
                     raise ValueError(f"epoch {epoch} of process {self.process_index} had no usable image: {self.skipped} "
                                      f"skipped ({reasons or 'none'}; min_size={self.min_size}), {self.excluded} held out for "
-                                     "validation")
+                                     "validation (--num_validation_images)")
                 epoch, fresh, usable = pos.epoch, True, False
             usable = usable or pixels is not None
             yield result

@@ -512,6 +512,12 @@ def test_push_images_go_through_the_one_reader_and_a_failed_dry_run_leaves_nothi
     assert list((tmp_path / "tmp").iterdir()) == []  # the staged copy of the weights is gone
 
 
+def test_klvae_push_refuses_a_license_that_is_not_a_hub_id(vaes, tmp_path, capsys):
+    vaes[0].save_pretrained(tmp_path / "model")
+    assert hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--license", "my license", "--dry-run"]) == 2
+    assert "license must be a Hub license id such as 'apache-2.0', 'openrail++' or 'other', got 'my license'" in capsys.readouterr().err
+
+
 def test_klvae_push_keeps_the_stored_dtype(vaes, tmp_path):
     import copy
 

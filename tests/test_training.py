@@ -115,6 +115,7 @@ def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
         (["--lr_warmup_steps", "-1"], "--lr_warmup_steps must be >= 0, got -1"),
         (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1), got 2.0"),
         (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be >= 1, got 0"),
+        (["--hub_model_id", "bad id/"], "--hub_model_id must look like 'user/name' or 'name', got 'bad id/'"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(photos_dir, tmp_path, extra, message):
@@ -176,6 +177,9 @@ def test_runtime_user_errors_are_one_line(photos_dir, tmp_path, monkeypatch, cap
     assert "no decodable image" in err
     err = run_script(base_args(photos_dir, tmp_path / "out2", "--resume_from_checkpoint", str(bad)), monkeypatch, capsys)
     assert f"{bad} is not a complete checkpoint-<step> folder" in err
+    (bad / "config.json").write_text('{"block_out_channels": [8,')  # a model folder with a cut config
+    err = run_script(from_start(base_args(photos_dir, tmp_path / "out3"), bad), monkeypatch, capsys)
+    assert "config.json" in err and "not a valid JSON file" in err
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -469,6 +473,8 @@ def test_latest_falls_back_past_a_checkpoint_without_weights(photos_dir, tmp_pat
         checkpoints.resolve_resume_path(str(out / "checkpoint-2"), out)
     (out / "checkpoint-1" / checkpoints.CHECKPOINT_MARKER).write_text("{not json")
     assert checkpoints.find_latest_checkpoint(out) is None  # a corrupt marker is skipped too, not a JSONDecodeError
+    with pytest.raises(ValueError, match="no usable checkpoint in .*checkpoint-1: unreadable training_state.json"):
+        checkpoints.resolve_resume_path("latest", out)  # not "holds an earlier run: pass --resume_from_checkpoint latest"
 
 
 def test_a_checkpoint_pickle_holding_objects_is_refused_before_accelerate_unpickles_it(tmp_path):
