@@ -151,6 +151,9 @@ class ImageSource:
                     raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {os.fspath(path)!r}")
                 return ((os.path.relpath(p, path), _loader(p)) for p in files)
             if path.is_file():
+                if not path.name.lower().endswith(IMAGE_EXTENSIONS):  # e.g. a parquet shard: not read as one image
+                    raise ValueError(f"data {os.fspath(data)!r} is not an image file ({', '.join(IMAGE_EXTENSIONS)}): "
+                                     "give an image folder or an HF dataset name")
                 return iter([(path.name, _loader(path))])
             if path.exists():
                 raise ValueError(f"data {os.fspath(data)!r} is neither a folder nor a regular file")

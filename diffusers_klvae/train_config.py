@@ -237,6 +237,9 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
         raise ValueError(f"--hub_model_id must look like 'user/name' or 'name', got {cfg.hub_model_id!r}")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ValueError(f"--output_dir {cfg.output_dir!r} is a file, not a folder")
+    logs = Path(cfg.output_dir) / cfg.logging_dir
+    if logs.exists() and not logs.is_dir():
+        raise ValueError(f"--logging_dir {cfg.logging_dir!r} is a file in --output_dir, not a folder")
     if not (cfg.dataset_name or cfg.train_data_dir or cfg.data_files):
         raise ValueError("no training data: give --dataset_name, --train_data_dir or --data_files")
     if cfg.train_data_dir and not Path(cfg.train_data_dir).is_dir():

@@ -84,6 +84,7 @@ BAD = [  # (command, argv, what the one line must say)
     ("klvae-eval", ["--model", "{model}", "--data", "{w}/photos", "--output", "{w}/zeros.safetensors"],
      "--output '{w}/zeros.safetensors' exists and is not a folder"),  # said before the evaluation, not after it
     ("klvae-eval", ["--model", "{model}", "--data", "{w}/fifo.png"], "is neither a folder nor a regular file"),
+    ("klvae-eval", ["--model", "{model}", "--data", "{w}/zeros.safetensors"], "is not an image file (.jpg"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--output", "{w}/zeros.safetensors/stats"],
      "--output '{w}/zeros.safetensors/stats' is under '{w}/zeros.safetensors', which is a file"),
     ("klvae", ["encode", "--model", "{model}", "{w}/empty", "-o", "{w}/z.safetensors"], "no image files found in '{w}/empty'"),
