@@ -149,9 +149,8 @@ def _raw_latents(vae, latents, metadata: dict, space: str | None):
     if latents.ndim == 3:
         latents = latents[None]
     channels = vae.config.latent_channels
-    if latents.ndim != 4 or latents.shape[1] != channels or not latents.numel():
-        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w), "
-                         "none of them 0")
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
     _check_finite(latents, "the latents")
     return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
 

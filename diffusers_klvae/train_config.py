@@ -200,7 +200,7 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     if len(sources) > 1:
         raise ValueError("give only one of --pretrained_model_name_or_path, --model_config_name_or_path, --preset")
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                "checkpointing_steps", "validation_steps")
+                "checkpointing_steps", "validation_steps", "shuffle_buffer_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -218,8 +218,6 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.shuffle_buffer_size < 1:
-        raise ValueError(f"--shuffle_buffer_size must be >= 1, got {cfg.shuffle_buffer_size}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
     if not 1.0 <= cfg.crop_zoom[0] <= cfg.crop_zoom[1]:

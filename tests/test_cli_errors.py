@@ -88,7 +88,8 @@ BAD = [  # (command, argv, what the one line must say)
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--output", "{w}/zeros.safetensors/stats"],
      "--output '{w}/zeros.safetensors/stats' is under '{w}/zeros.safetensors', which is a file"),
     ("klvae", ["encode", "--model", "{model}", "{w}/empty", "-o", "{w}/z.safetensors"], "no image files found in '{w}/empty'"),
-    ("klvae", ["decode", "--model", "{model}", "{w}/none.safetensors", "--out", "{w}/dec_none"], "none of them 0"),
+    ("klvae", ["decode", "--model", "{model}", "{w}/none.safetensors", "--out", "{w}/dec_none"],
+     "the latent tensor is empty: shape (0, 4, 16, 16)"),  # the model's own input check
     ("klvae", ["interpolate", "--model", "{model}", "{w}/photos/im0.png", "{w}/photos/im1.png", "-o", "{w}/i.png",
                "--frames-dir", "{w}/zeros.safetensors"], "--frames-dir '{w}/zeros.safetensors' exists and is not a folder"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--max-images", "1"], "argument --max-images: expected an integer >= 2, got 1"),
