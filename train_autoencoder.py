@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 from datasets.exceptions import DatasetsError
+from huggingface_hub import HfApi
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 
-from diffusers_klvae import checkpoint_state, checkpoints, data, train_config, train_outputs, training
+from diffusers_klvae import checkpoint_state, checkpoints, data, hub, train_config, train_outputs, training
 from diffusers_klvae.cli_support import EXIT_USAGE, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
@@ -118,13 +120,14 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
         state = checkpoints.load_checkpoint(accelerator, resume, use_ema=ema is not None)
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
         metrics = state.get("metrics", {})  # the last validation, for the model card of a run killed in its final save
-    hub_futures, hub_api = [], train_outputs.hub_client() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
+    # one client for all pushes: its single worker thread uploads the checkpoints in order
+    hub_futures, hub_api = [], HfApi() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
 
     # the bar closes on an error too, so that a one-line error is the last line on stderr
-    with train_outputs.progress_bar(cfg.max_train_steps, step, disable=not accelerator.is_main_process) as progress:
+    with tqdm(total=cfg.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_main_process, dynamic_ncols=True) as progress:
         while step < cfg.max_train_steps:
             # 5) one update = gradient_accumulation_steps micro-batches; masks and posterior draw from `generator`
             t0 = time.perf_counter()
@@ -152,7 +155,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
             if val is not None and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
                 seen = {"images_seen": step * images_per_update, "train_seconds": round(train_seconds, 1)}
                 validate = partial(train_outputs.run_validation, accelerator, vae, ema, val.pixel_values, step, out,
-                                   lpips_model=training.metric_lpips(loss_fn), extra=seen)
+                                   lpips_model=loss_fn.perceptual, extra=seen)
                 # main process only, but every process learns whether it failed (a full disk ends them all)
                 result = checkpoints.write_together(accelerator, out / "validation", validate if accelerator.is_main_process else None)
                 metrics = result if accelerator.is_main_process else metrics
@@ -160,7 +163,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
                 path = checkpoints.save_checkpoint(accelerator, out, step, total_limit=cfg.checkpoints_total_limit,
                                                    training_state={"history": history, "train_seconds": train_seconds, "metrics": metrics})
                 if cfg.hub_push_checkpoints and accelerator.is_main_process:
-                    hub_futures.append(train_outputs.push_checkpoint(path, cfg.hub_model_id, api=hub_api))
+                    hub_futures.append(hub.push_checkpoint_async(path, cfg.hub_model_id, api=hub_api))
 
     # 8) final model (raw weights + the EMA as the "ema" variant), loss curve, model card, optional push
     accelerator.wait_for_everyone()

@@ -8,7 +8,7 @@ kill, a full disk or a second run must not break:
   then renamed: a kill leaves the whole checkpoint or a temporary folder ``latest`` ignores; a write failing on one
   process fails on all of them (:func:`write_together`), so none waits at a barrier for a process already gone;
 - :func:`find_latest_checkpoint` skips marked checkpoints that miss a file; :func:`set_aside_newer_checkpoints`
-  moves the newer ones aside when a run resumes from an older one; :class:`output_dir_lock` admits one run per folder.
+  moves the newer ones aside when a run resumes from an older one; :func:`output_dir_lock` admits one run per folder.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +31,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 TRAINING_ARGS = "training_args.json"  # a run's arguments, written when it starts (klvae-push --training-args reads it)
 LOCK_NAME = ".train.lock"
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,37 +258,27 @@ def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume: Path) -> 
     return moved
 
 
-class output_dir_lock:
-    """Context manager: an exclusive lock on ``output_dir`` for the run's life; a second run refuses with the holder's pid.
+@contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, *, enabled: bool = True):
+    """An exclusive lock on ``output_dir`` for the run's life; a second run refuses with the holder's pid.
 
     ``fcntl.flock`` (POSIX) is released by the kernel when the process dies, so a killed run leaves no stale lock.
     """
+    if not enabled:
+        yield
+        return
+    import fcntl
 
-    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True):
-        self.path = Path(output_dir) / LOCK_NAME
-        self.enabled = enabled
-        self.file = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        import fcntl
-
-        self.file = open(self.path, "a+")
+    path = Path(output_dir) / LOCK_NAME
+    with open(path, "a+") as file:  # closing releases the flock
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise OutputDirError(f"--output_dir {self.path.parent} is in use by another training run (pid {holder}): "
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise OutputDirError(f"--output_dir {path.parent} is in use by another training run (pid {holder}): "
                                  "wait for it to end or choose another --output_dir") from None
-        self.file.truncate(0)
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()  # closing releases the flock
-        return False
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .cli_io import (
     _check_finite,
@@ -53,11 +52,6 @@ LATENTS_KEY = "latents"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# model loading (files in and out: cli_io)
-# ----------------------------------------------------------------------------------------------------------
-
-
 def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu), loaded by
     ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
@@ -67,23 +61,17 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     return load_vae(spec, dtype=dtype).to(resolve_device(device)).eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# subcommands
-# ----------------------------------------------------------------------------------------------------------
-
-
 def cmd_reconstruct(args) -> None:
     import torch
 
     from .imaging import reconstruction_grid
-    from .latent_masks import downsampling_factor
     from .latents import decode_latents, encode_images
 
     grid = _output_file(args.grid, ".png") if args.grid else None  # before any work
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_dir(args.out)
-    paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
-    x_all = _stack_same_size(images, paths) if grid else None  # before writing anything: a grid needs one size
+    paths, images = _load_images(args.images, args.resolution, vae)
+    x_all = _stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
     generator = _generator(args.seed)
     recs = []
     for path, stem, x in zip(paths, _output_stems(paths), images):  # one at a time: photos may differ in size
@@ -102,13 +90,12 @@ def cmd_reconstruct(args) -> None:
 def cmd_encode(args) -> None:
     from safetensors.torch import save_file
 
-    from .latent_masks import downsampling_factor
     from .latents import encode_images, scale_latents
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".safetensors")
-    paths, images = _load_images(args.images, args.resolution, downsampling_factor(vae))
-    latents = encode_images(vae, _stack_same_size(images, paths), sample=args.sample, generator=_generator(args.seed))
+    paths, images = _load_images(args.images, args.resolution, vae)
+    latents = encode_images(vae, _stack_same_size(images), sample=args.sample, generator=_generator(args.seed))
     _check_finite(latents, "the encoded latents")  # a model overflowing (e.g. float16) must not leave a file of NaNs
     if args.scaled:
         latents = scale_latents(vae, latents)
@@ -140,14 +127,13 @@ def cmd_decode(args) -> None:
 
 
 def cmd_interpolate(args) -> None:
-    from .latent_masks import downsampling_factor
     from .latents import interpolate
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
     frames_dir = _output_dir(args.frames_dir, "--frames-dir") if args.frames_dir else None
-    paths, (a, b) = _load_images([args.image_a, args.image_b], args.resolution, downsampling_factor(vae), skip_unreadable=False)
-    _stack_same_size([a, b], paths)
+    _, (a, b) = _load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
+    _stack_same_size([a, b])
     with writing(out):
         frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
     if frames_dir:
@@ -181,7 +167,7 @@ def cmd_preview(args) -> None:
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = _output_file(args.output, ".png")
     factor = downsampling_factor(vae)
-    factors = fit_preview_map(vae, _load_images(args.fit, args.resolution, factor)[1]) if args.fit else vae  # else the model's map
+    factors = fit_preview_map(vae, _load_images(args.fit, args.resolution, vae)[1]) if args.fit else vae  # else the model's map
     if config_path and args.fit:
         update_config(config_path, {"latent_rgb_factors": factors.tolist()})
         logger.info("stored latent_rgb_factors in %s", config_path)
@@ -190,7 +176,7 @@ def cmd_preview(args) -> None:
     if args.latents:
         latents, metadata = _read_latents(args.latents, args.key)
         rows += [[show(z[None])] for z in _raw_latents(vae, latents, metadata, args.space).cpu()]
-    for x in (_load_images(args.images, args.resolution, factor)[1] if args.images else []):
+    for x in (_load_images(args.images, args.resolution, vae)[1] if args.images else []):
         rows.append([to_pil(x), show(encode_images(vae, x).cpu())])
     with writing(out):
         save_grid(rows, out)
@@ -205,11 +191,6 @@ def run_forwarded(name: str, argv: list[str]) -> int:
     except ImportError as err:
         raise ValueError(f"'klvae {name}' is unavailable: cannot import {module_name} ({err})") from err
     return int(module.main(argv) or 0)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# parser
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _subcommand(sub, name: str, func, help_text: str, description: str) -> argparse.ArgumentParser:

@@ -1,6 +1,5 @@
-"""Files in and out for the ``klvae`` subcommands: image arguments through ``imaging``'s one reader, latents files,
-output paths, a model folder's config.json, and the refusal of non-finite numbers. Every failure is a ``ValueError``/``OSError`` that ``klvae``
-prints as one line (exit status 2); a full disk is named by ``cli_support.writing``.
+"""Files in and out for the ``klvae`` subcommands: image arguments, latents files, output paths, a model folder's
+config.json. Every failure is a ``ValueError``/``OSError`` that ``klvae`` prints as one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -15,33 +14,27 @@ from .cli_support import check_output_folder, writing
 logger = logging.getLogger("diffusers_klvae.cli")  # the messages users see from `klvae`
 
 
-def _image_paths(args: list[str]) -> list[str]:
-    """Image arguments -> paths: a folder becomes its image files (``imaging.list_image_paths``, sorted)."""
-    from .imaging import list_image_paths
-
-    paths = []
-    for arg in args:
-        if os.path.isdir(arg):
-            paths += list_image_paths(arg)
-        elif not os.path.lexists(arg):  # a dangling symlink exists as a path: the reader names it
-            raise FileNotFoundError(f"no such image: {arg!r}")
-        else:
-            paths.append(arg)
-    return paths
-
-
-def _load_images(paths, resolution: int | None, factor: int, *, skip_unreadable: bool = True):
-    """Paths -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes must be multiples of ``factor`` unless resized.
+def _load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = True):
+    """Image arguments (a folder: its image files, sorted) -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes
+    must be multiples of the model's downsampling factor unless resized.
 
     An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
     it raises); none readable raises ``ValueError``.
     """
-    from .imaging import UnreadableImage, load_image, resize_and_crop, to_tensor
+    from .imaging import UnreadableImage, list_image_paths, load_image, resize_and_crop, to_tensor
+    from .latent_masks import downsampling_factor
 
+    factor = downsampling_factor(vae)
     if resolution and resolution % factor:
         raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
-    kept, images, skipped = [], [], []
-    found = _image_paths(paths)
+    kept, images, skipped, found = [], [], [], []
+    for arg in paths:
+        if os.path.isdir(arg):
+            found += list_image_paths(arg)
+        elif not os.path.lexists(arg):  # a dangling symlink exists as a path: the reader names it
+            raise FileNotFoundError(f"no such image: {arg!r}")
+        else:
+            found.append(arg)
     if not found:
         raise ValueError(f"no image files found in {', '.join(map(repr, map(os.fspath, paths)))}")
     for path in found:
@@ -83,7 +76,7 @@ def _save_image(image, path: Path) -> None:
         to_pil(image).save(path)
 
 
-def _stack_same_size(images, paths):
+def _stack_same_size(images):
     import torch
 
     sizes = {tuple(x.shape[-2:]) for x in images}
@@ -133,13 +126,13 @@ def _read_latents(path: str, key: str):
         raise FileNotFoundError(f"no such latents file: {path!r}")
     try:
         with safe_open(path, framework="pt") as f:
-            if key not in f.keys():
-                raise ValueError(f"{path!r} has no tensor {key!r} (has: {', '.join(f.keys())})")
-            return f.get_tensor(key), f.metadata() or {}
+            keys, metadata = list(f.keys()), f.metadata() or {}
+            tensor = f.get_tensor(key) if key in keys else None
     except Exception as err:  # safetensors raises its own error type for a non-safetensors file
-        if isinstance(err, ValueError) and "has no tensor" in str(err):
-            raise
         raise ValueError(f"cannot read {path!r} as safetensors: {err}") from err
+    if tensor is None:
+        raise ValueError(f"{path!r} has no tensor {key!r} (has: {', '.join(keys)})")
+    return tensor, metadata
 
 
 def _raw_latents(vae, latents, metadata: dict, space: str | None):

@@ -1,8 +1,5 @@
-"""What the three commands (``klvae``, ``klvae-eval``, ``klvae-stats``) share: one-line errors with exit status 2.
-
-Every user error ends the same way: one line ``PROG: error: WHAT WAS EXPECTED`` on stderr, exit status 2, no
-traceback. Argument errors come from :class:`OneLineParser` and the ``type=`` checkers below; a full disk from
-:func:`writing`, which names the file being written.
+"""What the package's commands share: every user error is one line ``PROG: error: WHAT WAS EXPECTED`` on stderr,
+exit status 2, no traceback; a full disk names the file being written (:func:`writing`).
 """
 
 from __future__ import annotations
@@ -117,7 +114,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
 
-    check.__name__ = f"integer >= {low}"
     return check
 
 

@@ -1,20 +1,10 @@
-"""What evaluation and latent statistics share: image sources (through ``imaging``'s one reader), the named
-protocols' preprocessing, and the run settings and command-line arguments of ``klvae-eval`` and ``klvae-stats``.
-
-Protocols (``PROTOCOLS``; the name is written into every result):
-
-- ``"klvae"`` (default): PIL bicubic resize of the shorter side to ``resolution``, center crop
-  (``imaging.resize_and_crop``), posterior ``mode()``.
-- ``"lightningdit"``: as LightningDiT's ``evaluate_tokenizer.py`` (torchvision ``ToTensor``, ``Resize``,
-  ``CenterCrop``, ``Normalize(0.5, 0.5)``): the uint8 image as a float tensor in [0, 1], shorter side resized to
-  ``resolution`` with ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` (longer side
-  ``int(resolution * long / short)``, torchvision's rule), center crop with torchvision's rounding, mapped to
-  [-1, 1]; reconstruction from a posterior *sample* drawn with the evaluation's seed.
-"""
+"""What ``klvae-eval`` and ``klvae-stats`` share: the named protocols' preprocessing (``PROTOCOLS``, see
+docs/evaluation.md#protocols), the image sources (read by ``imaging``'s one reader), settings and arguments."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import os
@@ -28,8 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli_support import int_at_least
+from .data import _raw_images, _read_bytes, check_image_column, load_image_dataset, preprocess_image
 from .eval_results import KLVAE_PREPROCESSING, DataSource
-from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, resize_and_crop, to_rgb, to_tensor
+from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +31,6 @@ DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch
 # ----------------------------------------------------------------------------------------------------------
 # protocols
 # ----------------------------------------------------------------------------------------------------------
-
-
-def klvae_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB PIL image -> (3, resolution, resolution) in [-1, 1]: bicubic resize of the shorter side + center crop."""
-    return to_tensor(resize_and_crop(img, resolution, center_crop=True))
 
 
 def lightningdit_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -71,7 +57,8 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "klvae": Protocol("klvae", klvae_preprocess, False, KLVAE_PREPROCESSING),
+    "klvae": Protocol("klvae", lambda img, resolution: preprocess_image(img, resolution=resolution), False,
+                      KLVAE_PREPROCESSING),  # training's validation crops: bicubic resize + center crop
     "lightningdit": Protocol("lightningdit", lightningdit_preprocess, True,
                              "LightningDiT evaluate_tokenizer.py: tensor resize shorter side (interpolate bilinear, "
                              "antialias) + center crop (torchvision rounding)"),
@@ -116,7 +103,7 @@ class ImageSource:
         """The source as a :class:`DataSource` (what results record)."""
         data = self.data
         if isinstance(data, (str, os.PathLike)):
-            path = Path(data)
+            path = Path(data).expanduser()
             if path.is_dir() or path.is_file():
                 return DataSource("folder" if path.is_dir() else "file", path=os.fspath(path))
             return DataSource("hf-dataset", name=os.fspath(data), split=self.split)
@@ -142,33 +129,35 @@ class ImageSource:
                 logger.warning("skipped %s: %s", name, err)
 
     def _entries(self) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
-        data = self.data
-        if isinstance(data, (str, os.PathLike)):
-            path = Path(data).expanduser()
-            if path.is_dir():
-                files = list_image_paths(path)
-                if not files:
-                    raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {os.fspath(path)!r}")
-                return ((os.path.relpath(p, path), _loader(p)) for p in files)
-            if path.is_file():
-                if not path.name.lower().endswith(IMAGE_EXTENSIONS):  # e.g. a parquet shard: not read as one image
-                    raise ValueError(f"data {os.fspath(data)!r} is not an image file ({', '.join(IMAGE_EXTENSIONS)}): "
-                                     "give an image folder or an HF dataset name")
-                return iter([(path.name, _loader(path))])
-            if path.exists():
-                raise ValueError(f"data {os.fspath(data)!r} is neither a folder nor a regular file")
-            if not _looks_like_dataset_id(os.fspath(data)):
-                raise FileNotFoundError(f"data {os.fspath(data)!r}: no such folder or file (nor an HF dataset name)")
-            return self._hf_entries(_load_hf_dataset(os.fspath(data), self.split))
-        if _is_hf_dataset(data):
+        data, source = self.data, self.data_source()
+        if source.kind == "folder":
+            files = list_image_paths(source.path)
+            if not files:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {source.path!r}")
+            return ((os.path.relpath(p, source.path), functools.partial(load_image, p)) for p in files)
+        if source.kind == "file":
+            if not source.path.lower().endswith(IMAGE_EXTENSIONS):  # e.g. a parquet shard: not read as one image
+                raise ValueError(f"data {os.fspath(data)!r} is not an image file ({', '.join(IMAGE_EXTENSIONS)}): "
+                                 "give an image folder or an HF dataset name")
+            return iter([(os.path.basename(source.path), functools.partial(load_image, source.path))])
+        if source.kind == "hf-dataset":  # a string naming no folder or file
+            if Path(source.name).expanduser().exists():
+                raise ValueError(f"data {source.name!r} is neither a folder nor a regular file")
+            if not _looks_like_dataset_id(source.name):
+                raise FileNotFoundError(f"data {source.name!r}: no such folder or file (nor an HF dataset name)")
+            try:
+                data = load_image_dataset(dataset_name=source.name, split=self.split, streaming=True)
+            except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ConnectionError...)
+                raise ValueError(f"data {source.name!r} is not a local folder and could not be opened as an HF "
+                                 f"dataset: {err}") from err
+        if source.kind in ("hf-dataset", "datasets-object"):
             return self._hf_entries(data)
         if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
             return (_list_entry(i, item) for i, item in enumerate(data))
-        raise ValueError(f"data must be a folder, an HF dataset name or object, or a list of PIL images/paths; got {type(data).__name__}")
+        raise ValueError(f"data must be a folder, an HF dataset name or object, or a list of PIL images/paths; "
+                         f"got {type(data).__name__}")
 
     def _hf_entries(self, dataset) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
-        from .data import _raw_images, _read_bytes, check_image_column
-
         column = check_image_column(dataset, self.image_column)
         for i, example in enumerate(_raw_images(dataset, column)):  # decoding off: a bad row must not stop the stream
             value = example[column]
@@ -185,15 +174,11 @@ def _looks_like_dataset_id(text: str) -> bool:
     return bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1 and not Path(text).suffix
 
 
-def _loader(path: str | os.PathLike) -> Callable[[], Image.Image]:
-    return lambda: load_image(path)
-
-
 def _list_entry(i: int, item) -> tuple[str, Callable[[], Image.Image]]:
     if isinstance(item, Image.Image):
         return f"{i:06d}", (lambda: to_rgb(item))
     if isinstance(item, (str, os.PathLike)):
-        return os.path.basename(os.fspath(item)), _loader(item)
+        return os.path.basename(os.fspath(item)), functools.partial(load_image, item)
     raise ValueError(f"data[{i}] is a {type(item).__name__}: expected a PIL image or an image path")
 
 
@@ -202,35 +187,25 @@ def _is_hf_dataset(data) -> bool:
     return module.startswith("datasets.") and hasattr(data, "features")
 
 
-def _load_hf_dataset(name: str, split: str):
-    from .data import load_image_dataset
-
-    try:
-        return load_image_dataset(dataset_name=name, split=split, streaming=True)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
-        raise ValueError(f"data {name!r} is not a local folder and could not be opened as an HF dataset: {err}") from err
-
-
 def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None,
                  protocol: str = "klvae") -> Iterator[tuple[list[str], torch.Tensor]]:
     """``source`` preprocessed by ``protocol`` (``PROTOCOLS``) in batches (names, (B, 3, resolution, resolution) in
-    [-1, 1]) of ``batch_size`` (the last may be smaller), at most ``max_images`` readable images (all when None)."""
+    [-1, 1]) of ``batch_size`` (the last may be smaller), at most ``max_images`` readable images (all when None);
+    `ValueError` at the end when none was readable."""
     preprocess = get_protocol(protocol).preprocess
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    return _batches(iter(source), preprocess, resolution, batch_size, max_images)  # the source opens now
+    images = itertools.islice(iter(source), max_images)  # the source opens now; nothing past the limit is read
 
+    def batches():
+        read = 0
+        while chunk := list(itertools.islice(images, batch_size)):
+            read += len(chunk)
+            yield [name for name, _ in chunk], torch.stack([preprocess(img, resolution) for _, img in chunk])
+        if not read:
+            raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
 
-def _batches(images, preprocess, resolution: int, batch_size: int, max_images: int | None):
-    names, tensors = [], []
-    for name, img in itertools.islice(images, max_images):  # stops before reading past the limit (nothing there counted)
-        names.append(name)
-        tensors.append(preprocess(img, resolution))
-        if len(tensors) == batch_size:
-            yield names, torch.stack(tensors)
-            names, tensors = [], []
-    if tensors:
-        yield names, torch.stack(tensors)
+    return batches()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """The files ``klvae-eval`` writes from its results (``eval_results``): the markdown table, JSON, CSV, grid.
-
-``evaluation`` re-exports every public name here (``from diffusers_klvae.evaluation import write_report``).
-"""
+``evaluation`` re-exports the public names."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -84,10 +81,5 @@ def _write_csv(results: Sequence[EvaluationResult], path: Path) -> None:
         writer.writerow(["model", "image", *keys])
         for r in results:
             for i, image in enumerate(r.image_names):
-                writer.writerow([r.model, image, *(_csv_value(r.per_image.get(k), i) for k in keys)])
-
-
-def _csv_value(values, i: int) -> str:
-    if values is None:
-        return ""
-    return repr(float(values[i])) if math.isfinite(values[i]) else str(values[i])
+                writer.writerow([r.model, image, *("" if k not in r.per_image else repr(float(r.per_image[k][i]))
+                                                     for k in keys)])

@@ -1,16 +1,6 @@
 """Evaluation results as data: :class:`EvaluationResult` with its :class:`DataSource` and :class:`ProtocolRecord`,
-and their one JSON shape, the ``metrics.json`` that ``klvae-eval --output`` writes::
-
-    {"results": [{"model": "...", "count": 7, "skipped": 0,
-                  "metrics": {"psnr": {"mean": 24.5, "std": 3.7, "count": 7}, ...},
-                  "settings": {"protocol": "klvae", "resolution": 256, "preprocessing": "...", "posterior": "mode",
-                               "data_source": {"kind": "hf-dataset", "name": "org/set", "split": "validation"},
-                               "data": "hf-dataset org/set (split validation)", ...run options...},
-                  "per_image": {...}, "image_names": [...], ...}, ...]}
-
-``settings`` stays flat, as earlier files wrote it; :meth:`EvaluationResult.from_dict` reads the protocol and the
-data source back into their dataclasses (``data`` is a description for people, never parsed). ``hub`` and the model
-card take these fields directly. No torch here: the publishing side imports this module alone.
+and their one JSON shape, the ``metrics.json`` of ``klvae-eval --output`` (docs/evaluation.md#protocols), which
+``hub`` and the model card read field by field. No torch here: the publishing side imports this module alone.
 """
 
 from __future__ import annotations
@@ -119,10 +109,6 @@ class ProtocolRecord:
         names = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
         return cls(name=settings["protocol"], **{k: settings[k] for k in names if settings.get(k) is not None})
 
-    @classmethod
-    def keys(cls) -> set[str]:
-        return {"protocol"} | {f.name for f in dataclasses.fields(cls)} - {"name"}
-
 
 @dataclass
 class EvaluationResult:
@@ -159,7 +145,7 @@ class EvaluationResult:
         """The JSON-ready entry (``+inf`` PSNR as the string ``"inf"``, undefined values as ``null``)."""
         settings = {**self.protocol.to_dict(), "data": self.data_source.describe(),
                     "data_source": self.data_source.to_dict(), **self.settings}
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("samples",)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "samples"}
         data.update(metrics={k: dataclasses.asdict(v) for k, v in self.metrics.items()}, settings=settings)
         del data["protocol"], data["data_source"]
         return _json_safe(data)
@@ -173,7 +159,7 @@ class EvaluationResult:
             return cls(
                 model=str(data["model"]), metrics={k: MetricSummary.from_dict(v) for k, v in data["metrics"].items()},
                 count=int(data["count"]), protocol=protocol, data_source=source, skipped=int(data.get("skipped", 0)),
-                settings={k: v for k, v in settings.items() if k not in ProtocolRecord.keys() | {"data", "data_source"}},
+                settings={k: v for k, v in settings.items() if k not in {*protocol.to_dict(), "data", "data_source"}},
                 per_image={k: [_float(v) for v in values] for k, values in data.get("per_image", {}).items()},
                 image_names=list(data.get("image_names", [])), skipped_names=list(data.get("skipped_names", [])),
                 skip_reasons=dict(data.get("skip_reasons", {})), timings=dict(data.get("timings", {})),

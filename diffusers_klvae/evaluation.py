@@ -1,36 +1,12 @@
-"""Reconstruction metrics under a named protocol: PSNR, SSIM, LPIPS, rFID (and masked PSNR), one command.
+"""``klvae-eval``: reconstruct images with one or more VAEs and score them (PSNR, SSIM, LPIPS, rFID, masked PSNR)
+under a named protocol, written into every result; the protocols' steps are in docs/evaluation.md#protocols.
 
-Protocol ``"klvae"`` (the default; written into every result's ``settings`` with its name; references:
-sd-vae-ft-mse model card numbers, LDM Table 8):
-
-1. Resize the shorter side to ``resolution`` (bicubic) and center crop a square (``imaging.resize_and_crop``).
-2. Reconstruct with the posterior's ``mode()`` (``sample_posterior=True`` draws a seeded sample instead).
-3. Quantize originals and reconstructions to uint8: ``round((x + 1) * 127.5)`` clamped (``imaging.to_uint8``).
-   Every metric sees these uint8 images, the pictures a user would save.
-4. PSNR per image over C×H×W with peak 255, then averaged over images (identical images give +inf).
-5. SSIM per image with torchmetrics: Gaussian window 11, σ 1.5, ``data_range=255``, averaged over images.
-6. LPIPS v0.1 (VGG by default, AlexNet option) on the uint8 images mapped back to [-1, 1].
-7. rFID between the originals and the reconstructions: torchmetrics' Fréchet distance on the 2048-d pool3
-   features of the FID Inception-v3 (torch-fidelity's network, TF1-compatible resize to 299², see ``fid.py``).
-   rFID is a set-level number: it is biased upward on small sets (the field reports 5k or 50k images).
-8. ``masked_psnr`` (optional): encode, zero the latents under a random box mask aligned to the latent grid
-   (``latent_masks.random_pixel_mask`` + ``mask_to_latent``), decode, and compare with the pixel-masked image
-   (holes mid-gray): PSNR over the kept pixels and over the hole pixels, per image.
-
-Protocol ``"lightningdit"`` replaces steps 1-2 by LightningDiT's ``evaluate_tokenizer.py`` (tensor bilinear
-antialiased resize + center crop, a seeded posterior sample); see ``eval_data``. The metrics live in ``metrics``,
-the sources in ``eval_data``, the results in ``eval_results`` (with the one JSON shape ``hub`` reads), the files in
-``eval_report``, the model loader in ``loading``; all their public names are importable from here.
-
-Python::
+The metrics live in ``metrics``, the sources and protocols in ``eval_data``, the results in ``eval_results``, the
+files in ``eval_report``, the model loader in ``loading``; their public names are importable from here::
 
     from diffusers_klvae.evaluation import evaluate
     result = evaluate("stabilityai/sd-vae-ft-mse", "path/to/images", resolution=256)
     print(result.to_markdown())
-
-Command line::
-
-    klvae-eval --model stabilityai/sd-vae-ft-mse --model ./my-vae --data path/to/images --output outputs/eval
 """
 
 from __future__ import annotations
@@ -39,12 +15,13 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
+from . import __version__
 from .cli_support import OneLineParser, check_output_folder, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
     PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
@@ -54,20 +31,13 @@ from .eval_report import results_table, write_report  # noqa: F401 - public name
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
 from .imaging import reconstruction_grid, to_uint8
 from .loading import load_vae
-from .metrics import (  # noqa: F401 - public names of this module since before the split
-    SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
-)
+from .metrics import SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, psnr, region_psnr, rfid, ssim  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "rfid")
 METRICS = DEFAULT_METRICS + ("masked_psnr",)
 GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --output`
-
-
-# ----------------------------------------------------------------------------------------------------------
-# models
-# ----------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -80,13 +50,6 @@ def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool 
     posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
     z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
     return vae.decode(z).sample.float()
-
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# evaluation
-# ----------------------------------------------------------------------------------------------------------
 
 
 def evaluate(
@@ -111,7 +74,7 @@ def evaluate(
     name: str | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Measure a VAE's reconstructions with a named protocol (this module's docstring).
+    """Measure a VAE's reconstructions with a named protocol (docs/evaluation.md#protocols).
 
     Args:
         vae_or_path: a VAE module or a spec for ``loading.load_vae`` (folder, single file, preset, Hub id).
@@ -145,8 +108,9 @@ def evaluate(
     device = resolve_device(device, vae_or_path)
     amp_dtype = autocast_dtype(dtype)
     lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
-    meters = _Meters(metrics, lpips_model=lpips_model, fid_metric=make_fid_metric(fid_extractor).to(device) if fid_extractor else None, device=device)
+    meters = _Meters(metrics, lpips_model=lpips_model, fid_extractor=fid_extractor, device=device)
     source = ImageSource(data, split=split, image_column=image_column)
+    batches = iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images, protocol=protocol)
     names, kept = [], ([], [])
     generator = torch.Generator(device).manual_seed(seed)
     mask_generator = torch.Generator().manual_seed(seed)  # masks are drawn on the CPU
@@ -155,7 +119,7 @@ def evaluate(
     vae.to(device).eval()
     try:
         with torch.inference_mode():
-            for batch_names, x in _progress(iter_batches(source, resolution=resolution, batch_size=batch_size, max_images=max_images, protocol=protocol), meters, progress):
+            for batch_names, x in _progress(batches, meters, progress):
                 x = x.to(device)
                 with meters.timed("reconstruct"), autocast():
                     x_rec = reconstruct(vae, x, sample_posterior=sample_posterior, generator=generator)
@@ -163,19 +127,22 @@ def evaluate(
                 if "masked_psnr" in metrics:
                     with autocast():
                         meters.update_masked(vae, x, mask_generator)
+                room = keep_images - len(names)
+                if room > 0:  # the first keep_images originals and reconstructions, for grids
+                    kept[0].append(x[:room].cpu())
+                    kept[1].append(x_rec[:room].clamp(-1, 1).cpu())
                 names += batch_names
-                _keep(kept, x, x_rec, keep_images)
     finally:
         vae.train(was_training)  # a model evaluated during training goes back to training mode
-    if not names:
-        raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
     record = _protocol_record(chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, metrics=metrics,
                               lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
+    settings = {"metrics": list(metrics), "batch_size": batch_size, "max_images": max_images, "device": str(device),
+                "autocast_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32 (no autocast)",
+                "diffusers_klvae": __version__, "torch": torch.__version__}
     return EvaluationResult(
         model=name or model_name(vae_or_path), metrics=meters.summaries(), count=len(names), protocol=record,
-        data_source=source.data_source(), skipped=source.skipped,
-        settings=_run_settings(batch_size=batch_size, max_images=max_images, metrics=metrics, device=device, dtype=amp_dtype),
+        data_source=source.data_source(), skipped=source.skipped, settings=settings,
         per_image=meters.values, image_names=names, skipped_names=source.skipped_names,
         skip_reasons=dict(source.skip_reasons), timings=dict(meters.timings), samples=samples,
     )
@@ -184,22 +151,14 @@ def evaluate(
 def _progress(batches, meters: _Meters, enabled: bool):
     from tqdm.auto import tqdm
 
-    iterator = iter(batches)
     with tqdm(desc="evaluate", unit="img", disable=not enabled) as bar:
         while True:
             with meters.timed("load"):  # decode + resize + crop of the next batch
-                item = next(iterator, None)
+                item = next(batches, None)
             if item is None:
                 return
             yield item
             bar.update(len(item[0]))
-
-
-def _keep(kept: tuple[list, list], x: torch.Tensor, x_rec: torch.Tensor, keep_images: int) -> None:
-    room = keep_images - sum(len(t) for t in kept[0])
-    if room > 0:
-        kept[0].append(x[:room].cpu())
-        kept[1].append(x_rec[:room].clamp(-1, 1).cpu())
 
 
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -226,7 +185,7 @@ def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
 
 def _protocol_record(protocol: Protocol, *, resolution, sample_posterior, seed, metrics, lpips_net, lpips_model,
                      fid_extractor) -> ProtocolRecord:
-    """What makes these numbers comparable with others, for the result (this module's docstring, steps 1-8)."""
+    """What makes these numbers comparable with others (docs/evaluation.md#protocols, steps 1-8)."""
     return ProtocolRecord(
         name=protocol.name, resolution=resolution, preprocessing=protocol.preprocessing,
         posterior=f"sample (seed {seed})" if sample_posterior else "mode",
@@ -240,14 +199,6 @@ def _protocol_record(protocol: Protocol, *, resolution, sample_posterior, seed, 
         masked_psnr=f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
         if "masked_psnr" in metrics else None,
     )
-
-
-def _run_settings(*, batch_size, max_images, metrics, device, dtype) -> dict[str, Any]:
-    from . import __version__
-
-    return {"metrics": list(metrics), "batch_size": batch_size, "max_images": max_images, "device": str(device),
-            "autocast_dtype": str(dtype).replace("torch.", "") if dtype else "float32 (no autocast)",
-            "diffusers_klvae": __version__, "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +224,7 @@ def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net
                                 fid_extractor=fid_extractor, keep_images=grid_images, name=model_name(spec), **kwargs))
         del vae  # one model in memory at a time
     samples = [r.samples for r in results if r.samples is not None]
-    grid = reconstruction_grid(samples[0][0], [s[1] for s in samples]) if len(samples) == len(results) and samples else None
+    grid = reconstruction_grid(samples[0][0], [s[1] for s in samples]) if samples else None  # all or none kept images
     return results, grid
 
 

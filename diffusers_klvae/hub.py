@@ -1,19 +1,6 @@
-"""Publish a trained KL autoencoder on the Hugging Face Hub: stage a folder, check it, upload it (``klvae-push``).
-
-The staged folder is what every consumer expects from a VAE repo:
-
-    config.json + diffusion_pytorch_model.safetensors   # AutoencoderKL.from_pretrained(repo) / pipelines' vae=
-    diffusion_pytorch_model.ema.safetensors              # EMA weights, when given: from_pretrained(repo, variant="ema")
-    <repo-name>.safetensors                              # original LDM layout for ComfyUI / AUTOMATIC1111, only
-                                                         # for the SD/SDXL architecture they hardcode
-    images/*.png                                         # reconstruction grid, loss curves
-    README.md                                            # model card (``model_card``): YAML metadata + sections
-
-Nothing leaves the machine unless `publish` is called: it stages, validates (weights, config, card metadata, no
-token / local path / secret in any text file: ``publish_checks``) and only then makes one `create_repo` + one
-`upload_folder` commit. The token comes from the caller or from huggingface_hub's usual sources (``HF_TOKEN``,
-``hf auth login``) and is never written to disk. ``klvae-push MODEL_DIR --repo-id you/name --dry-run`` stages and
-lists without uploading. Models are read by ``loading.load_vae``, metrics by ``eval_results.load_metrics``.
+"""Publish a trained KL autoencoder on the Hugging Face Hub (``klvae-push``): stage the repo folder (weights, ``ema``
+variant, original-layout single file, images, model card), check it (``publish_checks``), then upload it as one commit.
+Nothing leaves the machine before `publish`; the token is handed to the API calls only, never written.
 """
 
 from __future__ import annotations
@@ -28,6 +15,8 @@ import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Sequence
+
+import huggingface_hub
 
 from .cli_support import OneLineParser, check_output_folder, run_main, writing
 from .eval_results import load_metrics
@@ -51,29 +40,20 @@ DEFAULT_COMMIT_MESSAGE = "Upload KL autoencoder with diffusers-klvae"
 # ----------------------------------------------------------------------------------------------- staging
 
 
-def _materialize_ema(vae, ema):
-    """EMA weights as a model: an `nn.Module` is used as is; diffusers' `EMAModel` is copied into a clone of `vae`."""
-    if hasattr(ema, "save_pretrained") and hasattr(ema, "state_dict") and not hasattr(ema, "shadow_params"):
-        return ema
-    if hasattr(ema, "shadow_params") and hasattr(ema, "copy_to"):
+def _ema_model(vae, ema):
+    """``ema_vae`` as a model: diffusers' `EMAModel` is copied into a clone of ``vae``; a model must share its config
+    (the two weight files share one config.json)."""
+    if not hasattr(ema, "shadow_params") and not hasattr(ema, "save_pretrained"):
+        raise ValueError(f"ema_vae must be a model with save_pretrained or a diffusers EMAModel, got {type(ema).__name__}")
+    if hasattr(ema, "shadow_params"):
         clone = copy.deepcopy(vae)
         ema.copy_to(clone.parameters())
         return clone
-    raise ValueError(f"ema_vae must be a model with save_pretrained or a diffusers EMAModel, got {type(ema).__name__}")
-
-
-def _architecture(model) -> dict:
-    config = json.loads(model.to_json_string())
-    return {k: v for k, v in config.items() if k not in ("_name_or_path", "_diffusers_version")}
-
-
-def _stage_ema(vae, ema, folder: Path) -> None:
-    """Write the EMA weights as the ``ema`` variant; the shared config.json must describe both models."""
-    if _architecture(ema) != _architecture(vae):
+    ours, theirs = ({k: v for k, v in json.loads(model.to_json_string()).items()
+                     if k not in ("_name_or_path", "_diffusers_version")} for model in (vae, ema))
+    if ours != theirs:
         raise ValueError("ema_vae has a different config from vae; the EMA weights must track the same architecture")
-    with tempfile.TemporaryDirectory(prefix="klvae-ema-") as tmp:
-        ema.save_pretrained(tmp, safe_serialization=True, variant=EMA_VARIANT)
-        shutil.copyfile(Path(tmp) / EMA_WEIGHTS_NAME, folder / EMA_WEIGHTS_NAME)
+    return ema
 
 
 def _as_klvae(vae):
@@ -94,35 +74,27 @@ def _strip_local_name(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _safe_image_name(name: str, taken: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
-    candidate, i = f"{stem}.png", 1
-    while candidate in taken:
-        candidate, i = f"{stem}_{i}.png", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def _stage_images(images: Sequence, folder: Path) -> list[Path]:
-    """Copy/save images (paths or PIL images) as PNGs under ``images/``; returns paths relative to ``folder``."""
+    """Save images (paths or PIL images) as PNGs under ``images/``; returns paths relative to ``folder``."""
     from PIL import Image
 
-    if not images:
-        return []
-    (folder / IMAGES_SUBFOLDER).mkdir(parents=True, exist_ok=True)
     staged, taken = [], set()
     for index, image in enumerate(images):
-        if isinstance(image, Image.Image):
-            name = _safe_image_name(f"image_{index}", taken)
-            image.save(folder / IMAGES_SUBFOLDER / name)
-        else:
+        name = f"image_{index}"
+        if not isinstance(image, Image.Image):
             path = Path(image)
             if not path.is_file():
                 raise FileNotFoundError(f"image not found: {os.fspath(path)!r} (expected a PNG/JPEG file)")
-            name = _safe_image_name(path.name, taken)
             # the one reader (16-bit scaled, alpha composited, bombs refused), re-encoded as PNG: one format on the
             # card, no EXIF (may hold paths/GPS)
-            load_image(path).save(folder / IMAGES_SUBFOLDER / name)
+            name, image = path.name, load_image(path)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
+        name, i = f"{stem}.png", 1
+        while name in taken:
+            name, i = f"{stem}_{i}.png", i + 1
+        taken.add(name)
+        (folder / IMAGES_SUBFOLDER).mkdir(exist_ok=True)
+        image.save(folder / IMAGES_SUBFOLDER / name)
         staged.append(Path(IMAGES_SUBFOLDER) / name)
     return staged
 
@@ -161,18 +133,21 @@ def stage_folder(
     folder = check_output_folder(folder, "staging folder")
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"staging folder {os.fspath(folder)!r} is not empty; pass a new or empty folder")
-    _check_ids(repo_id, license)
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id or ""):
+        raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
+    if not isinstance(license, str) or not LICENSE_ID.fullmatch(license):
+        raise ValueError(f"license must be a Hub license id such as 'apache-2.0', 'openrail++' or 'other', got {license!r}")
     with writing(folder):  # a full disk: "disk full while writing <folder>", as every command says it
         folder.mkdir(parents=True, exist_ok=True)
+        if ema_vae is not None:  # first, so that the config.json both share is vae's (saved next)
+            _ema_model(vae, ema_vae).save_pretrained(folder, safe_serialization=True, variant=EMA_VARIANT)
         vae.save_pretrained(folder, safe_serialization=True)
         _strip_local_name(folder / CONFIG_NAME)
-        if ema_vae is not None:
-            _stage_ema(vae, _materialize_ema(vae, ema_vae), folder)
         single_file_name = None
         if single_file or (single_file is None and single_file_tools(vae.config)):
             single_file_name = f"{repo_id.split('/')[-1]}.safetensors"
             _as_klvae(vae).save_single_file(folder / single_file_name)
-        staged_images = _stage_images(list(images or ()), folder)
+        staged_images = _stage_images(images or (), folder)
         card = render_model_card(
             vae, repo_id=repo_id, metrics=metrics, metrics_model=metrics_model, images=staged_images,
             training_args=training_args, base_model=base_model, datasets=datasets, license=license,
@@ -180,13 +155,6 @@ def stage_folder(
         )
         card.save(folder / CARD_NAME)
     return folder
-
-
-def _check_ids(repo_id: str, license: str) -> None:
-    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id or ""):
-        raise ValueError(f"repo_id must look like 'user/name' or 'name', got {repo_id!r}")
-    if not isinstance(license, str) or not LICENSE_ID.fullmatch(license):
-        raise ValueError(f"license must be a Hub license id such as 'apache-2.0', 'openrail++' or 'other', got {license!r}")
 
 
 # ----------------------------------------------------------------------------------------------- upload
@@ -233,7 +201,7 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="klvae-push-") as tmp:
         staged = stage_folder(
             vae, Path(folder) if folder is not None else Path(tmp) / "repo", repo_id=repo_id, ema_vae=ema_vae,
-            metrics=metrics, metrics_model=metrics_model, images=images or (), training_args=training_args,
+            metrics=metrics, metrics_model=metrics_model, images=images, training_args=training_args,
             base_model=base_model, datasets=datasets, license=license,
         )
         validate_folder(staged, token=token)
@@ -244,10 +212,7 @@ def upload_staged(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
                   commit_message: str = DEFAULT_COMMIT_MESSAGE, api=None, **upload_options) -> str:
     """``create_repo(exist_ok=True)`` + one ``upload_folder`` commit of a folder; returns the commit URL.
     ``upload_options``: more ``upload_folder`` arguments (``path_in_repo``, ``ignore_patterns``)."""
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
+    api = api or huggingface_hub.HfApi()
     repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     repo_id = getattr(repo_url, "repo_id", None) or repo_id  # "name" resolves to "user/name"
     commit = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), repo_type="model", token=token,
@@ -290,10 +255,7 @@ def push_checkpoint_async(
     source = Path(checkpoint_dir)
     if not source.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {os.fspath(source)!r}")
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
+    api = api or huggingface_hub.HfApi()
     snapshot = Path(tempfile.mkdtemp(prefix="klvae-ckpt-")) / source.name
     shutil.copytree(source, snapshot)
     path_in_repo = path_in_repo if path_in_repo is not None else f"checkpoints/{source.name}"
@@ -336,20 +298,6 @@ def _parser() -> OneLineParser:
     return parser
 
 
-def _metrics_model(metrics: Path | None, model_dir: Path) -> str | None:
-    """klvae-eval names a local model by its path: the result evaluated from MODEL_DIR, if any."""
-    if metrics is None:
-        return None
-    return next((r.model for r in load_metrics(metrics) if same_path(r.model, model_dir)), None)
-
-
-def _print_listing(folder: Path, repo_id: str) -> None:
-    # The listing is this command's product (stdout), not a log message.
-    print(f"dry run: would upload {folder} to https://huggingface.co/{repo_id} (nothing uploaded)")
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        print(f"  {path.relative_to(folder).as_posix():<48} {path.stat().st_size / 1e6:9.2f} MB")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``klvae-push``; a user error is one line on stderr and exit status 2."""
     args = _parser().parse_args(argv)
@@ -361,9 +309,12 @@ def _run(args) -> int:
     dtype = stored_dtype(args.model_dir)  # publish the weights as stored: an fp16 folder stays fp16
     vae = load_vae(args.model_dir, dtype=dtype)
     with_ema = not args.no_ema and has_variant(args.model_dir, EMA_VARIANT)
+    metrics_model = args.metrics_model
+    if not metrics_model and args.metrics is not None:  # klvae-eval names a local model by its path: MODEL_DIR's row
+        metrics_model = next((r.model for r in load_metrics(args.metrics) if same_path(r.model, args.model_dir)), None)
     options = dict(
         ema_vae=load_vae(args.model_dir, variant=EMA_VARIANT, dtype=dtype) if with_ema else None, metrics=args.metrics,
-        metrics_model=args.metrics_model or _metrics_model(args.metrics, args.model_dir), images=args.images,
+        metrics_model=metrics_model, images=args.images,
         training_args=args.training_args, base_model=args.base_model, datasets=args.dataset, license=args.license,
     )
     if args.dry_run:
@@ -375,7 +326,9 @@ def _run(args) -> int:
             if args.folder is None:  # a failed dry run leaves no temporary copy of the weights behind
                 shutil.rmtree(folder.parent, ignore_errors=True)
             raise
-        _print_listing(folder, args.repo_id)
+        print(f"dry run: would upload {folder} to https://huggingface.co/{args.repo_id} (nothing uploaded)")
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            print(f"  {path.relative_to(folder).as_posix():<48} {path.stat().st_size / 1e6:9.2f} MB")
         return 0
     print(publish(vae, args.repo_id, folder=args.folder, private=args.private, commit_message=args.commit_message,
                   **options))

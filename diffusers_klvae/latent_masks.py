@@ -1,12 +1,6 @@
-"""Masks in latent space: pixel masks to the latent grid and back, masked latents and images, random hole masks,
-and decoding from masked latents.
-
-- **1 = keep, 0 = hole.** A mask multiplies what it masks, exactly like the model's ``forward(..., latent_mask=...)``.
-  Pixel masks are (B, 1, H, W) (or (H, W), PIL, numpy), latent masks (B, 1, H/f, W/f) with f the model's
-  downsampling factor. Masks of diffusers inpainting pipelines use the opposite convention (white = area to
-  repaint): pass ``invert=True`` to :func:`mask_to_latent`.
-- **Holes are filled with** ``fill`` (default 0.0) in the space of what is masked: raw latents get 0.0, what the
-  model's ``latent_mask`` multiplication gives; [-1, 1] pixels get 0.0 too, i.e. mid-gray (127.5 / 255).
+"""Masks in latent space: pixel masks to the latent grid and back, masked latents and images, random hole masks and
+decoding from masked latents. **1 = keep, 0 = hole**, as in the model's ``forward(..., latent_mask=...)``; holes get
+``fill`` (default 0.0: in raw latents what the ``latent_mask`` multiplication gives, in [-1, 1] pixels mid-gray).
 """
 
 from __future__ import annotations
@@ -25,18 +19,13 @@ DEFAULT_FILL = 0.0  # raw latents: what `latent_mask` multiplication gives; pixe
 
 def downsampling_factor(vae_or_factor) -> int:
     """A VAE (``KLVAE`` or diffusers ``AutoencoderKL``) or an int -> the spatial downsampling factor."""
-    if isinstance(vae_or_factor, (int, np.integer)) and not isinstance(vae_or_factor, bool):
-        factor = int(vae_or_factor)
-    elif hasattr(vae_or_factor, "downsampling_factor"):
-        factor = int(vae_or_factor.downsampling_factor)
-    elif hasattr(vae_or_factor, "config") and "block_out_channels" in vae_or_factor.config:
-        # diffusers AutoencoderKL: one 2x downsample between consecutive encoder levels
-        factor = 2 ** (len(vae_or_factor.config.block_out_channels) - 1)
-    else:
+    if hasattr(vae_or_factor, "config") and "block_out_channels" in vae_or_factor.config:
+        return 2 ** (len(vae_or_factor.config.block_out_channels) - 1)  # one 2x downsample between encoder levels
+    if not isinstance(vae_or_factor, (int, np.integer)) or isinstance(vae_or_factor, bool):
         raise ValueError(f"expected a VAE or a positive int downsampling factor, got {type(vae_or_factor).__name__}")
-    if factor < 1:
-        raise ValueError(f"downsampling factor must be >= 1, got {factor}")
-    return factor
+    if vae_or_factor < 1:
+        raise ValueError(f"downsampling factor must be >= 1, got {vae_or_factor}")
+    return int(vae_or_factor)
 
 
 def as_mask_tensor(mask) -> torch.Tensor:
@@ -205,7 +194,7 @@ def random_pixel_mask(
     keep = 1.0 - holes
     if grid > 1:
         keep = keep.repeat_interleave(grid, dim=-2).repeat_interleave(grid, dim=-1)
-    return keep.to(device) if device is not None else keep
+    return keep.to(device)
 
 
 def _uniform(generator, low: float, high: float) -> float:

@@ -55,11 +55,11 @@ def fit_latent_rgb_map(latents: torch.Tensor, images: torch.Tensor) -> torch.Ten
     factor = images.shape[-1] // latents.shape[-1]
     if factor < 1 or images.shape[-2:] != (latents.shape[-2] * factor, latents.shape[-1] * factor):
         raise ValueError(f"image size {tuple(images.shape[-2:])} is not an integer multiple of latent size {tuple(latents.shape[-2:])}")
-    targets = F.avg_pool2d(images.double(), factor) if factor > 1 else images.double()  # (B, 3, h, w)
-    inputs = latents.double().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (N, C)
+    targets = F.avg_pool2d(images.double().cpu(), factor)  # (B, 3, h, w)
+    inputs = latents.double().cpu().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (N, C)
     inputs = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], dim=1)  # (N, C + 1): bias column
-    outputs = targets.permute(0, 2, 3, 1).reshape(-1, 3).to(inputs.device)  # (N, 3)
-    return torch.linalg.lstsq(inputs.cpu(), outputs.cpu(), driver="gelsd").solution.float()
+    outputs = targets.permute(0, 2, 3, 1).reshape(-1, 3)  # (N, 3)
+    return torch.linalg.lstsq(inputs, outputs, driver="gelsd").solution.float()  # gelsd: CPU only
 
 
 def fit_preview_map(vae, images, *, store: bool = True, batch_size: int = 8) -> torch.Tensor:

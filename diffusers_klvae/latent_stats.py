@@ -1,17 +1,8 @@
 """Latent statistics: where ``scaling_factor``, ``shift_factor`` and ``latents_mean``/``latents_std`` come from.
 
-A diffusion model wants unit-variance latents. LDM (§4.3.2, App. D.1) rescales by ``1 / std`` of the latents,
-estimated on the *first batch* only; SD3/FLUX also subtract a ``shift_factor`` (the mean); SDXL-family
-pipelines read per-channel ``latents_mean``/``latents_std``. :func:`compute_latent_statistics` estimates
-all of them over N images, says how stable the estimate is (first half of the images vs all of them), and
-``klvae-stats --write-config`` stores them in a diffusers-format model folder.
-
-Latents are raw (before any scaling), drawn from the posterior with a seeded generator by default, as
-training pipelines encode (``latent_dist.sample()``); ``sample_posterior=False`` uses the mean.
-
-Command line::
-
-    klvae-stats --model ./my-vae --data path/to/images --max-images 2000 --output outputs/stats --write-config
+:func:`compute_latent_statistics` estimates the mean and std of a VAE's raw latents (global and per channel) over N
+images, with LDM's first-batch estimate and a stability check; ``klvae-stats --write-config`` stores them in a
+diffusers-format model folder.
 """
 
 from __future__ import annotations
@@ -132,7 +123,8 @@ class _Accumulator:
     """Per-image, per-channel sums in float64 (so any prefix of the images can be summarised) and a histogram."""
 
     def __init__(self):
-        self.sums, self.squares, self.numel = [], [], []  # each (B, C) per batch; numel: values per image-channel
+        self.sums, self.squares = [], []  # each (B, C) per batch
+        self.numel = 0  # values per image and channel (iter_batches gives every image one size)
         self.edges: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self.clipped = 0
@@ -141,10 +133,7 @@ class _Accumulator:
         z = z.detach().double()  # (B, C, h, w)
         self.sums.append(z.sum(dim=(2, 3)).cpu())
         self.squares.append(z.square().sum(dim=(2, 3)).cpu())
-        self.numel.append(z.shape[2] * z.shape[3])
-        self._histogram(z)
-
-    def _histogram(self, z: torch.Tensor) -> None:
+        self.numel = z.shape[2] * z.shape[3]
         if self.edges is None:  # range from the first batch: latents are roughly Gaussian around it
             mean, std = z.mean().item(), max(z.std().item(), 1e-6)
             self.edges = torch.linspace(mean - HISTOGRAM_HALF_WIDTH * std, mean + HISTOGRAM_HALF_WIDTH * std, HISTOGRAM_BINS + 1, dtype=torch.float64)
@@ -157,16 +146,13 @@ class _Accumulator:
 
     def moments(self, images: int | None = None) -> Moments:
         """Moments over the first ``images`` images (all when None)."""
-        sums, squares = torch.cat(self.sums), torch.cat(self.squares)  # (N, C)
-        numel = torch.cat([torch.full((len(s),), n, dtype=torch.float64) for s, n in zip(self.sums, self.numel)])
-        images = len(sums) if images is None else images
-        sums, squares, numel = sums[:images], squares[:images], numel[:images]
-        n_channel = numel.sum()  # values per channel
+        sums, squares = torch.cat(self.sums)[:images], torch.cat(self.squares)[:images]  # (N, C)
+        n_channel = len(sums) * self.numel  # values per channel
         channel_mean = sums.sum(0) / n_channel
         channel_var = squares.sum(0) / n_channel - channel_mean.square()
         mean = sums.sum() / (n_channel * sums.shape[1])
         var = squares.sum() / (n_channel * sums.shape[1]) - mean.square()
-        return Moments(images, mean.item(), var.clamp_min(0).sqrt().item(), channel_mean.tolist(),
+        return Moments(len(sums), mean.item(), var.clamp_min(0).sqrt().item(), channel_mean.tolist(),
                        channel_var.clamp_min(0).sqrt().tolist())
 
 
@@ -215,8 +201,6 @@ def compute_latent_statistics(
             z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         acc.update(z.float())
         first_batch = first_batch or len(x)
-    if first_batch is None:
-        raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
     whole = acc.moments()
     if whole.count < 2:
         raise ValueError(f"latent statistics need at least 2 images, got {whole.count}")
@@ -284,11 +268,6 @@ def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_c
         raise ValueError(f"statistics have {len(stats.all.channel_mean)} channels, the model {channels}")
     update_config(config_path, stats.config_update(per_channel))
     return config_path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

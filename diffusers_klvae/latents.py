@@ -1,11 +1,6 @@
-"""Latent-space tools: images to latents and back, the two latent spaces, attribute directions, interpolation and
-prior samples. Masks live in ``latent_masks``, previews in ``latent_preview``.
-
-- **Latent spaces.** "raw" latents are the VAE's own (``vae.encode(x).latent_dist``); "diffusion-space" latents are
-  what a diffusion model sees, ``(raw - shift_factor) * scaling_factor`` (or per-channel ``(raw - latents_mean) /
-  latents_std * scaling_factor`` when the config has ``latents_mean``/``latents_std``). :func:`scale_latents` and
-  :func:`unscale_latents` are the only conversions. Prior samples ``N(0, I)`` live in diffusion space.
-- **Images** are [-1, 1] tensors (B, 3, H, W) or PIL images (see :mod:`diffusers_klvae.imaging`).
+"""Latent-space tools: images to latents and back, the two latent spaces (raw, as the VAE encodes; diffusion space,
+as a diffusion model sees them), attribute directions, interpolation and prior samples. Masks live in
+``latent_masks``, previews in ``latent_preview``.
 """
 
 from __future__ import annotations
@@ -21,11 +16,6 @@ from .imaging import image_grid, to_pil, to_tensor
 from .latent_masks import downsampling_factor
 
 SLERP_PARALLEL_EPS = 1e-4  # |cos| above 1 - eps: vectors are (anti)parallel, slerp degenerates to lerp
-
-
-# ----------------------------------------------------------------------------------------------------------
-# images <-> latents, latent spaces
-# ----------------------------------------------------------------------------------------------------------
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -112,11 +102,6 @@ def save_grid(images, path: str | os.PathLike, *, columns: int | None = None) ->
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image_grid(rows).save(path)
     return os.fspath(path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# attribute directions, interpolation, prior samples
-# ----------------------------------------------------------------------------------------------------------
 
 
 def attribute_direction(vae, with_images, without_images, *, normalize: bool = False, batch_size: int = 8) -> torch.Tensor:
@@ -235,9 +220,8 @@ def sample_prior(vae, n: int, height: int, width: int, generator: torch.Generato
                  *, grid_path: str | os.PathLike | None = None) -> list[Image.Image]:
     """Decode ``n`` samples of the prior: ``decode(z / scaling_factor + shift_factor)``, ``z ~ N(0, I)``.
 
-    ``z`` lives in diffusion space, where the model's ``scaling_factor`` (and shift / per-channel stats) make
-    the latents roughly unit-variance; the scaling is undone exactly once before decoding. A VAE whose
-    ``scaling_factor`` was never fitted (see ``klvae stats``) gives washed-out or saturated samples.
+    ``z`` lives in diffusion space (:func:`scale_latents`); the scaling is undone exactly once before decoding. A VAE
+    whose ``scaling_factor`` was never fitted (see ``klvae stats``) gives washed-out or saturated samples.
 
     Args:
         n, height, width: number and pixel size of the samples (multiples of the downsampling factor).

@@ -1,11 +1,6 @@
-"""The one model loader of every tool (``klvae``, ``klvae-eval``, ``klvae-stats``, ``klvae-push``, training):
-a spec -> a `KLVAE`.
-
-A spec is a model already in memory (returned as is), a diffusers folder (``config.json`` +
-``diffusion_pytorch_model.safetensors``, or a pipeline folder whose ``vae/`` holds them), a single checkpoint file
-in the original LDM layout (``.safetensors``/``.ckpt``, local or a Hub file URL), a preset name (random weights), or
-a Hub id (``org/name``, or ``org/name/subfolder``). The EMA weights of a run are the ``ema`` weights variant beside
-the raw ones (``diffusion_pytorch_model.ema.safetensors``): ``load_vae(folder, variant=EMA_VARIANT)``.
+"""The one model loader of every tool (``klvae``, ``klvae-eval``, ``klvae-stats``, ``klvae-push``, training): a spec
+(a model in memory, a diffusers or pipeline folder, an original-layout single file or its Hub URL, a preset name, a
+Hub id ``org/name[/subfolder]``) -> a `KLVAE`.
 """
 
 from __future__ import annotations
@@ -22,9 +17,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-# EMA weights ship as the "ema" variant beside the main weights, not in an ema/ subfolder: for a *local* folder,
-# diffusers' from_pretrained(path, subfolder="ema") loads the root weights when the root has any (it checks the root
-# first), so a downloaded snapshot would silently give the wrong model. The variant file name has no such ambiguity.
+# EMA weights are the "ema" variant beside the main weights, not an ema/ subfolder (whose local from_pretrained loads
+# the root weights): see docs/publishing.md.
 EMA_VARIANT = "ema"
 EMA_WEIGHTS_NAME = f"diffusion_pytorch_model.{EMA_VARIANT}.safetensors"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -60,7 +54,7 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
         weights = path / (subfolder or "")
         try:  # a config.json that is not a JSON object makes diffusers try the Hub and blame the network
             config_ok = isinstance(json.loads((weights / CONFIG_NAME).read_text(encoding="utf-8")), dict)
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             config_ok = False
         if not config_ok:
             raise ValueError(f"{os.fspath(weights / CONFIG_NAME)!r} is not a JSON object: expected a diffusers model config")

@@ -26,7 +26,7 @@ API (stable; ``training.py`` relies on it)::
 - Mixed precision: call under autocast with fp32 master weights. LPIPS, the discriminator, the
   reconstruction error and the KL run in fp32 (autocast off, inputs cast up): VGG features squared in
   LPIPS' channel normalisation and the KL summed over a latent overflow fp16's 65504. The discriminator
-  must not be wrapped in autocast by ``accelerator.prepare`` (``training.prepare_discriminator`` removes
+  must not be wrapped in autocast by ``accelerator.prepare`` (``training.prepare`` removes
   that wrapper). The adaptive weight takes the GAN gradient of a per-image sum, so no per-pixel
   gradient is subnormal in fp16 (it equals the fp32 value within 1% at batch 32 x 512²; tests).
 """

@@ -1,9 +1,6 @@
-"""Reconstruction metrics as pure functions on uint8 image batches (B, 3, H, W): PSNR, SSIM, LPIPS, rFID, region PSNR;
-and ``_Meters``, their accumulator over one evaluation pass.
-
-Every metric sees quantized images (``imaging.to_uint8``), the pictures a user would save. ``evaluation`` runs
-them with its protocol and re-exports them (``from diffusers_klvae.evaluation import psnr`` keeps working).
-"""
+"""Reconstruction metrics as pure functions on uint8 image batches (B, 3, H, W), the pictures a user would save
+(``imaging.to_uint8``): PSNR, SSIM, LPIPS, rFID, region PSNR; and ``_Meters``, their accumulator over one
+evaluation pass. ``evaluation`` runs them with its protocol and re-exports them."""
 
 from __future__ import annotations
 
@@ -115,9 +112,9 @@ def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
 class _Meters:
     """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
 
-    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_metric, device: torch.device):
-        self.metrics = metrics
-        self.lpips_model, self.fid_metric, self.device = lpips_model, fid_metric, device
+    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_extractor, device: torch.device):
+        self.metrics, self.lpips_model, self.device = metrics, lpips_model, device
+        self.fid_metric = make_fid_metric(fid_extractor).to(device) if fid_extractor is not None else None
         self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
         self.timings: dict[str, float] = {}
 

@@ -1,9 +1,5 @@
-"""The model card of a published VAE: YAML metadata (model-index) + architecture, usage, training, evaluation,
-reconstructions and limitations, rendered from ``model_cards/klvae_template.md`` with ``huggingface_hub.ModelCard``.
-
-Evaluation numbers come as :class:`~diffusers_klvae.eval_results.EvaluationResult` (or ``klvae-eval``'s
-``metrics.json``, read by ``eval_results.load_metrics``); the card takes their fields as they are. Training arguments
-go through ``publish_checks.sanitize_training_args`` before anything is rendered.
+"""The model card of a published VAE (YAML metadata + architecture, usage, training, evaluation, reconstructions and
+limitations), rendered from ``model_cards/klvae_template.md`` with ``huggingface_hub.ModelCard``.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .eval_results import EvaluationResult, MetricSummary, load_metrics
-from .publish_checks import flatten, is_local_path, is_secret_key, leaks, plain, read_json, sanitize_training_args
+from .publish_checks import flatten, is_local_path, plain, read_json, sanitize_training_args
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +26,23 @@ TAGS = ("vae", "autoencoder", "stable-diffusion", "stable-diffusion-diffusers", 
 CARD_METRICS = {"psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.3f}"), "lpips": ("LPIPS", "{:.3f}"),
                 "rfid": ("rFID", "{:.2f}")}  # result key -> (pretty name, format); other metrics stay out of the card
 
-# Training-table rows: label -> argument names that may hold it (last component of a dotted key).
+# Training-table rows: label -> the arguments that may hold it (train_autoencoder.py's names, which diffusers'
+# autoencoderkl example shares, and a free-form "hardware"), matched on the last component of a dotted key.
 _TRAINING_FIELDS = (
-    ("Data", ("dataset_name", "dataset", "train_data_dir", "data_dir", "data")),
-    ("Resolution", ("resolution", "train_resolution", "image_size")),
-    ("Steps", ("max_train_steps", "train_steps", "max_steps", "steps")),
-    ("Batch size per device", ("train_batch_size", "batch_size")),
-    ("Gradient accumulation", ("gradient_accumulation_steps", "grad_accum")),
-    ("Learning rate", ("learning_rate", "lr")),
-    ("LR schedule", ("lr_scheduler", "lr_schedule")),
-    ("Reconstruction loss", ("rec_loss", "reconstruction_loss", "pixel_loss")),
-    ("Discriminator starts at step", ("disc_start", "discriminator_start", "disc_start_step")),
+    ("Data", ("dataset_name", "train_data_dir")),
+    ("Resolution", ("resolution",)),
+    ("Steps", ("max_train_steps",)),
+    ("Batch size per device", ("train_batch_size",)),
+    ("Gradient accumulation", ("gradient_accumulation_steps",)),
+    ("Learning rate", ("learning_rate",)),
+    ("LR schedule", ("lr_scheduler",)),
+    ("Reconstruction loss", ("rec_loss",)),
+    ("Discriminator starts at step", ("disc_start",)),
     ("EMA decay", ("ema_decay",)),
     ("Mixed precision", ("mixed_precision",)),
-    ("Hardware", ("hardware", "gpu", "device")),
-    ("Processes", ("num_processes", "world_size")),
-    ("Initialized from", ("pretrained_model_name_or_path", "init_from", "pretrained", "preset")),
-    ("Decoder only (encoder frozen)", ("decoder_only", "train_decoder_only", "freeze_encoder")),
+    ("Hardware", ("hardware",)),
+    ("Initialized from", ("pretrained_model_name_or_path", "preset")),
+    ("Decoder only (encoder frozen)", ("decoder_only",)),
     ("LPIPS network", ("lpips_net",)),
     ("Discriminator loss", ("disc_loss",)),
 )
@@ -71,9 +67,7 @@ def training_rows(args: Mapping, withheld: Iterable[str] = ()) -> list[tuple[str
     """
     flat = flatten(args)
     withheld = {name.rsplit(".", 1)[-1] for name in withheld}
-    by_leaf: dict[str, Any] = {}
-    for key, value in flat.items():
-        by_leaf.setdefault(key.rsplit(".", 1)[-1], value)
+    by_leaf = {key.rsplit(".", 1)[-1]: value for key, value in reversed(flat.items())}  # the first of a name wins
     rows = []
     for label, names in _TRAINING_FIELDS:
         value = next((by_leaf[n] for n in names if by_leaf.get(n) not in (None, "", [])), None)
@@ -128,10 +122,12 @@ def pick_result(results: list[EvaluationResult], name: str | os.PathLike | None)
         found = [_public_name(r.model) for r in results]
         raise ValueError(f"no evaluated model named {os.fspath(name)!r} in the metrics; found {found}")
     local = [r for r in results if _looks_local(r.model)]
-    if len(results) > 1 and len(local) != 1:
+    if len(local) == 1:
+        return local[0]
+    if len(results) > 1:
         logger.warning("metrics hold %d models; taking %r as this model (pass metrics_model= to choose)",
                        len(results), _public_name(results[0].model))
-    return local[0] if len(results) > 1 and len(local) == 1 else results[0]
+    return results[0]
 
 
 def eval_results(result: EvaluationResult) -> list:
@@ -162,10 +158,8 @@ def _eval_protocol(result: EvaluationResult) -> str:
     dataset = source.public_name()
     dataset = f"{dataset} ({source.split})" if dataset and source.split else dataset
     dataset = f"{dataset} images" if dataset else "images of an unrecorded dataset"
-    settings = ", ".join(
-        f"`{k}={_format_value(v)}`" for k, v in flatten({**protocol.to_dict(), **result.settings}).items()
-        if v is not None and not (isinstance(v, str) and leaks(v)) and not is_secret_key(k)
-    )
+    published = flatten(sanitize_training_args({**protocol.to_dict(), **result.settings}))  # no secret, no local path
+    settings = ", ".join(f"`{k}={_format_value(v)}`" for k, v in published.items() if v is not None)
     return (
         f"Protocol `{protocol.name}`: reconstructions of {result.count} {dataset} at "
         f"{protocol.resolution}x{protocol.resolution}; mean ± std over images (rFID is one value over the whole set). "
@@ -306,6 +300,7 @@ def render_model_card(
     Returns:
         `huggingface_hub.ModelCard`
     """
+    import yaml  # a dependency of huggingface_hub
     from huggingface_hub import ModelCard, ModelCardData
 
     config = dict(vae.config)
@@ -315,7 +310,7 @@ def render_model_card(
         training_args = read_json(Path(training_args), what="training arguments")
     args = sanitize_training_args(training_args)
     withheld = set(flatten(plain(training_args or {}))) - set(flatten(args))
-    datasets = [datasets] if isinstance(datasets, str) else list(datasets) if datasets else None
+    datasets = [datasets] if isinstance(datasets, str) else datasets
     datasets = [_public_name(os.fspath(d)) for d in datasets] if datasets else None  # a local path: its last component
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
@@ -333,21 +328,16 @@ def render_model_card(
     import_line = (f"from diffusers import AutoencoderKL, {pipeline_class}" if cls == "AutoencoderKL" else
                    f"from diffusers import {pipeline_class}\nfrom diffusers_klvae import KLVAE")
     recon_images, loss_images = _card_images(Path(p) for p in images)
+    args_yaml = yaml.safe_dump(args, sort_keys=False, allow_unicode=True).strip() if args else ""
     card = ModelCard.from_template(
         card_data, template_path=os.fspath(template_path), model_name=model_name, repo_id=repo_id,
         factor=2 ** (len(config["block_out_channels"]) - 1), latent_channels=config["latent_channels"],
         shift_factor=config.get("shift_factor"), architecture=architecture_rows(vae), pipeline_class=pipeline_class,
         model_class=cls, import_line=import_line, pipeline_base=pipeline_base, single_file_name=single_file_name,
         single_file_tools=single_file_tools(config) if single_file_name else None, has_ema=has_ema,
-        training=training_rows(args, withheld), training_args_yaml=_yaml(args) if args else "",
+        training=training_rows(args, withheld), training_args_yaml=args_yaml,
         evaluation=evaluation, eval_protocol=_eval_protocol(ours) if ours else "", images=recon_images,
         loss_images=loss_images, limitations=_limitations(config, base_model, pipeline_base, has_metrics=bool(results)),
     )
     card.text = re.sub(r"\n{3,}", "\n\n", card.text)  # optional sections leave runs of blank lines behind
     return card
-
-
-def _yaml(data: Mapping) -> str:
-    import yaml  # a dependency of huggingface_hub
-
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).strip()

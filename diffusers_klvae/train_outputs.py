@@ -202,20 +202,6 @@ def _looks_like_hub_id(value: str | None) -> bool:
     return bool(value) and not Path(value).exists() and looks_like_hub_id(value) and value.count("/") == 1
 
 
-def hub_client():
-    """One ``HfApi`` for all checkpoint pushes of a run: its single worker thread uploads them in order."""
-    from huggingface_hub import HfApi
-
-    return HfApi()
-
-
-def push_checkpoint(path: Path, repo_id: str, *, api):
-    """``--hub_push_checkpoints``: upload a checkpoint folder on a background thread (returns a Future)."""
-    from .hub import push_checkpoint_async
-
-    return push_checkpoint_async(path, repo_id, api=api)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # progress display and debug logs
 # ----------------------------------------------------------------------------------------------------------
@@ -224,12 +210,6 @@ def push_checkpoint(path: Path, repo_id: str, *, api):
 def history_every(max_train_steps: int, points: int = 2000) -> int:
     """Record the loss curve every n steps so a long run keeps ~``points`` points (the history is checkpointed)."""
     return max(1, max_train_steps // points)
-
-
-def progress_bar(total: int, initial: int, *, disable: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="steps", disable=disable, dynamic_ncols=True)
 
 
 _POSTFIX_KEYS = {"loss": "loss", "rec": "rec", "lpips": "lpips", "kl": "kl", "g": "g", "d_loss": "d",

@@ -49,7 +49,7 @@ class _Position:
 
 
 class ImageStream:
-    """Endless, exactly resumable stream of preprocessed training images; see ``make_train_stream``.
+    """Endless, exactly resumable stream of preprocessed training images (``make_train_stream`` is the same).
 
     The stream holds its own position: use one iterator at a time; a new ``iter(stream)`` continues after the last
     batch handed out.
@@ -63,34 +63,54 @@ class ImageStream:
         self,
         dataset: "datasets.IterableDataset",
         *,
-        image_column: str,
+        image_column: str | None = None,
         resolution: int,
         batch_size: int,
-        center_crop: bool,
-        random_flip: bool,
-        crop_zoom: tuple[float, float],
-        shuffle_buffer_size: int,
-        seed: int,
-        process_index: int,
-        num_processes: int,
-        min_size: int,
-        exclude: frozenset[str],
-        num_threads: int,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        crop_zoom: tuple[float, float] = (1.0, 1.0),
+        shuffle_buffer_size: int = 1000,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+        min_size: int | None = None,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        num_threads: int = 0,
     ):
-        self.dataset = _raw_images(dataset, image_column)
-        self.image_column = image_column
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.crop_zoom = tuple(crop_zoom)
-        self.shuffle_buffer_size = shuffle_buffer_size
-        self.seed = seed
-        self.process_index = process_index
-        self.num_processes = num_processes
-        self.min_size = min_size
-        self.exclude = frozenset(exclude)
-        self.num_threads = num_threads
+        """The training stream of one process: shard -> block shuffle -> decode -> crop/flip -> [-1, 1] batches.
+
+        Args:
+            dataset (`datasets.IterableDataset`): from ``load_image_dataset`` (the same, unsplit, on every process).
+            image_column (`str`, *optional*): checked by ``check_image_column`` (None auto-detects).
+            resolution (`int`): side of the square crops.
+            batch_size (`int`): images per batch of this process.
+            center_crop (`bool`, *optional*, defaults to False): center crops instead of random crops.
+            random_flip (`bool`, *optional*, defaults to True): horizontal flips with probability 1/2.
+            crop_zoom (`tuple`, *optional*, defaults to `(1.0, 1.0)`): random zoom range of the crops (``preprocess_image``).
+            shuffle_buffer_size (`int`, *optional*, defaults to 1000): examples shuffled together per block; resuming
+                re-reads at most this many raw files. 1 keeps the stored order.
+            seed (`int`, *optional*, defaults to 0): seeds the block shuffles, crops and flips (same seed, same stream).
+            process_index (`int`, *optional*, defaults to 0) / num_processes (`int`, *optional*, defaults to 1): this
+                process's share via ``datasets.distributed.split_dataset_by_node`` (disjoint across processes).
+            min_size (`int`, *optional*): skip images whose shorter side is smaller; defaults to ``resolution // 2``
+                (more upscaling teaches blur). 0 keeps every decodable image.
+            exclude (`frozenset[str]`, *optional*): fingerprints to drop (``ValidationImages.keys``).
+            num_threads (`int`, *optional*, defaults to 0): decode threads (0 = in the training thread); exactness holds.
+        """
+        if resolution < 1 or batch_size < 1 or shuffle_buffer_size < 1:
+            raise ValueError(f"resolution, batch_size and shuffle_buffer_size must be >= 1, got {resolution}, {batch_size}, "
+                             f"{shuffle_buffer_size}")
+        if not 1.0 <= crop_zoom[0] <= crop_zoom[1]:
+            raise ValueError(f"crop_zoom must be (low, high) with 1 <= low <= high, got {tuple(crop_zoom)}")
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index must be in [0, num_processes={num_processes}), got {process_index}")
+        self.image_column = check_image_column(dataset, image_column)
+        self.dataset = _raw_images(dataset, self.image_column)
+        self.resolution, self.batch_size, self.shuffle_buffer_size = resolution, batch_size, shuffle_buffer_size
+        self.center_crop, self.random_flip, self.crop_zoom = center_crop, random_flip, tuple(crop_zoom)
+        self.seed, self.process_index, self.num_processes = seed, process_index, num_processes
+        self.min_size = _default_min_size(resolution) if min_size is None else min_size
+        self.exclude, self.num_threads = frozenset(exclude), num_threads
         self._position = _Position(epoch=0, block=0, block_start=None, offset=0)
         self.seen = 0  # images handed out by this process
         self.skipped = 0  # unreadable or smaller than min_size
@@ -263,63 +283,4 @@ class ImageStream:
                 batch = []
 
 
-def make_train_stream(
-    dataset: "datasets.IterableDataset",
-    *,
-    image_column: str | None = None,
-    resolution: int,
-    batch_size: int,
-    center_crop: bool = False,
-    random_flip: bool = True,
-    crop_zoom: tuple[float, float] = (1.0, 1.0),
-    shuffle_buffer_size: int = 1000,
-    seed: int = 0,
-    process_index: int = 0,
-    num_processes: int = 1,
-    min_size: int | None = None,
-    exclude: frozenset[str] | set[str] = frozenset(),
-    num_threads: int = 0,
-) -> ImageStream:
-    """The training stream of one process: shard -> block shuffle -> decode -> crop/flip -> [-1, 1] batches, forever.
-
-    Args:
-        dataset (`datasets.IterableDataset`): from ``load_image_dataset`` (the same, unsplit, on every process).
-        image_column (`str`, *optional*): checked by ``check_image_column`` (None auto-detects).
-        resolution (`int`): side of the square crops.
-        batch_size (`int`): images per batch of this process.
-        center_crop (`bool`, *optional*, defaults to False): center crops instead of random crops.
-        random_flip (`bool`, *optional*, defaults to True): horizontal flips with probability 1/2.
-        crop_zoom (`tuple`, *optional*, defaults to `(1.0, 1.0)`): random zoom range of the crops (``preprocess_image``).
-        shuffle_buffer_size (`int`, *optional*, defaults to 1000): examples shuffled together per block; resuming
-            re-reads at most this many raw files. 1 keeps the stored order.
-        seed (`int`, *optional*, defaults to 0): seeds the block shuffles, crops and flips (same seed, same stream).
-        process_index (`int`, *optional*, defaults to 0) / num_processes (`int`, *optional*, defaults to 1): this
-            process's share via ``datasets.distributed.split_dataset_by_node`` (disjoint across processes).
-        min_size (`int`, *optional*): skip images whose shorter side is smaller; defaults to ``resolution // 2``
-            (more upscaling teaches blur). 0 keeps every decodable image.
-        exclude (`frozenset[str]`, *optional*): fingerprints to drop (``ValidationImages.keys``).
-        num_threads (`int`, *optional*, defaults to 0): decode threads (0 = in the training thread); exactness holds.
-    """
-    if resolution < 1 or batch_size < 1 or shuffle_buffer_size < 1:
-        raise ValueError(f"resolution, batch_size and shuffle_buffer_size must be >= 1, got {resolution}, {batch_size}, {shuffle_buffer_size}")
-    if not 1.0 <= crop_zoom[0] <= crop_zoom[1]:
-        raise ValueError(f"crop_zoom must be (low, high) with 1 <= low <= high, got {tuple(crop_zoom)}")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index must be in [0, num_processes={num_processes}), got {process_index}")
-    image_column = check_image_column(dataset, image_column)
-    return ImageStream(
-        dataset,
-        image_column=image_column,
-        resolution=resolution,
-        batch_size=batch_size,
-        center_crop=center_crop,
-        random_flip=random_flip,
-        crop_zoom=tuple(crop_zoom),
-        shuffle_buffer_size=shuffle_buffer_size,
-        seed=seed,
-        process_index=process_index,
-        num_processes=num_processes,
-        min_size=_default_min_size(resolution) if min_size is None else min_size,
-        exclude=frozenset(exclude),
-        num_threads=num_threads,
-    )
+make_train_stream = ImageStream  # the name of the training script and docs/data.md

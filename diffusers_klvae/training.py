@@ -1,14 +1,5 @@
-"""The pieces of ``train_autoencoder.py``'s step: models, optimizers, the G/D update, the EMA.
-
-``train_autoencoder.py`` is the loop; what it calls lives in small modules, each testable alone:
-
-- here: :func:`build_vae`, :func:`build_loss`, :func:`build_optimizers`, :func:`build_schedulers`, :func:`prepare`;
-  :func:`train_step`: ONE call to the prepared (DDP) VAE, then the generator update and, after ``disc_start``, the
-  discriminator update on detached reconstructions, both inside one ``accelerator.accumulate``; the EMA and
-  :func:`save_model_folder`, the one layout of a model folder (raw weights + the EMA as the ``ema`` variant);
-- :mod:`diffusers_klvae.train_config`: the command line (:class:`~diffusers_klvae.train_config.TrainConfig`);
-- :mod:`diffusers_klvae.checkpoints`: exact checkpoints on Accelerate's ``save_state``/``load_state``;
-- :mod:`diffusers_klvae.train_outputs`: validation, curves, the final model and its card, progress display.
+"""The pieces of ``train_autoencoder.py``'s step: models, optimizers, the G/D update, the EMA and
+:func:`save_model_folder`, the one layout of a model folder (raw weights + the EMA as the ``ema`` variant).
 
 References: CompVis latent-diffusion ``contperceptual.py`` (the G/D recipe), nanoGPT ``train.py`` (loop layout).
 """
@@ -19,6 +10,7 @@ import logging
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,11 +78,6 @@ def build_loss(cfg: TrainConfig, *, distributed: bool = False):
                         disc_factor=cfg.disc_factor, disc_loss=cfg.disc_loss, lpips_net=cfg.lpips_net,
                         learn_logvar=cfg.learn_logvar)
     return disc, loss_fn
-
-
-def metric_lpips(loss_fn):
-    """The loss's frozen LPIPS network, reused to score validation (None when the loss has none)."""
-    return getattr(loss_fn, "perceptual", None)
 
 
 def build_optimizers(vae, disc, *, learning_rate: float, disc_learning_rate: float, betas: tuple[float, float] = (0.5, 0.9),
@@ -283,23 +270,17 @@ def build_ema(vae, *, decay: float):
     return EMAModel(vae.parameters(), decay=decay, model_cls=type(vae), model_config=vae.config)
 
 
-class ema_weights:
-    """Context manager: the EMA weights are in ``model`` inside the block, the raw ones again after it."""
-
-    def __init__(self, ema, model):
-        self.ema, self.model = ema, model
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
-        return False
-
+@contextmanager
+def ema_weights(ema, model):
+    """The EMA weights are in ``model`` inside the block, the raw ones again after it (``ema`` `None`: no change)."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
 
 
 def save_model_folder(raw_vae, ema, folder: str | os.PathLike) -> None:

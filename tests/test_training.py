@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_klvae import KLVAE, checkpoint_state, checkpoints, train_config, train_outputs, training
+from diffusers_klvae import KLVAE, checkpoint_state, checkpoints, train_config, training
 from diffusers_klvae.cli_support import DiskFull
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +183,12 @@ def test_runtime_user_errors_are_one_line(photos_dir, tmp_path, monkeypatch, cap
     (bad / "config.json").write_text('{"block_out_channels": [8,')  # a model folder with a cut config
     err = run_script(from_start(base_args(photos_dir, tmp_path / "out3"), bad), monkeypatch, capsys)
     assert "config.json" in err and "not a valid JSON file" in err
+    (bad / "shard.parquet").write_bytes(b"PAR1 cut short")  # datasets logs its own error line before raising
+    argv = base_args(photos_dir, tmp_path / "out4")
+    at = argv.index("--train_data_dir")
+    del argv[at:at + 2]
+    err = run_script(argv + ["--data_files", str(bad / "shard.parquet")], monkeypatch, capsys)
+    assert f"cannot read the training data ({bad / 'shard.parquet'}): " in err
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -426,7 +432,10 @@ def test_push_to_hub_and_checkpoint_pushes_go_through_hub_api(photos_dir, tmp_pa
             future.set_result(fn(*args, **kwargs))
             return future
 
-    monkeypatch.setattr(train_outputs, "hub_client", RecordingApi)
+    sys.path.insert(0, str(ROOT))
+    import train_autoencoder
+
+    monkeypatch.setattr(train_autoencoder, "HfApi", RecordingApi)
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)  # never written anywhere
     out = tmp_path / "push"
     run_inprocess(from_start(base_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--use_ema",

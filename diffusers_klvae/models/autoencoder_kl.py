@@ -1,10 +1,7 @@
-"""KLVAE: the KL-regularized autoencoder of latent diffusion, in one class.
+"""KLVAE: the KL-regularized autoencoder of latent diffusion (Rombach et al. 2022), in one class.
 
-To a pipeline or a checkpoint it is diffusers' ``AutoencoderKL``: same config names and defaults, same weight keys,
-same outputs. On top, opt-in extras (off by default so that default configs stay AutoencoderKL-identical):
-presets, squeeze-and-excitation in the encoder, seam-free tiling, original-LDM single files, a stored latent preview.
-References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022);
-diffusers ``models/autoencoders/autoencoder_kl.py``.
+To a pipeline or a checkpoint it is diffusers' ``AutoencoderKL`` (``models/autoencoders/autoencoder_kl.py``); its
+extras (presets, encoder squeeze-and-excitation, seam-free tiling, LDM single files, a latent preview) are opt-in.
 """
 
 from __future__ import annotations
@@ -29,8 +26,9 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from . import tiling
 from .config import config_for_disk, config_from_disk, validate_architecture
-from .encoder_decoder import Decoder, Encoder, _hooked
+from .encoder_decoder import Decoder, Encoder
 from .posterior import DiagonalGaussianDistribution
 from .presets import list_presets, preset_config
 from .single_file_model import SingleFileMixin
@@ -155,31 +153,17 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → moments (B, 2·latent_channels, H/f, W/f); the only encode path."""
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return self._tiled_encode(x)
+            return tiling.tiled_encode(self, x)
         moments = self.encoder(x)
         return moments if self.quant_conv is None else self.quant_conv(moments)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f); the only decode path."""
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            return self._tiled_decode(z)
+            return tiling.tiled_decode(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
-
-    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
-        """images → moments, streamed at bounded device memory (``tiling.tiled_encode``)."""
-        from .tiling import tiled_encode
-
-        _check_unhooked(self.encoder, "encoder")
-        return tiled_encode(self, x)
-
-    def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """latents → images, streamed at bounded device memory (``tiling.tiled_decode``)."""
-        from .tiling import tiled_decode
-
-        _check_unhooked(self.decoder, "decoder")
-        return tiled_decode(self, z)
 
     def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         r"""Encode images with tiling whatever ``use_tiling`` says (diffusers' public method; here the untiled
@@ -190,7 +174,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             return_dict (`bool`, *optional*, defaults to `True`): return an [`AutoencoderKLOutput`] rather than a tuple.
         """
         self._check_input(x, self.config.in_channels, self.downsampling_factor, "image")
-        posterior = DiagonalGaussianDistribution(self._tiled_encode(x))
+        posterior = DiagonalGaussianDistribution(tiling.tiled_encode(self, x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
@@ -201,7 +185,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
             return_dict (`bool`, *optional*, defaults to `True`): return a [`DecoderOutput`] rather than a tuple.
         """
         self._check_input(z, self.config.latent_channels, 1, "latent")
-        decoded = self._tiled_decode(z)
+        decoded = tiling.tiled_decode(self, z)
         return DecoderOutput(sample=decoded) if return_dict else (decoded,)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
@@ -280,11 +264,9 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
     def enable_tiling(self, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None, *,
                       max_device_bytes: int | None = None, storage_dtype: torch.dtype | None = None,
                       map_store: str | None = None, map_dir: str | os.PathLike | None = None) -> None:
-        """Encode/decode large inputs at bounded device memory, with the untiled network's result (up to the rounding of
-        the stored maps): the network runs layer by layer over whole maps held in a store, streaming bands of rows
-        through the device, with exact whole-map GroupNorm statistics and no blending (``models/tiling.py``,
-        ``docs/tiling.md``). The bare call works as in diffusers. Arguments left out keep their current values until
-        :meth:`disable_tiling`, which restores the defaults.
+        """Encode/decode large inputs at bounded device memory, with the untiled network's result up to the rounding of
+        the stored maps: exact whole-map GroupNorm statistics, no blending (``docs/tiling.md``). The bare call works as
+        in diffusers. Arguments left out keep their current values until :meth:`disable_tiling` restores the defaults.
 
         Args:
             tile_sample_min_size (`int`, *optional*): tile size in pixels (default: the config's ``sample_size``);
@@ -293,15 +275,13 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
                 value is not used.
             max_device_bytes (`int`, *optional*): device bytes that the maps held on the device and the bands being
                 computed may take (default `None`: ``tiling.DEVICE_TILES`` = 4 times the bytes of the largest map of one
-                tile, about what diffusers' tiled decode holds). Maps beyond it live in host memory (or a file). The
-                weights, the input, the returned output and the mid-block attention's keys and values (two
-                latent-sized maps) come on top.
+                tile). Maps beyond it live in host memory (or a file). The weights, the input, the output and the
+                attention's keys and values come on top.
             storage_dtype (`torch.dtype`, *optional*): dtype of the stored maps (default `None`: for a float32 model
-                float16, each row of each channel centred on its midrange and scaled by a power of two, no overflow;
-                else the model's dtype). ``torch.float32`` stores a float32 model's maps exactly, ``torch.bfloat16``
-                centred, unscaled.
+                float16 centred and scaled per row and channel, no overflow; else the model's dtype). ``torch.float32``
+                stores a float32 model's maps exactly.
             map_store (`str`, *optional*): where maps beyond the budget live: ``"memory"`` (default; host memory,
-                pinned for CUDA) or ``"file"`` (an unlinked temporary file read and written per band: bounds RAM for CPU users).
+                pinned for CUDA) or ``"file"`` (an unlinked temporary file: bounds RAM for CPU users).
             map_dir (`str` or `os.PathLike`, *optional*): directory of the ``"file"`` maps (default: the system's
                 temporary directory).
         """
@@ -380,10 +360,3 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
     def extract_init_dict(cls, config_dict: dict, **kwargs):
         return super().extract_init_dict(config_from_disk(config_dict), **kwargs)
 
-
-def _check_unhooked(part: nn.Module, name: str) -> None:
-    # Tiling calls the layers of the encoder/decoder one by one, never its forward: a hook there (block-level group
-    # offloading loads the weights of conv_in, the mid block and conv_out in it) would not run.
-    if _hooked(part):
-        raise ValueError(f"tiling runs the {name} layer by layer, past the hook on its forward (block-level group "
-                         "offloading); use enable_group_offload(..., offload_type='leaf_level') with tiling")

@@ -1,13 +1,9 @@
-"""The layers of the KL-f8 autoencoder and their low-memory inference path.
+"""The layers of the KL-f8 autoencoder (GroupNorm, the residual block with its optional squeeze-and-excitation gate,
+LDM's asymmetric downsample, the nearest ×2 upsample) and their low-memory inference path: large maps run through
+them in bands of rows (``conv_rows``, ``norm_act_conv``), so no full-size temporary exists (``docs/tiling.md``).
 
-Layers: GroupNorm (with statistics that tiling can supply), the residual block with its optional squeeze-and-excitation
-gate, LDM's asymmetric stride-2 downsample and the nearest ×2 upsample. In inference, large maps (and maps stored
-narrower than they are computed in) run through these layers in bands of rows (``conv_rows``, ``norm_act_conv``), so
-no full-size temporary exists. ``encoder_decoder.py`` assembles the layers into the Encoder and the Decoder.
-
-Every module and attribute name mirrors diffusers' (``down_blocks.0.resnets.0.norm1``, ``upsamplers.0.conv`` ...), so a
-state dict moves between ``KLVAE`` and ``AutoencoderKL`` with no key mapping. References: LDM (Rombach et al. 2022,
-``ldm/modules/diffusionmodules/model.py``), diffusers ``models/resnet.py``, ``models/autoencoders/vae.py``.
+Module and attribute names mirror diffusers' (``down_blocks.0.resnets.0.norm1``, ``upsamplers.0.conv`` ...), so a
+state dict moves between ``KLVAE`` and ``AutoencoderKL`` with no key mapping.
 """
 
 from __future__ import annotations
@@ -23,19 +19,14 @@ SE_REDUCTION = 16  # squeeze-and-excitation bottleneck: channels // 16 (a few th
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
-# Inference on maps larger than this (128 MB in float32: 1024² decodes and up) runs the convolutions in bands of rows of
-# about this many elements, so that the normalized/activated copy of a map never exists whole and the second conv of
-# a residual block writes over its input: it lowers the peak memory of a 1024² decode by about half, and conv results
-# are the same up to float rounding. Smaller maps take the plain path: banding costs ~8% time (measured at 512², where
-# the memory is not the problem).
-# Maps *stored* in a narrower dtype than they are computed in (tiling holds whole maps in bfloat16, inside
-# ``computing_in``) always run in bands: each band is computed in the compute dtype and stored back in the map's dtype.
+# Inference on maps larger than this (128 MB in float32: 1024² decodes and up; below, banding costs ~8% time for memory
+# that is not the problem) runs the convolutions in bands of rows of about this many elements. Maps stored narrower
+# than they are computed in (tiling's, inside ``computing_in``) always run in bands.
 BAND_ELEMENTS = 2**25
 
 # The dtype maps are computed in while ``computing_in`` is active; otherwise a map is computed in its own dtype. It is
-# never read from the weights: under ``enable_layerwise_casting`` they are stored in float8/float16 and only cast to
-# the compute dtype inside their module's own forward (a hook), which is also why every conv below runs as a module
-# call and never as ``F.conv2d(x, conv.weight)`` (that would also bypass PEFT adapters and offloading hooks).
+# never read from the weights (``enable_layerwise_casting`` stores them narrower and casts them inside their module's
+# forward), which is also why every conv runs as a module call, never as ``F.conv2d(x, conv.weight)``.
 _COMPUTE_DTYPE: torch.dtype | None = None
 
 
@@ -257,11 +248,6 @@ class SqueezeExcitation(nn.Module):
             pooled = self.stats_hook(self, h)[0][..., None, None].to(dtype)
         gate = self.fc2(self.act(self.fc1(pooled)))  # (B, C, 1, 1)
         return h * (2.0 * torch.sigmoid(gate)).to(h.dtype)
-
-    def statistics(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (mean, biased var) of h, each (B, C) float32."""
-        var, mean = channel_var_mean(h)
-        return mean, var
 
 
 class ResnetBlock(nn.Module):

@@ -79,11 +79,17 @@ class SingleFileMixin:
         if original_config is not None:
             if config is not None:
                 raise ValueError("pass either config= or original_config=, not both")
-            config_dict = _config_from_original(original_config, state, local_files_only=local_files_only)
+            from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm, fetch_original_config
+
+            if isinstance(original_config, str):  # a path or URL of an LDM YAML
+                original_config = fetch_original_config(original_config, local_files_only=bool(local_files_only))
+            config_dict = create_vae_diffusers_config_from_ldm(original_config, state)
         else:
             config_dict = _resolve_config(cls, config, subfolder=subfolder, revision=config_revision, **hub)
         model = cls.from_config({**config_dict, **kwargs})
-        load_single_file_into(model, state, source=_describe(pretrained_model_link_or_path_or_dict))
+        source = pretrained_model_link_or_path_or_dict
+        load_single_file_into(model, state,
+                              source="the state dict" if isinstance(source, dict) else repr(os.fspath(source)))
         placement = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}  # a dtype=None
         return model.to(**placement).eval()  # would still make diffusers warn about float32 modules
 
@@ -125,16 +131,3 @@ def _resolve_config(cls, config: dict | str | os.PathLike | None, *, subfolder: 
         raise ValueError(f"config {config!r} is neither a dict, a preset ({', '.join(list_presets())}), a diffusers "
                          f"folder nor a Hub repo with a config.json{f' in {subfolder!r}' if subfolder else ''}: {err}") from err
 
-
-def _config_from_original(original_config: dict | str, state: dict[str, torch.Tensor], *,
-                          local_files_only: bool | None) -> dict[str, Any]:
-    """An LDM YAML (dict, path or URL) → a diffusers config, with diffusers' own conversion."""
-    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm, fetch_original_config
-
-    if isinstance(original_config, str):
-        original_config = fetch_original_config(original_config, local_files_only=bool(local_files_only))
-    return create_vae_diffusers_config_from_ldm(original_config, state)
-
-
-def _describe(source) -> str:
-    return "the state dict" if isinstance(source, dict) else repr(os.fspath(source))

@@ -1,12 +1,6 @@
-"""Where the whole maps of a tiled call live (``models/tiling.py``): a store with a device budget, maps read and written
-in bands of rows, and the whole-map moments merged while a map is written (its next GroupNorm's exact statistics).
-
-- ``MapStore``: the device, the compute and storage dtypes, the budget; new maps go on the device while the maps there
-  fit ``MAP_SHARE`` of the budget, else to host memory (pinned for CUDA) or an unlinked temporary file.
-- ``Map``: a whole map (B, C, H, W) as a tensor; float16 storage of a wider compute dtype scales every row of every
-  channel by a power of two (float16's precision without its range limit).
-- ``FileMap``: a map in a file, one ``preadv``/``pwrite`` per band.
-- ``Moments``: per-channel count, mean and M2 (float64), merged band by band with Chan's formula.
+"""Where the whole maps of a tiled call live (``tiling.py``): a store with a device budget (``MapStore``), maps read
+and written in bands of rows (``Map``; ``FileMap`` in a temporary file), and the whole-map moments merged while a
+map is written (``Moments``: its next GroupNorm's exact statistics).
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ WORKSPACE_FACTOR = 1.5
 # (``Map``): ~18 dB closer to untiled than bfloat16, and no overflow.
 STORAGE_DTYPE = torch.float16
 SCALED_MAX_EXPONENT = 15  # scaled rows stay below 2**15 < 65504, float16's largest value
-MAP_STORES = ("memory", "file")
 # Moments are taken over chunks of about this many values: the centred copy of a chunk is a small temporary (a band-
 # sized one costs a page fault per 4 kB page on CPU; torch.var_mean is ~10x slower than these sums).
 MOMENT_CHUNK = 2**18
@@ -43,8 +36,6 @@ class MapStore:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, storage: torch.dtype, budget: int, *,
                  kind: str = "memory", folder: str | None = None, host_cap: float = math.inf):
-        if kind not in MAP_STORES:
-            raise ValueError(f"map_store must be one of {MAP_STORES}; got {kind!r}")
         self.device, self.dtype, self.storage, self.budget = device, dtype, storage, int(budget)
         self.kind, self.folder, self.host_cap = kind, folder, host_cap
         self.on_device = 0  # bytes of the whole maps held on the device now
@@ -116,17 +107,13 @@ class Moments:
 
 
 class Map:
-    """A whole map (B, C, H, W) held as a tensor (on the device or in host memory), read and written in bands of rows.
-
-    While a pass writes it, the per-channel moments of the bands written are merged into ``moments`` (``Moments``):
-    the GroupNorm statistics of the next layer.
+    """A whole map (B, C, H, W) held as a tensor (on the device or in host memory), read and written in bands of rows;
+    a pass writing it merges the moments of its bands into ``moments`` (the next layer's GroupNorm statistics).
 
     Stored in a 2-byte dtype narrower than the compute dtype, every row of every channel is stored relative to its
-    midrange (``centres``, (B, C, H) in the compute dtype, on the device): the rounding then scales with the row's
-    spread, not with its offset (a dark photo's early maps are mostly a per-channel constant: +3 to +4 dB in
-    bfloat16). In float16 the centred row is also scaled by a power of two that brings its largest magnitude just
-    under 2¹⁵ (``exponents``, (B, C, H) int32): float16's 11-bit precision without its range limit (the SD VAE's
-    activations overflow float16), 8× finer than bfloat16 in the same bytes.
+    midrange (``centres``, (B, C, H) in the compute dtype, on the device), and in float16 also scaled by the power of
+    two that brings its largest magnitude just under 2¹⁵ (``exponents``, (B, C, H) int32): float16's precision without
+    its range limit (the SD VAE's activations overflow float16; ``docs/tiling.md``).
     """
 
     read_maps = 1  # temporaries of reading a row, in rows of this map (a computed map's reads cost more)

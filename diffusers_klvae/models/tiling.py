@@ -1,29 +1,9 @@
-"""Tiled encode/decode equal to the untiled network, at device memory bounded by a budget.
+"""Tiled encode/decode equal to the untiled network, at device memory bounded by a budget (``KLVAE.enable_tiling``).
 
-Per-tile GroupNorm statistics are what give diffusers' tiled VAE its seams: every tile normalizes with its own mean
-and variance, so neighbouring tiles disagree and a narrow blend cannot hide it. Here there are no tiles to disagree:
-the network runs layer by layer over *whole* maps, and only the computation is cut into pieces.
-
-- Every map between two layers lives whole in a store (``tile_store.MapStore``: the device within the budget, else
-  host memory or an unlinked temporary file), which merges the exact whole-map moments of every map as it is written
-  (Chan's formula, float64): the next GroupNorm (and squeeze-and-excitation mean) uses them for every band.
-- A layer streams bands of full rows through the device, each with the halo rows its convs need, and writes its
-  output bands into a new map (or over its input, a few rows behind the band that reads it). The band height keeps
-  the band's temporaries within what the maps on the device leave of the budget.
-- Host memory holds at most ``HOST_MAPS`` times the largest map a resnet writes (the residual stream, held anyway).
-  Beyond that a layer recomputes instead of storing: an upsampler's ×2 map is computed from its input wherever it is
-  read, and a resnet runs its first conv twice (once for its second GroupNorm's statistics) and writes its output
-  over its input. A file store holds every map.
-- An upsampler's conv runs in its four-phase form on the map before upsampling (16/36 of the multiply-adds).
-- The mid-block attention holds the keys and values of the whole latent map on the device and streams query bands.
-
-The only difference from the untiled network is float rounding, above all that of the stored maps: a float32 model
-stores them in 2 bytes by default (``tile_store.Map``: float16, centred and scaled per row and channel;
-``storage_dtype=torch.float32`` stores them exactly). The budget does not cover the weights, the returned output,
-the caller's input, or the attention's keys and values; a band is at least one row, whatever its bytes. Statistics
-reach the GroupNorms through their ``stats_hook`` (``_statistics_of``), so every GroupNorm and conv runs as a module
-call (hooks of layerwise casting, group offloading and PEFT adapters run as untiled; a hooked upsampler conv runs
-on the upsampled rows). Figures: ``docs/tiling.md``.
+diffusers' tiles each normalize with their own GroupNorm statistics, hence its seams. Here the network runs layer by
+layer over *whole* maps held in a store (``tile_store``), streaming bands of rows through the device, and every
+GroupNorm uses the exact moments of the whole map, merged while it was written: only the computation is cut into
+pieces. How and why, with the memory and time figures: ``docs/tiling.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +17,7 @@ from torch import nn
 
 from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, nearest_2x,
                      upscale_dtype)
+from .encoder_decoder import _hooked
 from .tile_store import STORAGE_DTYPE, Map, MapStore, Moments
 from .upsample_phases import PhaseForm, has_phase_form, upsample_conv
 
@@ -44,15 +25,15 @@ from .upsample_phases import PhaseForm, has_phase_form, upsample_conv
 # holds about four such maps at its peak, so the default bounds device memory as its tiles do.
 DEVICE_TILES = 4
 # Maps in host memory: at most this many times the largest map a resnet writes (which is held in any case); beyond,
-# layers recompute rather than hold a second full-resolution map (see the module docstring).
+# layers recompute rather than hold a second full-resolution map (``docs/tiling.md``).
 HOST_MAPS = 1.5
 
 
 def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
     """latents (B, latent_channels, h, w) → images (B, out_channels, h·f, w·f), the untiled decoder's result up to the
-    rounding of the stored maps (see the module docstring). Latents no larger than ``vae.tile_latent_min_size``, and
+    rounding of the stored maps. Latents no larger than ``vae.tile_latent_min_size``, and
     calls with autograd on (gradients need every activation anyway), run the untiled decoder."""
-    decoder = vae.decoder
+    decoder = _check_unhooked(vae.decoder, "decoder")
     if max(z.shape[-2:]) <= vae.tile_latent_min_size or torch.is_grad_enabled():
         return decoder(z if vae.post_quant_conv is None else vae.post_quant_conv(z))
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
@@ -77,9 +58,9 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
     """images (B, in_channels, H, W) → moments (B, 2·latent_channels, H/f, W/f), the untiled encoder's result up to
-    the rounding of the stored maps (see the module docstring). Images no larger than ``vae.tile_sample_min_size``,
+    the rounding of the stored maps. Images no larger than ``vae.tile_sample_min_size``,
     and calls with autograd on, run the untiled encoder."""
-    encoder = vae.encoder
+    encoder = _check_unhooked(vae.encoder, "encoder")
     if max(x.shape[-2:]) <= vae.tile_sample_min_size or torch.is_grad_enabled():
         moments = encoder(x)
         return moments if vae.quant_conv is None else vae.quant_conv(moments)
@@ -100,16 +81,25 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
     return out.tensor
 
 
+def _check_unhooked(part: nn.Module, name: str) -> nn.Module:
+    # Tiling calls the layers of the encoder/decoder one by one, never its forward: a hook there (block-level group
+    # offloading loads the weights of conv_in, the mid block and conv_out in it) would not run.
+    if _hooked(part):
+        raise ValueError(f"tiling runs the {name} layer by layer, past the hook on its forward (block-level group "
+                         "offloading); use enable_group_offload(..., offload_type='leaf_level') with tiling")
+    return part
+
+
 def _new_store(vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> MapStore:
     """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
     times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
-    storage = getattr(vae, "tile_storage_dtype", None) or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
-    budget = getattr(vae, "tile_max_device_bytes", None)
+    storage = vae.tile_storage_dtype or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
+    budget = vae.tile_max_device_bytes
     if budget is None:
         budget = DEVICE_TILES * _map_sizes(layers, tile_pixels)[0] * dtype.itemsize
     resnet_out = _map_sizes(layers, x.shape[2] * x.shape[3])[1] * x.shape[0] * storage.itemsize
-    return MapStore(x.device, x.dtype, storage, budget, kind=getattr(vae, "tile_map_store", None) or "memory",
-                    folder=getattr(vae, "tile_map_dir", None), host_cap=HOST_MAPS * resnet_out)
+    return MapStore(x.device, x.dtype, storage, budget, kind=vae.tile_map_store, folder=vae.tile_map_dir,
+                    host_cap=HOST_MAPS * resnet_out)
 
 
 # ------------------------------------------------------------------ layers, streamed
@@ -137,10 +127,8 @@ def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
         if not store.fits(up.shape):
             return up  # x is freed with it
         out = _sweep(store, store.new(tuple(up.shape)), up.read, per_row=(up.read_maps + 3) * store.row_bytes(up))
-    elif isinstance(layer, Downsample):
+    else:  # Downsample
         out = _conv_pass(store, layer.conv, x, down=True)
-    else:
-        raise TypeError(f"expected a ResnetBlock, Upsample or Downsample layer; got {type(layer).__name__}")
     x.free()
     return out
 
