@@ -33,6 +33,12 @@ DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch
 # ----------------------------------------------------------------------------------------------------------
 
 
+def klvae_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB PIL image -> (3, resolution, resolution) in [-1, 1]: training's validation crops (bicubic resize of the
+    shorter side + center crop, ``data.preprocess_image``)."""
+    return preprocess_image(img, resolution=resolution)
+
+
 def lightningdit_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
     """RGB PIL image -> (3, resolution, resolution) in [-1, 1], as torchvision's ToTensor, Resize(resolution),
     CenterCrop(resolution), Normalize(0.5, 0.5) on a tensor (bilinear, antialiased)."""
@@ -57,8 +63,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "klvae": Protocol("klvae", lambda img, resolution: preprocess_image(img, resolution=resolution), False,
-                      KLVAE_PREPROCESSING),  # training's validation crops: bicubic resize + center crop
+    "klvae": Protocol("klvae", klvae_preprocess, False, KLVAE_PREPROCESSING),
     "lightningdit": Protocol("lightningdit", lightningdit_preprocess, True,
                              "LightningDiT evaluate_tokenizer.py: tensor resize shorter side (interpolate bilinear, "
                              "antialias) + center crop (torchvision rounding)"),
@@ -190,20 +195,19 @@ def _is_hf_dataset(data) -> bool:
 def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None,
                  protocol: str = "klvae") -> Iterator[tuple[list[str], torch.Tensor]]:
     """``source`` preprocessed by ``protocol`` (``PROTOCOLS``) in batches (names, (B, 3, resolution, resolution) in
-    [-1, 1]) of ``batch_size`` (the last may be smaller), at most ``max_images`` readable images (all when None);
-    `ValueError` at the end when none was readable."""
+    [-1, 1]) of ``batch_size`` (the last may be smaller), at most ``max_images`` readable images (all when None)."""
     preprocess = get_protocol(protocol).preprocess
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
-    images = itertools.islice(iter(source), max_images)  # the source opens now; nothing past the limit is read
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    # each image is resized as soon as it is decoded (a batch of full-size photos would take GBs); the source opens
+    # now, and nothing past max_images is read
+    images = ((name, preprocess(img, resolution)) for name, img in itertools.islice(iter(source), max_images))
 
     def batches():
-        read = 0
         while chunk := list(itertools.islice(images, batch_size)):
-            read += len(chunk)
-            yield [name for name, _ in chunk], torch.stack([preprocess(img, resolution) for _, img in chunk])
-        if not read:
-            raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
+            yield [name for name, _ in chunk], torch.stack([x for _, x in chunk])
 
     return batches()
 

@@ -159,7 +159,7 @@ class EvaluationResult:
             return cls(
                 model=str(data["model"]), metrics={k: MetricSummary.from_dict(v) for k, v in data["metrics"].items()},
                 count=int(data["count"]), protocol=protocol, data_source=source, skipped=int(data.get("skipped", 0)),
-                settings={k: v for k, v in settings.items() if k not in {*protocol.to_dict(), "data", "data_source"}},
+                settings={k: v for k, v in settings.items() if k not in _PROTOCOL_KEYS | {"data", "data_source"}},
                 per_image={k: [_float(v) for v in values] for k, values in data.get("per_image", {}).items()},
                 image_names=list(data.get("image_names", [])), skipped_names=list(data.get("skipped_names", [])),
                 skip_reasons=dict(data.get("skip_reasons", {})), timings=dict(data.get("timings", {})),
@@ -182,6 +182,9 @@ class EvaluationResult:
         from .eval_report import results_table
 
         return results_table([self])
+
+
+_PROTOCOL_KEYS = {"protocol"} | {f.name for f in dataclasses.fields(ProtocolRecord)} - {"name"}  # in settings
 
 
 def results_to_dict(results: Sequence[EvaluationResult]) -> dict[str, Any]:

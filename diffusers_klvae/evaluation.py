@@ -31,7 +31,9 @@ from .eval_report import results_table, write_report  # noqa: F401 - public name
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
 from .imaging import reconstruction_grid, to_uint8
 from .loading import load_vae
-from .metrics import SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, psnr, region_psnr, rfid, ssim  # noqa: F401
+from .metrics import (  # noqa: F401 - public names of this module since before the split
+    SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ def evaluate(
                 names += batch_names
     finally:
         vae.train(was_training)  # a model evaluated during training goes back to training mode
+    if not names:
+        raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
     record = _protocol_record(chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, metrics=metrics,
                               lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None

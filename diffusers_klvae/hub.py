@@ -43,9 +43,10 @@ DEFAULT_COMMIT_MESSAGE = "Upload KL autoencoder with diffusers-klvae"
 def _ema_model(vae, ema):
     """``ema_vae`` as a model: diffusers' `EMAModel` is copied into a clone of ``vae``; a model must share its config
     (the two weight files share one config.json)."""
-    if not hasattr(ema, "shadow_params") and not hasattr(ema, "save_pretrained"):
+    is_ema_model = hasattr(ema, "shadow_params") and hasattr(ema, "copy_to")
+    if not is_ema_model and not (hasattr(ema, "save_pretrained") and hasattr(ema, "to_json_string")):
         raise ValueError(f"ema_vae must be a model with save_pretrained or a diffusers EMAModel, got {type(ema).__name__}")
-    if hasattr(ema, "shadow_params"):
+    if is_ema_model:
         clone = copy.deepcopy(vae)
         ema.copy_to(clone.parameters())
         return clone
@@ -212,7 +213,7 @@ def upload_staged(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
                   commit_message: str = DEFAULT_COMMIT_MESSAGE, api=None, **upload_options) -> str:
     """``create_repo(exist_ok=True)`` + one ``upload_folder`` commit of a folder; returns the commit URL.
     ``upload_options``: more ``upload_folder`` arguments (``path_in_repo``, ``ignore_patterns``)."""
-    api = api or huggingface_hub.HfApi()
+    api = api if api is not None else huggingface_hub.HfApi()
     repo_url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     repo_id = getattr(repo_url, "repo_id", None) or repo_id  # "name" resolves to "user/name"
     commit = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), repo_type="model", token=token,
@@ -255,7 +256,7 @@ def push_checkpoint_async(
     source = Path(checkpoint_dir)
     if not source.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {os.fspath(source)!r}")
-    api = api or huggingface_hub.HfApi()
+    api = api if api is not None else huggingface_hub.HfApi()
     snapshot = Path(tempfile.mkdtemp(prefix="klvae-ckpt-")) / source.name
     shutil.copytree(source, snapshot)
     path_in_repo = path_in_repo if path_in_repo is not None else f"checkpoints/{source.name}"

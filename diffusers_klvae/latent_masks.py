@@ -19,6 +19,8 @@ DEFAULT_FILL = 0.0  # raw latents: what `latent_mask` multiplication gives; pixe
 
 def downsampling_factor(vae_or_factor) -> int:
     """A VAE (``KLVAE`` or diffusers ``AutoencoderKL``) or an int -> the spatial downsampling factor."""
+    if hasattr(vae_or_factor, "downsampling_factor"):  # KLVAE, or a wrapper that says it
+        return int(vae_or_factor.downsampling_factor)
     if hasattr(vae_or_factor, "config") and "block_out_channels" in vae_or_factor.config:
         return 2 ** (len(vae_or_factor.config.block_out_channels) - 1)  # one 2x downsample between encoder levels
     if not isinstance(vae_or_factor, (int, np.integer)) or isinstance(vae_or_factor, bool):

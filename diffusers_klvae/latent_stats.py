@@ -201,6 +201,8 @@ def compute_latent_statistics(
             z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         acc.update(z.float())
         first_batch = first_batch or len(x)
+    if first_batch is None:
+        raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
     whole = acc.moments()
     if whole.count < 2:
         raise ValueError(f"latent statistics need at least 2 images, got {whole.count}")

@@ -311,7 +311,7 @@ def render_model_card(
     args = sanitize_training_args(training_args)
     withheld = set(flatten(plain(training_args or {}))) - set(flatten(args))
     datasets = [datasets] if isinstance(datasets, str) else datasets
-    datasets = [_public_name(os.fspath(d)) for d in datasets] if datasets else None  # a local path: its last component
+    datasets = [_public_name(os.fspath(d)) for d in datasets or ()] or None  # a local path: its last component
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
         library_name="diffusers", pipeline_tag=PIPELINE_TAG, tags=list(TAGS), license=license,

@@ -33,15 +33,20 @@ def is_local_path(value: str) -> bool:
     return value.startswith(("/", "~", "file:")) or bool(_WINDOWS_ABS_RE.match(value))
 
 
-def leaks(value: str, env_values: Sequence[str]) -> bool:
+def leaks(value: str, env_values: Sequence[str] | None = None) -> bool:
     """True if a string is or contains an absolute local path, looks like a Hub token, or contains one of
-    ``env_values``."""
+    ``env_values`` (default: this process's environment values of 8 characters or more)."""
+    env_values = _env_values() if env_values is None else env_values
     return (is_local_path(value) or bool(_EMBEDDED_PATH_RE.search(value)) or bool(HF_TOKEN_RE.search(value))
             or any(env in value for env in env_values))
 
 
 def is_secret_key(key: str) -> bool:
     return any(word in key.lower() for word in SECRET_WORDS)
+
+
+def _env_values() -> list[str]:
+    return [v for v in os.environ.values() if len(v) >= _MIN_ENV_VALUE_LEN]
 
 
 def read_json(path: Path, *, what: str) -> Any:
@@ -98,7 +103,7 @@ def sanitize_training_args(training_args: Any) -> dict:
     args = plain(training_args)
     if not isinstance(args, dict):
         raise ValueError(f"training arguments must be a mapping, got {type(training_args).__name__}")
-    return _scrub(args, [v for v in os.environ.values() if len(v) >= _MIN_ENV_VALUE_LEN])
+    return _scrub(args, _env_values())
 
 
 def _scrub(value: Any, env_values: Sequence[str]) -> Any:

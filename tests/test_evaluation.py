@@ -372,3 +372,33 @@ def test_results_record_the_data_source_as_a_dataclass_that_the_card_reads(tiny_
         "org/coco-val", "val", {"resolution": RES, "num_images": result.count})
     listed = evaluate(tiny_vae, [load_image(p) for p in sorted(image_dir.glob("*.jpg"))[:2]], resolution=RES, metrics=("psnr",), progress=False)
     assert listed.data_source.to_dict() == {"kind": "images", "type": "list", "count": 2}
+
+
+def test_batches_resize_each_photo_as_it_is_read(monkeypatch):
+    """A batch of full-size photos is never held at once (64 photos of 12 MP would take GBs): each image is
+    preprocessed before the next one is decoded. The klvae protocol pickles (spawned DataLoader workers)."""
+    import pickle
+
+    from diffusers_klvae import eval_data
+
+    events = []
+    protocol = eval_data.PROTOCOLS["klvae"]
+
+    def recording(img, resolution):
+        events.append("preprocess")
+        return protocol.preprocess(img, resolution)
+
+    class Photo:  # a list item whose decoding is recorded
+        def __init__(self, i):
+            self.i = i
+
+    monkeypatch.setitem(eval_data.PROTOCOLS, "klvae", eval_data.Protocol("klvae", recording, False, "recorded"))
+    monkeypatch.setattr(eval_data, "_list_entry", lambda i, item: (str(i), lambda: events.append("decode")
+                                                                   or Image.new("RGB", (40, 30), (i * 20, 0, 0))))
+    batches = list(eval_data.iter_batches(eval_data.ImageSource([Photo(i) for i in range(5)]), resolution=16,
+                                          batch_size=3, max_images=None))
+    assert [len(names) for names, _ in batches] == [3, 2]
+    assert events == ["decode", "preprocess"] * 5
+    assert pickle.loads(pickle.dumps(protocol)).preprocess is eval_data.klvae_preprocess
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        eval_data.iter_batches(eval_data.ImageSource([]), resolution=16, batch_size=0, max_images=None)

@@ -492,6 +492,16 @@ def test_squeeze_excitation_model_stages_and_loads(vaes, tmp_path):
     assert "from diffusers_klvae import KLVAE" in text and "ComfyUI" not in text
 
 
+@pytest.mark.parametrize("ema", [{"weights": 1}, type("OnlyShadow", (), {"shadow_params": []})(),
+                                 KLVAE(**{**TINY, "latent_channels": 8})])
+def test_an_ema_that_is_not_this_models_is_refused_in_one_line(vaes, tmp_path, ema):
+    vae, _ = vaes
+    with pytest.raises(ValueError, match="ema_vae (must be a model with save_pretrained or a diffusers EMAModel|has a "
+                                         "different config from vae)"):
+        hub.stage_folder(vae, tmp_path / "repo", repo_id=REPO_ID, ema_vae=ema)
+    assert files_in(tmp_path / "repo") == set()  # nothing half-staged
+
+
 def test_push_images_go_through_the_one_reader_and_a_failed_dry_run_leaves_nothing(vaes, tmp_path, monkeypatch, capsys):
     vaes[0].save_pretrained(tmp_path / "model")
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))  # a 16-bit grey ramp
