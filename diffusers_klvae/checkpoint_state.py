@@ -124,13 +124,13 @@ def _save_models(accelerator, ema, per_process: list[PerProcessState], models: l
     (the per-process states are gathered), then the VAE (raw + ``ema`` variant) and the discriminator as
     ``save_pretrained`` folders, in place of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not
     to write those)."""
-    from .training import save_model_folder
+    from .loading import save_model_folder
 
     for state in per_process:
         state.gather()
     vae, disc = models
     if accelerator.is_main_process:
-        save_model_folder(accelerator.unwrap_model(vae), ema, Path(output_dir) / VAE_FOLDER)
+        save_model_folder(accelerator.unwrap_model(vae), Path(output_dir) / VAE_FOLDER, ema=ema)
         accelerator.unwrap_model(disc).save_pretrained(Path(output_dir) / DISC_FOLDER)
     weights.clear()
 

@@ -168,15 +168,23 @@ class EvaluationResult:
             raise ValueError(f"not a klvae-eval result ({type(err).__name__}: {err}); expected {EXPECTED_SHAPE}") from None
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """JSON text of :meth:`to_dict`; also written to ``path``."""
-        text = json.dumps(self.to_dict(), indent=2)
+        """This result as ``metrics.json`` text (``{"results": [entry]}``, what ``load_metrics`` and ``klvae-push
+        --metrics`` read); also written to ``path``."""
+        text = json.dumps(results_to_dict([self]), indent=2)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
 
     @classmethod
     def from_json(cls, text: str) -> "EvaluationResult":
-        return cls.from_dict(json.loads(text))
+        """:meth:`to_json`'s text (or one entry of it) -> the result."""
+        data = json.loads(text)
+        if isinstance(data, Mapping) and "results" in data:
+            results = load_metrics(data)
+            if len(results) != 1:
+                raise ValueError(f"the JSON holds {len(results)} results; read them with load_metrics")
+            return results[0]
+        return cls.from_dict(data)
 
     def to_markdown(self) -> str:
         from .eval_report import results_table

@@ -5,7 +5,6 @@ Nothing leaves the machine before `publish`; the token is handed to the API call
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ import huggingface_hub
 from .cli_support import OneLineParser, check_output_folder, run_main, writing
 from .eval_results import load_metrics
 from .imaging import load_image
-from .loading import CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae, stored_dtype
+from .loading import (CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae,
+                      save_model_folder, stored_dtype)
 from .model_card import DEFAULT_LICENSE, render_model_card, same_path, single_file_tools
 from .publish_checks import CARD_NAME, LICENSE_ID, REPO_ID, sanitize_training_args, validate_folder
 
@@ -40,21 +40,17 @@ DEFAULT_COMMIT_MESSAGE = "Upload KL autoencoder with diffusers-klvae"
 # ----------------------------------------------------------------------------------------------- staging
 
 
-def _ema_model(vae, ema):
-    """``ema_vae`` as a model: diffusers' `EMAModel` is copied into a clone of ``vae``; a model must share its config
-    (the two weight files share one config.json)."""
-    is_ema_model = hasattr(ema, "shadow_params") and hasattr(ema, "copy_to")
-    if not is_ema_model and not (hasattr(ema, "save_pretrained") and hasattr(ema, "to_json_string")):
+def _check_ema(vae, ema) -> None:
+    """``ema_vae`` is diffusers' `EMAModel` or a model of ``vae``'s config (the two weight files share one
+    config.json)."""
+    if hasattr(ema, "shadow_params") and hasattr(ema, "copy_to") and hasattr(ema, "store"):
+        return
+    if not (hasattr(ema, "save_pretrained") and hasattr(ema, "to_json_string")):
         raise ValueError(f"ema_vae must be a model with save_pretrained or a diffusers EMAModel, got {type(ema).__name__}")
-    if is_ema_model:
-        clone = copy.deepcopy(vae)
-        ema.copy_to(clone.parameters())
-        return clone
     ours, theirs = ({k: v for k, v in json.loads(model.to_json_string()).items()
                      if k not in ("_name_or_path", "_diffusers_version")} for model in (vae, ema))
     if ours != theirs:
         raise ValueError("ema_vae has a different config from vae; the EMA weights must track the same architecture")
-    return ema
 
 
 def _as_klvae(vae):
@@ -140,9 +136,9 @@ def stage_folder(
         raise ValueError(f"license must be a Hub license id such as 'apache-2.0', 'openrail++' or 'other', got {license!r}")
     with writing(folder):  # a full disk: "disk full while writing <folder>", as every command says it
         folder.mkdir(parents=True, exist_ok=True)
-        if ema_vae is not None:  # first, so that the config.json both share is vae's (saved next)
-            _ema_model(vae, ema_vae).save_pretrained(folder, safe_serialization=True, variant=EMA_VARIANT)
-        vae.save_pretrained(folder, safe_serialization=True)
+        if ema_vae is not None:
+            _check_ema(vae, ema_vae)
+        save_model_folder(vae, folder, ema=ema_vae)
         _strip_local_name(folder / CONFIG_NAME)
         single_file_name = None
         if single_file or (single_file is None and single_file_tools(vae.config)):

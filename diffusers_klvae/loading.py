@@ -1,6 +1,7 @@
 """The one model loader of every tool (``klvae``, ``klvae-eval``, ``klvae-stats``, ``klvae-push``, training): a spec
 (a model in memory, a diffusers or pipeline folder, an original-layout single file or its Hub URL, a preset name, a
-Hub id ``org/name[/subfolder]``) -> a `KLVAE`.
+Hub id ``org/name[/subfolder]``) -> a `KLVAE`; and the one layout of a model folder it reads (``save_model_folder``:
+raw weights + the EMA as the ``ema`` variant).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,13 +47,12 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
     from . import KLVAE
 
     spec = os.fspath(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        subfolder = subfolder if subfolder is not None else _model_subfolder(path)
-        if variant is not None and not has_variant(path, variant, subfolder=subfolder):
+    kind, where, subfolder = _locate(spec, subfolder)
+    if kind == "folder":
+        if variant is not None and not has_variant(where, variant, subfolder=subfolder):
             raise FileNotFoundError(f"no {variant!r} weights in {spec!r}: expected "
                                     f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
-        weights = path / (subfolder or "")
+        weights = where / (subfolder or "")
         try:  # a config.json that is not a JSON object makes diffusers try the Hub and blame the network
             config_ok = isinstance(json.loads((weights / CONFIG_NAME).read_text(encoding="utf-8")), dict)
         except ValueError:  # JSONDecodeError, UnicodeDecodeError
@@ -61,26 +62,102 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
         stored = (WEIGHTS_NAME, f"{WEIGHTS_NAME}.index.json", "diffusion_pytorch_model.bin")  # one file, shards, pickle
         if variant is None and not any((weights / name).is_file() for name in stored):
             raise ValueError(f"folder {os.fspath(weights)!r} has config.json but no weights: expected {WEIGHTS_NAME}")
-    elif variant is not None and (path.is_file() or spec.endswith(SINGLE_FILE_SUFFIXES)):
+    elif variant is not None and (kind == "file" or spec.endswith(SINGLE_FILE_SUFFIXES)):
         raise ValueError(f"a single file has no weights variants; got variant={variant!r} for {spec!r}")
     try:
-        if path.is_dir():
-            return KLVAE.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, torch_dtype=dtype)
-        if path.is_file() or (spec.startswith("https://") and spec.endswith(SINGLE_FILE_SUFFIXES)):
-            return KLVAE.from_single_file(spec if not path.is_file() else path, revision=revision, torch_dtype=dtype)
-        if spec in KLVAE.list_presets():
+        if kind in ("folder", "hub"):
+            return KLVAE.from_pretrained(where, subfolder=subfolder, variant=variant, revision=revision, torch_dtype=dtype)
+        if kind == "file":
+            return KLVAE.from_single_file(where, revision=revision, torch_dtype=dtype)
+        if kind == "preset":
             logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
             return _cast(KLVAE.from_preset(spec), dtype)
-        if looks_like_hub_id(spec):
-            parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
-            return KLVAE.from_pretrained("/".join(parts[:2]), subfolder=subfolder or "/".join(parts[2:]) or None,
-                                         variant=variant, revision=revision, torch_dtype=dtype)
     except Exception as err:  # noqa: BLE001 - loaders raise OSError, EnvironmentError, RuntimeError...; all mean "cannot load"
         raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
-    raise ValueError(
-        f"cannot load model {spec!r}: not an existing folder or file, not a preset ({', '.join(KLVAE.list_presets())}) "
-        "and not a Hub id (org/name)"
-    )
+    raise _unknown(spec)
+
+
+def load_vae_config(spec: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None) -> dict:
+    """The config of the model ``load_vae(spec)`` loads, without reading weights (an original-layout single file:
+    the KL-f8 architecture of that family). Raises as ``load_vae``."""
+    from . import KLVAE
+    from .models.presets import preset_config
+
+    spec = os.fspath(spec)
+    kind, where, subfolder = _locate(spec, subfolder)
+    if kind == "file":
+        return preset_config("sd-kl-f8")
+    if kind == "preset":
+        return preset_config(spec)
+    if kind is None:
+        raise _unknown(spec)
+    try:
+        return dict(KLVAE.load_config(where, subfolder=subfolder, revision=revision))
+    except Exception as err:  # noqa: BLE001 - as load_vae: a one-line "cannot load"
+        raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
+
+
+def _locate(spec: str, subfolder: str | None):
+    """A spec -> ``(kind, where, subfolder)``: ``"folder"`` (a Path; ``subfolder`` found: a pipeline folder's
+    ``vae``), ``"file"`` (a local single file or a Hub file URL), ``"preset"``, ``"hub"`` (``org/name`` with the
+    subfolder of ``org/name/subfolder``), or ``None``."""
+    from .models.presets import list_presets
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder", path, subfolder if subfolder is not None else _model_subfolder(path)
+    if path.is_file():
+        return "file", path, None
+    if spec.startswith("https://") and spec.endswith(SINGLE_FILE_SUFFIXES):
+        return "file", spec, None
+    if spec in list_presets():
+        return "preset", spec, None
+    if looks_like_hub_id(spec):
+        parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
+        return "hub", "/".join(parts[:2]), subfolder or "/".join(parts[2:]) or None
+    return None, spec, subfolder
+
+
+def _unknown(spec: str) -> ValueError:
+    from .models.presets import list_presets
+
+    return ValueError(f"cannot load model {spec!r}: not an existing folder or file, not a preset "
+                      f"({', '.join(list_presets())}) and not a Hub id (org/name)")
+
+
+@contextmanager
+def ema_weights(ema, model):
+    """diffusers' ``EMAModel`` weights are in ``model`` inside the block, the raw ones again after it (`None`: no
+    change)."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+
+
+def save_model_folder(vae: nn.Module, folder: str | os.PathLike, *, ema=None) -> None:
+    """The one layout of a model folder (a training run's output, every checkpoint's ``vae/``, a staged Hub repo):
+    ``save_pretrained`` (safetensors) of ``vae`` and, beside it, the EMA weights as the ``ema`` variant
+    (``EMA_WEIGHTS_NAME``: ``AutoencoderKL.from_pretrained(folder, variant="ema")``).
+
+    Args:
+        vae (`KLVAE` or `AutoencoderKL`): the raw weights; its config is the folder's ``config.json``.
+        folder (path): where to save.
+        ema (*optional*, defaults to `None`): diffusers' ``EMAModel`` of ``vae``'s parameters, or a model of ``vae``'s
+            config. `None` removes an older EMA file (a run resumed without EMA must not leave one beside new weights).
+    """
+    if ema is not None and not hasattr(ema, "shadow_params"):
+        ema.save_pretrained(folder, safe_serialization=True, variant=EMA_VARIANT)  # first: config.json is vae's
+    vae.save_pretrained(folder, safe_serialization=True)
+    if ema is None:
+        (Path(folder) / EMA_WEIGHTS_NAME).unlink(missing_ok=True)
+    elif hasattr(ema, "shadow_params"):
+        with ema_weights(ema, vae):
+            vae.save_pretrained(folder, safe_serialization=True, variant=EMA_VARIANT)
 
 
 def has_variant(model: str | os.PathLike, variant: str = EMA_VARIANT, *, subfolder: str | None = None) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 from transformers import HfArgumentParser
 
 from .cli_support import OneLineParser
-from .loading import SINGLE_FILE_SUFFIXES
+from .loading import load_vae_config
 from .publish_checks import REPO_ID
 
 DEFAULT_PRESET = "sd-kl-f8"
@@ -278,7 +278,8 @@ def data_source_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The VAE's config without building it (cheap: reads one JSON or a preset)."""
+    """The VAE's config without building it (cheap: reads one JSON or a preset), as ``training.build_vae`` resolves
+    the model (``loading.load_vae_config`` for a pretrained one)."""
     from .models.presets import preset_config
 
     if cfg.model_config_name_or_path:
@@ -286,14 +287,7 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
         return dict(KLVAE.load_config(cfg.model_config_name_or_path))
     if cfg.pretrained_model_name_or_path:
-        source = cfg.pretrained_model_name_or_path
-        if source.endswith(SINGLE_FILE_SUFFIXES):
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"--pretrained_model_name_or_path: no such file {source!r}")
-            return preset_config(DEFAULT_PRESET)  # single files of this family are KL-f8
-        from . import KLVAE
-
-        return dict(KLVAE.load_config(source, subfolder=cfg.subfolder, revision=cfg.revision))
+        return load_vae_config(cfg.pretrained_model_name_or_path, subfolder=cfg.subfolder, revision=cfg.revision)
     return preset_config(cfg.preset or DEFAULT_PRESET)
 
 

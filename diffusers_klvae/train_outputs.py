@@ -15,9 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .loading import looks_like_hub_id
+from .loading import ema_weights, looks_like_hub_id, save_model_folder
 from .train_config import TrainConfig
-from .training import ema_weights, save_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +53,13 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
         vae: the prepared or unwrapped VAE.
         ema (`EMAModel`, *optional*): when given, validation uses its weights (and says so: ``weights="ema"``).
         images (`torch.Tensor`): (N, 3, H, W) in [-1, 1].
-        lpips_model (*optional*): an LPIPS module taking [-1, 1] images (the evaluation's AlexNet if available).
+        lpips_model (*optional*): an LPIPS module taking [-1, 1] images (the training loss's own, ``loss_fn.perceptual``).
         extra (`dict`, *optional*): more fields for the metrics line (e.g. ``images_seen``, ``train_seconds``).
 
     Returns:
         dict with ``psnr``, ``ssim``, ``lpips`` (when a model is given), ``weights``.
     """
-    from .evaluation import lpips_distance, psnr, ssim
+    from .metrics import lpips_distance, psnr, ssim
     from .imaging import reconstruction_grid, to_uint8
 
     raw = accelerator.unwrap_model(vae)
@@ -168,10 +167,11 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     """End of training (main process): final model + EMA, loss curve, model card, and ``--push_to_hub``
     (through ``hub_api``, a ``huggingface_hub.HfApi``; a new one when `None`)."""
     from . import hub
+    from .model_card import render_model_card
     from .eval_results import validation_result
 
     out = Path(cfg.output_dir)
-    save_model_folder(accelerator.unwrap_model(vae), ema, out)
+    save_model_folder(accelerator.unwrap_model(vae), out, ema=ema)
     curve = plot_loss_curve(history, out / "loss_curve.png")
     images = [p for p in (metrics.get("grid"), curve) if p]
     card_metrics = None
@@ -182,7 +182,7 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     raw = accelerator.unwrap_model(vae)
     base_model = cfg.pretrained_model_name_or_path if _looks_like_hub_id(cfg.pretrained_model_name_or_path) else None
     datasets = [cfg.dataset_name] if _looks_like_hub_id(cfg.dataset_name) else None
-    card = hub.render_model_card(raw, repo_id=cfg.hub_model_id or f"your-name/{out.resolve().name}", metrics=card_metrics,
+    card = render_model_card(raw, repo_id=cfg.hub_model_id or f"your-name/{out.resolve().name}", metrics=card_metrics,
                                  images=[os.path.relpath(p, out) for p in images], training_args=cfg.to_dict(),
                                  base_model=base_model, datasets=datasets, has_ema=ema is not None)
     card.save(out / "README.md")

@@ -1,5 +1,5 @@
-"""The pieces of ``train_autoencoder.py``'s step: models, optimizers, the G/D update, the EMA and
-:func:`save_model_folder`, the one layout of a model folder (raw weights + the EMA as the ``ema`` variant).
+"""The pieces of ``train_autoencoder.py``'s step: models, optimizers, the G/D update, the EMA (its weights are saved
+by ``loading.save_model_folder``, the one layout of a model folder).
 
 References: CompVis latent-diffusion ``contperceptual.py`` (the G/D recipe), nanoGPT ``train.py`` (loop layout).
 """
@@ -10,8 +10,6 @@ import logging
 import os
 import re
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -268,30 +266,3 @@ def build_ema(vae, *, decay: float):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(vae.parameters(), decay=decay, model_cls=type(vae), model_config=vae.config)
-
-
-@contextmanager
-def ema_weights(ema, model):
-    """The EMA weights are in ``model`` inside the block, the raw ones again after it (``ema`` `None`: no change)."""
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    try:
-        yield model
-    finally:
-        if ema is not None:
-            ema.restore(model.parameters())
-
-
-def save_model_folder(raw_vae, ema, folder: str | os.PathLike) -> None:
-    """The one layout of a trained model (final output and every checkpoint's ``vae/``): ``save_pretrained``
-    (safetensors) of the raw weights and, beside them, of the EMA weights as the ``ema`` variant
-    (``diffusion_pytorch_model.ema.safetensors``: ``AutoencoderKL.from_pretrained(folder, variant="ema")``)."""
-    from .loading import EMA_VARIANT, EMA_WEIGHTS_NAME
-
-    raw_vae.save_pretrained(folder, safe_serialization=True)
-    if ema is not None:
-        with ema_weights(ema, raw_vae):
-            raw_vae.save_pretrained(folder, safe_serialization=True, variant=EMA_VARIANT)
-    else:  # a run resumed without --use_ema: an older EMA file must not sit beside the new weights
-        (Path(folder) / EMA_WEIGHTS_NAME).unlink(missing_ok=True)

@@ -229,7 +229,8 @@ def test_perfect_reconstruction_is_handled_cleanly(photo_paths, fast_lpips, tmp_
     assert result.metrics["lpips"].mean == pytest.approx(0.0, abs=1e-7)
     assert abs(result.metrics["rfid"].mean) < 1e-6 and result.metrics["rfid"].count == len(images)
     assert "NOT Inception" in result.protocol.fid_network  # a random extractor can never pass for a real rFID
-    data = json.loads(result.to_json(tmp_path / "r.json"))  # strict JSON: no bare Infinity
+    result.to_json(tmp_path / "r.json")
+    [data] = json.loads((tmp_path / "r.json").read_text())["results"]  # strict JSON: no bare Infinity
     assert data["metrics"]["psnr"]["mean"] == "inf" and data["per_image"]["psnr"][0] == "inf"
     assert "| inf |" in result.to_markdown()
 
@@ -339,7 +340,7 @@ def test_lightningdit_protocol_decodes_a_seeded_posterior_sample(tiny_vae, photo
     np.testing.assert_allclose(result.per_image["psnr"], expected, rtol=1e-9)
     assert result.protocol.name == "lightningdit" and result.protocol.posterior == "sample (seed 3)"
     assert "LightningDiT" in result.protocol.preprocessing and "Protocol lightningdit" in result.to_markdown()
-    assert json.loads(result.to_json())["settings"]["protocol"] == "lightningdit"
+    assert json.loads(result.to_json())["results"][0]["settings"]["protocol"] == "lightningdit"
     default = evaluate(tiny_vae, images, resolution=RES, metrics=("psnr",), seed=3, progress=False)
     assert default.protocol.name == "klvae" and default.protocol.posterior == "mode"
     assert "Protocol klvae" in default.to_markdown() and default.per_image["psnr"] != result.per_image["psnr"]
@@ -363,7 +364,7 @@ def test_results_record_the_data_source_as_a_dataclass_that_the_card_reads(tiny_
     assert source.data_source() == DataSource("hf-dataset", name="org/coco-val", split="val")
     result = evaluate(tiny_vae, image_dir, resolution=RES, metrics=("psnr",), progress=False)
     assert result.data_source == DataSource("folder", path=str(image_dir))
-    saved = json.loads(result.to_json())["settings"]
+    saved = json.loads(result.to_json())["results"][0]["settings"]
     assert saved["data_source"] == {"kind": "folder", "path": str(image_dir)} and saved["data"] == str(image_dir)
     assert EvaluationResult.from_json(result.to_json()).to_dict() == result.to_dict()
     hub_result = EvaluationResult(**{**vars(result), "data_source": source.data_source()})

@@ -398,7 +398,8 @@ def test_evaluation_result_round_trips_through_json(tmp_path):
         skipped_names=["c"], skip_reasons={"undecodable": 1}, timings={"load": 0.5},
     )
     text = result.to_json(tmp_path / "r.json")
-    data = json.loads(text)  # strict JSON, the flat settings of klvae-eval's files
+    [data] = json.loads(text)["results"]  # strict JSON, klvae-eval's file shape with its flat settings
+    assert hub.load_metrics(tmp_path / "r.json")[0].to_dict() == data  # a result's file is a metrics.json
     assert data["settings"]["protocol"] == "lightningdit" and data["settings"]["data"] == "list of images"
     assert data["settings"]["data_source"] == {"kind": "images", "type": "list", "count": 2}
     assert data["metrics"]["psnr"] == {"mean": "inf", "std": None, "count": 2} and data["metrics"]["rfid"]["mean"] is None

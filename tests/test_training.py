@@ -129,6 +129,17 @@ def test_bad_arguments_fail_before_any_work(photos_dir, tmp_path, extra, message
     assert not out.exists()  # nothing was created
 
 
+def test_a_pipeline_folder_is_checked_as_every_tool_loads_it(photos_dir, tmp_path):
+    """--pretrained_model_name_or_path takes what loading.load_vae takes: a pipeline folder's vae/ is found."""
+    KLVAE.from_preset("tiny").save_pretrained(tmp_path / "pipe" / "vae")
+    argv = base_args(photos_dir, tmp_path / "out")
+    del argv[argv.index("--preset"):argv.index("--preset") + 2]
+    argv += ["--pretrained_model_name_or_path", str(tmp_path / "pipe")]
+    assert train_config.parse_args(argv).pretrained_model_name_or_path == str(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="--resolution 33 must be a multiple of the model's downsampling factor 2"):
+        train_config.parse_args(argv + ["--resolution", "33"])
+
+
 def test_resolution_checked_against_f8_preset(photos_dir, tmp_path):
     with pytest.raises(ValueError, match="--resolution 100 must be a multiple of the model's downsampling factor 8"):
         train_config.parse_args(base_args(photos_dir, tmp_path, "--preset", "small", "--resolution", "100"))
