@@ -26,20 +26,19 @@ import os
 import sys
 
 from .cli_io import (
-    _check_finite,
-    _generator,
-    _load_images,
-    _output_dir,
-    _output_file,
-    _output_stems,
-    _raw_latents,
-    _read_latents,
-    _save_image,
-    _stack_same_size,
-    model_config_path,
-    update_config,
+    check_finite,
+    check_output_file,
+    load_images,
+    make_output_dir,
+    output_stems,
+    raw_latents,
+    read_latents,
+    save_image,
+    seeded_generator,
+    stack_same_size,
 )
 from .cli_support import OneLineParser, int_at_least, positive_float, run_main, writing
+from .loading import model_config_path, update_config
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +66,18 @@ def cmd_reconstruct(args) -> None:
     from .imaging import reconstruction_grid
     from .latents import decode_latents, encode_images
 
-    grid = _output_file(args.grid, ".png") if args.grid else None  # before any work
+    grid = check_output_file(args.grid, ".png") if args.grid else None  # before any work
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = _output_dir(args.out)
-    paths, images = _load_images(args.images, args.resolution, vae)
-    x_all = _stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
-    generator = _generator(args.seed)
+    out = make_output_dir(args.out)
+    paths, images = load_images(args.images, args.resolution, vae)
+    x_all = stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
+    generator = seeded_generator(args.seed)
     recs = []
-    for path, stem, x in zip(paths, _output_stems(paths), images):  # one at a time: photos may differ in size
+    for path, stem, x in zip(paths, output_stems(paths), images):  # one at a time: photos may differ in size
         latents = encode_images(vae, x, sample=args.sample, generator=generator)
         rec = decode_latents(vae, latents)[0].cpu()
-        _check_finite(rec, f"the reconstruction of {path!r}")
-        _save_image(rec, out / f"{stem}.png")
+        check_finite(rec, f"the reconstruction of {path!r}")
+        save_image(rec, out / f"{stem}.png")
         recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
     if grid:
@@ -93,10 +92,10 @@ def cmd_encode(args) -> None:
     from .latents import encode_images, scale_latents
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = _output_file(args.output, ".safetensors")
-    paths, images = _load_images(args.images, args.resolution, vae)
-    latents = encode_images(vae, _stack_same_size(images), sample=args.sample, generator=_generator(args.seed))
-    _check_finite(latents, "the encoded latents")  # a model overflowing (e.g. float16) must not leave a file of NaNs
+    out = check_output_file(args.output, ".safetensors")
+    paths, images = load_images(args.images, args.resolution, vae)
+    latents = encode_images(vae, stack_same_size(images), sample=args.sample, generator=seeded_generator(args.seed))
+    check_finite(latents, "the encoded latents")  # a model overflowing (e.g. float16) must not leave a file of NaNs
     if args.scaled:
         latents = scale_latents(vae, latents)
     metadata = {
@@ -114,15 +113,15 @@ def cmd_decode(args) -> None:
     from .latents import decode_latents
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    latents, metadata = _read_latents(args.latents, args.key)
-    out = _output_dir(args.out)
-    images = decode_latents(vae, _raw_latents(vae, latents, metadata, args.space)).cpu()
-    _check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
+    latents, metadata = read_latents(args.latents, args.key)
+    out = make_output_dir(args.out)
+    images = decode_latents(vae, raw_latents(vae, latents, metadata, args.space)).cpu()
+    check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
     names = json.loads(metadata["files"]) if "files" in metadata else []
     if len(names) != len(images):
         names = [f"{i:04d}" for i in range(len(images))]
-    for stem, image in zip(_output_stems(names), images):
-        _save_image(image, out / f"{stem}.png")
+    for stem, image in zip(output_stems(names), images):
+        save_image(image, out / f"{stem}.png")
     logger.info("wrote %d images to %s", len(images), out)
 
 
@@ -130,10 +129,10 @@ def cmd_interpolate(args) -> None:
     from .latents import interpolate
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = _output_file(args.output, ".png")
-    frames_dir = _output_dir(args.frames_dir, "--frames-dir") if args.frames_dir else None
-    _, (a, b) = _load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
-    _stack_same_size([a, b])
+    out = check_output_file(args.output, ".png")
+    frames_dir = make_output_dir(args.frames_dir, "--frames-dir") if args.frames_dir else None
+    _, (a, b) = load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
+    stack_same_size([a, b])
     with writing(out):
         frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
     if frames_dir:
@@ -147,9 +146,9 @@ def cmd_sample(args) -> None:
     from .latents import sample_prior
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = _output_file(args.output, ".png")
+    out = check_output_file(args.output, ".png")
     with writing(out):
-        sample_prior(vae, args.num, args.height, args.width, generator=_generator(args.seed), temperature=args.temperature, grid_path=out)
+        sample_prior(vae, args.num, args.height, args.width, generator=seeded_generator(args.seed), temperature=args.temperature, grid_path=out)
     logger.info("wrote %d prior samples to %s", args.num, out)
 
 
@@ -165,18 +164,18 @@ def cmd_preview(args) -> None:
         raise ValueError("give images to preview or --latents FILE")
     config_path = model_config_path(args.model, "--store") if args.store else None  # before any work
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = _output_file(args.output, ".png")
+    out = check_output_file(args.output, ".png")
     factor = downsampling_factor(vae)
-    factors = fit_preview_map(vae, _load_images(args.fit, args.resolution, vae)[1]) if args.fit else vae  # else the model's map
+    factors = fit_preview_map(vae, load_images(args.fit, args.resolution, vae)[1]) if args.fit else vae  # else the model's map
     if config_path and args.fit:
         update_config(config_path, {"latent_rgb_factors": factors.tolist()})
         logger.info("stored latent_rgb_factors in %s", config_path)
     show = lambda z: to_pil(F.interpolate(latents_to_rgb(z, factors), scale_factor=factor, mode="nearest")[0])  # noqa: E731 - (1, C, h, w) -> PIL at image size
     rows = []
     if args.latents:
-        latents, metadata = _read_latents(args.latents, args.key)
-        rows += [[show(z[None])] for z in _raw_latents(vae, latents, metadata, args.space).cpu()]
-    for x in (_load_images(args.images, args.resolution, vae)[1] if args.images else []):
+        latents, metadata = read_latents(args.latents, args.key)
+        rows += [[show(z[None])] for z in raw_latents(vae, latents, metadata, args.space).cpu()]
+    for x in (load_images(args.images, args.resolution, vae)[1] if args.images else []):
         rows.append([to_pil(x), show(encode_images(vae, x).cpu())])
     with writing(out):
         save_grid(rows, out)

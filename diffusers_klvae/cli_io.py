@@ -1,10 +1,9 @@
-"""Files in and out for the ``klvae`` subcommands: image arguments, latents files, output paths, a model folder's
-config.json. Every failure is a ``ValueError``/``OSError`` that ``klvae`` prints as one line (exit status 2).
+"""Files in and out for the ``klvae`` subcommands: image arguments, latents files, output paths. Every failure is a
+``ValueError``/``OSError`` that ``klvae`` prints as one line (exit status 2).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ from .cli_support import check_output_folder, writing
 logger = logging.getLogger("diffusers_klvae.cli")  # the messages users see from `klvae`
 
 
-def _load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = True):
+def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = True):
     """Image arguments (a folder: its image files, sorted) -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes
     must be multiples of the model's downsampling factor unless resized.
 
@@ -59,7 +58,7 @@ def _load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = 
     return kept, images
 
 
-def _check_finite(x, what: str) -> None:
+def check_finite(x, what: str) -> None:
     """Refuse NaN/Inf: they would be written as black pixels (or poison everything decoded from them)."""
     import torch
 
@@ -68,7 +67,7 @@ def _check_finite(x, what: str) -> None:
         raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
 
 
-def _save_image(image, path: Path) -> None:
+def save_image(image, path: Path) -> None:
     """[-1, 1] tensor (3, H, W) -> PNG at ``path`` (a full disk is named)."""
     from .imaging import to_pil
 
@@ -76,7 +75,7 @@ def _save_image(image, path: Path) -> None:
         to_pil(image).save(path)
 
 
-def _stack_same_size(images):
+def stack_same_size(images):
     import torch
 
     sizes = {tuple(x.shape[-2:]) for x in images}
@@ -85,13 +84,13 @@ def _stack_same_size(images):
     return torch.stack(images)
 
 
-def _generator(seed: int | None):
+def seeded_generator(seed: int | None):
     import torch
 
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
-def _output_stems(names) -> list[str]:
+def output_stems(names) -> list[str]:
     """One output file stem per input: its own, or all numbered (``0003-x``) when two inputs share one (a/x.jpg, b/x.png),
     so that no output replaces another."""
     stems = [Path(name).stem for name in names]
@@ -101,14 +100,14 @@ def _output_stems(names) -> list[str]:
     return [f"{i:04d}-{stem}" for i, stem in enumerate(stems)]
 
 
-def _output_dir(path: str, flag: str = "--out") -> Path:
+def make_output_dir(path: str, flag: str = "--out") -> Path:
     out = check_output_folder(path, flag)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _output_file(path: str, suffix: str) -> Path:
+def check_output_file(path: str, suffix: str) -> Path:
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise ValueError(f"output {path!r} must end in {suffix}")
@@ -119,7 +118,7 @@ def _output_file(path: str, suffix: str) -> Path:
     return out
 
 
-def _read_latents(path: str, key: str):
+def read_latents(path: str, key: str):
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -135,7 +134,7 @@ def _read_latents(path: str, key: str):
     return tensor, metadata
 
 
-def _raw_latents(vae, latents, metadata: dict, space: str | None):
+def raw_latents(vae, latents, metadata: dict, space: str | None):
     from .latents import unscale_latents
 
     space = space or metadata.get("space", "raw")
@@ -144,21 +143,5 @@ def _raw_latents(vae, latents, metadata: dict, space: str | None):
     channels = vae.config.latent_channels
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
-    _check_finite(latents, "the latents")
+    check_finite(latents, "the latents")
     return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
-
-
-def model_config_path(model: str | os.PathLike, flag: str) -> Path:
-    """The ``config.json`` of a local diffusers-format model folder (``vae/config.json`` of a pipeline folder)."""
-    for path in (Path(model) / "config.json", Path(model) / "vae" / "config.json"):
-        if path.is_file():
-            return path
-    raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
-
-
-def update_config(config_path: Path, fields: dict) -> None:
-    """Set ``fields`` in a config.json (the weights are not touched)."""
-    config = json.loads(config_path.read_text())
-    config.update(fields)
-    with writing(config_path):
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

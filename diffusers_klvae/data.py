@@ -176,7 +176,7 @@ def check_image_column(dataset: "datasets.IterableDataset", image_column: str | 
     return image_column
 
 
-def _raw_images(dataset: "datasets.IterableDataset", image_column: str) -> "datasets.IterableDataset":
+def raw_image_column(dataset: "datasets.IterableDataset", image_column: str) -> "datasets.IterableDataset":
     """Keep only the image column and turn its decoding off: we decode ourselves, so a bad file cannot raise inside datasets."""
     import datasets
 
@@ -190,7 +190,7 @@ def _raw_images(dataset: "datasets.IterableDataset", image_column: str) -> "data
 # --------------------------------------------------------------------------------------------------- decoding
 
 
-def _read_bytes(value: Any) -> tuple[bytes, str]:
+def read_image_value(value: Any) -> tuple[bytes, str]:
     """One raw column value ({"bytes", "path"} dict, raw bytes, or a path) -> (encoded bytes, name for messages)."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
@@ -250,7 +250,7 @@ def preprocess_image(
     return to_tensor(img)
 
 
-def _fingerprint(data: bytes) -> str:
+def image_fingerprint(data: bytes) -> str:
     """Identity of an encoded image (for held-out exclusion): same bytes, same key, wherever the file sits."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -290,11 +290,11 @@ def take_validation_images(
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     image_column = check_image_column(dataset, image_column)
-    min_size = _default_min_size(resolution) if min_size is None else min_size
+    min_size = default_min_size(resolution) if min_size is None else min_size
     images, names, keys = [], [], set()
-    for example in _raw_images(dataset, image_column):
+    for example in raw_image_column(dataset, image_column):
         try:
-            data, name = _read_bytes(example[image_column])
+            data, name = read_image_value(example[image_column])
             img = decode_image(data, name=name)
         except ValueError as err:
             logger.warning("validation: skipped %s", err)
@@ -303,7 +303,7 @@ def take_validation_images(
             continue
         images.append(preprocess_image(img, resolution=resolution, center_crop=True))
         names.append(os.path.basename(name) if name != "<bytes>" else f"image {len(names)}")
-        keys.add(_fingerprint(data))
+        keys.add(image_fingerprint(data))
         if len(images) == n:
             break
     if not images:
@@ -323,11 +323,11 @@ def load_validation_images(paths: Sequence[str | os.PathLike], *, resolution: in
             raise FileNotFoundError(f"validation image not found: {os.fspath(path)!r}")
         data = read_image_bytes(path)  # chosen by hand: an unreadable one raises (UnreadableImage names it)
         images.append(preprocess_image(decode_image(data, name=os.fspath(path)), resolution=resolution, center_crop=True))
-        keys.add(_fingerprint(data))
+        keys.add(image_fingerprint(data))
     return ValidationImages(torch.stack(images), [os.path.basename(os.fspath(p)) for p in paths], frozenset(keys))
 
 
-def _default_min_size(resolution: int) -> int:
+def default_min_size(resolution: int) -> int:
     # Shorter side below resolution/2 would be upscaled more than 2x: the decoder would learn to draw interpolation blur.
     return resolution // 2
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli_support import int_at_least
-from .data import _raw_images, _read_bytes, check_image_column, load_image_dataset, preprocess_image
+from .data import raw_image_column, read_image_value, check_image_column, load_image_dataset, preprocess_image
 from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, to_rgb
 
@@ -164,14 +164,14 @@ class ImageSource:
 
     def _hf_entries(self, dataset) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
         column = check_image_column(dataset, self.image_column)
-        for i, example in enumerate(_raw_images(dataset, column)):  # decoding off: a bad row must not stop the stream
+        for i, example in enumerate(raw_image_column(dataset, column)):  # decoding off: a bad row must not stop the stream
             value = example[column]
             if isinstance(value, Image.Image):
                 yield f"{i:06d}", (lambda v=value: to_rgb(v))
                 continue
             path = value.get("path") if isinstance(value, dict) else None
             name = f"{i:06d}" + (f" ({os.path.basename(path)})" if path else "")
-            yield name, (lambda v=value, n=name: decode_image(_read_bytes(v)[0], name=n))
+            yield name, (lambda v=value, n=name: decode_image(read_image_value(v)[0], name=n))
 
 
 def _looks_like_dataset_id(text: str) -> bool:

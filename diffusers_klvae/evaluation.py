@@ -12,9 +12,11 @@ files in ``eval_report``, the model loader in ``loading``; their public names ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
 from typing import Sequence
 
 import torch
@@ -31,8 +33,9 @@ from .eval_report import results_table, write_report  # noqa: F401 - public name
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
 from .imaging import reconstruction_grid, to_uint8
 from .loading import load_vae
+from .latent_masks import downsampling_factor, masked_reconstruct, random_pixel_mask
 from .metrics import (  # noqa: F401 - public names of this module since before the split
-    SSIM_KERNEL_SIZE, SSIM_SIGMA, _Meters, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
+    PER_IMAGE_KEYS, SSIM_KERNEL_SIZE, SSIM_SIGMA, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,55 @@ def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool 
     posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
     z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
     return vae.decode(z).sample.float()
+
+
+class _Meters:
+    """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
+
+    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_extractor, device: torch.device):
+        self.metrics, self.lpips_model, self.device = metrics, lpips_model, device
+        self.fid_metric = make_fid_metric(fid_extractor).to(device) if fid_extractor is not None else None
+        self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it to completion
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
+        """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
+        per_image = {"psnr": psnr, "ssim": ssim, "lpips": lambda x, y: lpips_distance(x, y, self.lpips_model)}
+        for metric in (m for m in self.metrics if m in per_image):
+            with self.timed(metric):
+                self.values[metric] += per_image[metric](x8, rec8).tolist()
+        if "rfid" in self.metrics:
+            with self.timed("rfid"):
+                self.fid_metric.update(x8, real=True)
+                self.fid_metric.update(rec8, real=False)
+
+    def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
+        with self.timed("masked_psnr"):
+            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=downsampling_factor(vae))
+            decoded, target, region = masked_reconstruct(vae, x, mask)
+            dec8, target8 = to_uint8(decoded), to_uint8(target)
+            self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
+            self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
+
+    def summaries(self) -> dict[str, MetricSummary]:
+        summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
+        if "rfid" in self.metrics:
+            count = int(self.fid_metric.real_features_num_samples)
+            if count < 2:
+                logger.warning("rFID needs at least 2 images, got %d: not computed", count)
+            with self.timed("rfid"):
+                summaries["rfid"] = MetricSummary(float(self.fid_metric.compute()) if count >= 2 else float("nan"), None, count)
+        return summaries
 
 
 def evaluate(

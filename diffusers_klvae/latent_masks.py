@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .models.config import downsampling_factor_of
+
 MASK_MODES = ("any", "all", "area")
 MASK_KINDS = ("boxes", "strokes")
 DEFAULT_FILL = 0.0  # raw latents: what `latent_mask` multiplication gives; pixels: mid-gray in [-1, 1]
@@ -22,7 +24,7 @@ def downsampling_factor(vae_or_factor) -> int:
     if hasattr(vae_or_factor, "downsampling_factor"):  # KLVAE, or a wrapper that says it
         return int(vae_or_factor.downsampling_factor)
     if hasattr(vae_or_factor, "config") and "block_out_channels" in vae_or_factor.config:
-        return 2 ** (len(vae_or_factor.config.block_out_channels) - 1)  # one 2x downsample between encoder levels
+        return downsampling_factor_of(vae_or_factor.config)
     if not isinstance(vae_or_factor, (int, np.integer)) or isinstance(vae_or_factor, bool):
         raise ValueError(f"expected a VAE or a positive int downsampling factor, got {type(vae_or_factor).__name__}")
     if vae_or_factor < 1:

@@ -19,10 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli_io import model_config_path, update_config
 from .cli_support import OneLineParser, check_output_folder, run_command, writing
 from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device
-from .loading import load_vae
+from .loading import load_vae, model_config_path, update_config
 
 logger = logging.getLogger(__name__)
 

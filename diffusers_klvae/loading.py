@@ -179,6 +179,25 @@ def _model_subfolder(folder: Path) -> str | None:
                      f"model; expected config.json + {WEIGHTS_NAME}, a pipeline folder with vae/, or a single file")
 
 
+def model_config_path(model: str | os.PathLike, flag: str) -> Path:
+    """The ``config.json`` of a local diffusers-format model folder (``vae/config.json`` of a pipeline folder), for a
+    tool that writes into it; ``flag`` names the option that needs one."""
+    folder = Path(model)
+    if folder.is_dir() and any((folder / sub / CONFIG_NAME).is_file() for sub in ("", "vae")):
+        return folder / (_model_subfolder(folder) or "") / CONFIG_NAME
+    raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
+
+
+def update_config(config_path: Path, fields: dict) -> None:
+    """Set ``fields`` in a model's config.json (the weights are not touched); a full disk is named."""
+    from .cli_support import writing
+
+    config = json.loads(config_path.read_text())
+    config.update(fields)
+    with writing(config_path):
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:
     """The dtype a local model folder's weights are stored in (``None`` for anything else), so that a tool that
     re-saves a model (``klvae-push``) keeps an fp16 folder fp16."""

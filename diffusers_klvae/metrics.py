@@ -1,22 +1,13 @@
 """Reconstruction metrics as pure functions on uint8 image batches (B, 3, H, W), the pictures a user would save
-(``imaging.to_uint8``): PSNR, SSIM, LPIPS, rFID, region PSNR; and ``_Meters``, their accumulator over one
-evaluation pass. ``evaluation`` runs them with its protocol and re-exports them."""
+(``imaging.to_uint8``): PSNR, SSIM, LPIPS, rFID, region PSNR. ``evaluation`` runs them with its protocol and
+re-exports them."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
-
-from .eval_results import MetricSummary
-from .imaging import to_uint8
-from .latent_masks import downsampling_factor, masked_reconstruct, random_pixel_mask
-
-logger = logging.getLogger("diffusers_klvae.evaluation")
 
 PEAK = 255.0  # PSNR / SSIM data range: metrics are computed on uint8 values
 SSIM_KERNEL_SIZE, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, the setting every VAE paper reports
@@ -107,53 +98,3 @@ def region_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
     weight = region.to(x.device).double().expand_as(x)
     mse = ((x.double() - y.double()).square() * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3))
     return 10.0 * torch.log10(PEAK**2 / mse)
-
-
-class _Meters:
-    """Per-image values, the FID accumulator and stage timings of one evaluation pass."""
-
-    def __init__(self, metrics: Sequence[str], *, lpips_model, fid_extractor, device: torch.device):
-        self.metrics, self.lpips_model, self.device = metrics, lpips_model, device
-        self.fid_metric = make_fid_metric(fid_extractor).to(device) if fid_extractor is not None else None
-        self.values = {key: [] for m in metrics for key in PER_IMAGE_KEYS[m]}
-        self.timings: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(self, stage: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it to completion
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-
-    def update(self, x8: torch.Tensor, rec8: torch.Tensor) -> None:
-        """Per-image metrics and FID features of one batch of uint8 originals / reconstructions."""
-        per_image = {"psnr": psnr, "ssim": ssim, "lpips": lambda x, y: lpips_distance(x, y, self.lpips_model)}
-        for metric in (m for m in self.metrics if m in per_image):
-            with self.timed(metric):
-                self.values[metric] += per_image[metric](x8, rec8).tolist()
-        if "rfid" in self.metrics:
-            with self.timed("rfid"):
-                self.fid_metric.update(x8, real=True)
-                self.fid_metric.update(rec8, real=False)
-
-    def update_masked(self, vae, x: torch.Tensor, generator: torch.Generator) -> None:
-        with self.timed("masked_psnr"):
-            mask = random_pixel_mask(x.shape[0], *x.shape[-2:], "boxes", generator, grid=downsampling_factor(vae))
-            decoded, target, region = masked_reconstruct(vae, x, mask)
-            dec8, target8 = to_uint8(decoded), to_uint8(target)
-            self.values["masked_psnr_kept"] += region_psnr(dec8, target8, region).tolist()
-            self.values["masked_psnr_hole"] += region_psnr(dec8, target8, 1.0 - region).tolist()
-
-    def summaries(self) -> dict[str, MetricSummary]:
-        summaries = {key: MetricSummary.of(values) for key, values in self.values.items()}
-        if "rfid" in self.metrics:
-            count = int(self.fid_metric.real_features_num_samples)
-            if count < 2:
-                logger.warning("rFID needs at least 2 images, got %d: not computed", count)
-            with self.timed("rfid"):
-                summaries["rfid"] = MetricSummary(float(self.fid_metric.compute()) if count >= 2 else float("nan"), None, count)
-        return summaries
-

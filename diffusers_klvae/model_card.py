@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .eval_results import EvaluationResult, MetricSummary, load_metrics
+from .models.config import downsampling_factor_of
 from .publish_checks import flatten, is_local_path, plain, read_json, sanitize_training_args
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def architecture_rows(vae) -> list[tuple[str, str]]:
     """(label, value) rows describing the autoencoder, read from its config and parameters."""
     config = dict(vae.config)
     channels = list(config["block_out_channels"])
-    factor = 2 ** (len(channels) - 1)
+    factor = downsampling_factor_of(config)
     latent = config["latent_channels"]
     n_params = sum(p.numel() for p in vae.parameters())
     n_enc = sum(p.numel() for p in vae.encoder.parameters())
@@ -225,7 +226,7 @@ def _usage_pipeline(config: Mapping) -> tuple[str, str]:
 
 def _limitations(config: Mapping, base_model: str | None, pipeline_base: str, has_metrics: bool) -> list[str]:
     """Honest caveats for the card, chosen from the config and what was recorded."""
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    factor = downsampling_factor_of(config)
     if base_model:
         items = [f"Fine-tuned from `{base_model}`: it drops into pipelines built on that VAE only as far as its "
                  "latent space stayed the same (a frozen encoder keeps it exactly); compare generations before "
@@ -331,7 +332,7 @@ def render_model_card(
     args_yaml = yaml.safe_dump(args, sort_keys=False, allow_unicode=True).strip() if args else ""
     card = ModelCard.from_template(
         card_data, template_path=os.fspath(template_path), model_name=model_name, repo_id=repo_id,
-        factor=2 ** (len(config["block_out_channels"]) - 1), latent_channels=config["latent_channels"],
+        factor=downsampling_factor_of(config), latent_channels=config["latent_channels"],
         shift_factor=config.get("shift_factor"), architecture=architecture_rows(vae), pipeline_class=pipeline_class,
         model_class=cls, import_line=import_line, pipeline_base=pipeline_base, single_file_name=single_file_name,
         single_file_tools=single_file_tools(config) if single_file_name else None, has_ema=has_ema,

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from .cli_support import OneLineParser
 from .loading import load_vae_config
+from .models.config import downsampling_factor_of
 from .publish_checks import REPO_ID
 
 DEFAULT_PRESET = "sd-kl-f8"
@@ -248,7 +249,7 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder (or use 'latest')")
 
-    factor = 2 ** (len(model_config_dict(cfg)["block_out_channels"]) - 1)  # one 2x downsample between encoder levels
+    factor = downsampling_factor_of(model_config_dict(cfg))
     if cfg.resolution % factor:
         raise ValueError(f"--resolution {cfg.resolution} must be a multiple of the model's downsampling factor {factor} "
                          f"(e.g. {max(factor, cfg.resolution // factor * factor)})")

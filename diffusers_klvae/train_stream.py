@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from .data import _default_min_size, _fingerprint, _raw_images, _read_bytes, check_image_column, preprocess_image
+from .data import default_min_size, image_fingerprint, raw_image_column, read_image_value, check_image_column, preprocess_image
 from .imaging import UnreadableImage, decode_image
 
 if TYPE_CHECKING:
@@ -105,11 +105,11 @@ class ImageStream:
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index must be in [0, num_processes={num_processes}), got {process_index}")
         self.image_column = check_image_column(dataset, image_column)
-        self.dataset = _raw_images(dataset, self.image_column)
+        self.dataset = raw_image_column(dataset, self.image_column)
         self.resolution, self.batch_size, self.shuffle_buffer_size = resolution, batch_size, shuffle_buffer_size
         self.center_crop, self.random_flip, self.crop_zoom = center_crop, random_flip, tuple(crop_zoom)
         self.seed, self.process_index, self.num_processes = seed, process_index, num_processes
-        self.min_size = _default_min_size(resolution) if min_size is None else min_size
+        self.min_size = default_min_size(resolution) if min_size is None else min_size
         self.exclude, self.num_threads = frozenset(exclude), num_threads
         self._position = _Position(epoch=0, block=0, block_start=None, offset=0)
         self.seen = 0  # images handed out by this process
@@ -203,8 +203,8 @@ class ImageStream:
         it. Pure function of the position: thread-safe."""
         pos, value = item
         try:
-            data, name = _read_bytes(value)
-            if self.exclude and _fingerprint(data) in self.exclude:
+            data, name = read_image_value(value)
+            if self.exclude and image_fingerprint(data) in self.exclude:
                 return pos, None, "excluded"
             img = decode_image(data, name=name)
             if min(img.size) < self.min_size:

@@ -27,7 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from . import tiling
-from .config import config_for_disk, config_from_disk, validate_architecture
+from .config import config_for_disk, config_from_disk, downsampling_factor_of, validate_architecture
 from .encoder_decoder import Decoder, Encoder
 from .posterior import DiagonalGaussianDistribution
 from .presets import list_presets, preset_config
@@ -147,7 +147,7 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
     @property
     def downsampling_factor(self) -> int:
         """Pixels per latent cell along each side: 2 ** (levels - 1) (8 for KL-f8)."""
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return downsampling_factor_of(self.config)
 
     # ------------------------------------------------------------------ encode / decode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:

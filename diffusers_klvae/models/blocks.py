@@ -133,7 +133,7 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _act_(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def act_inplace(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """act(h), in place on h (our own temporary) when grad is off and the activation allows it."""
     if not torch.is_grad_enabled() and isinstance(act, nn.SiLU):
         return F.silu(h, inplace=True)  # saves one full-size temporary per block, same values
@@ -142,7 +142,7 @@ def _act_(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def norm_act(norm: GroupNorm, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm then activation; in inference the activation runs in place on the norm's fresh output."""
-    return _act_(act, norm(x))
+    return act_inplace(act, norm(x))
 
 
 def nearest_2x(x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,7 @@ def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Ten
         out = conv(norm_act(norm, act, x))
         return out if out_dtype is None else out.to(out_dtype)
     scale, shift = norm(x, return_scale_shift=True)
-    return conv_rows(conv, x, lambda band: _act_(act, torch.addcmul(shift, band, scale)), out_dtype=out_dtype,
+    return conv_rows(conv, x, lambda band: act_inplace(act, torch.addcmul(shift, band, scale)), out_dtype=out_dtype,
                      inplace=inplace and out_dtype in (None, x.dtype))
 
 

@@ -16,6 +16,11 @@ SE_DOWN_BLOCK_TYPE = "SqueezeExcitationDownEncoderBlock2D(needs diffusers_klvae.
 EXTRA_CONFIG_DEFAULTS = {"encoder_squeeze_excitation": False, "latent_rgb_factors": None}
 
 
+def downsampling_factor_of(config) -> int:
+    """The spatial factor between images and latents: one 2x downsample between consecutive encoder levels."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def validate_architecture(in_channels, out_channels, down_block_types, up_block_types, block_out_channels,
                           layers_per_block, latent_channels, norm_num_groups) -> None:
     """Raise a ValueError naming the wrong value and what is allowed (``act_fn`` is checked by ``blocks.activation``)."""

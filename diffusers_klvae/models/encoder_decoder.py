@@ -33,10 +33,10 @@ class _CheckpointedStages(nn.Module):
         its weights."""
         if torch.is_grad_enabled():
             return list(blocks)
-        return [layer for block in blocks for layer in ([block] if _hooked(block) else block.layers())]
+        return [layer for block in blocks for layer in ([block] if is_hooked(block) else block.layers())]
 
 
-def _hooked(module: nn.Module) -> bool:
+def is_hooked(module: nn.Module) -> bool:
     """Whether diffusers' hooks (``HookRegistry``: group offloading, layerwise casting) or accelerate's
     (``add_hook_to_module``: cpu offload) wrap the module's forward."""
     return getattr(module, "_diffusers_hook", None) is not None or getattr(module, "_hf_hook", None) is not None

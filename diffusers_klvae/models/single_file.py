@@ -156,7 +156,7 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def save_single_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def write_ldm_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s weights in the original LDM layout as ``.safetensors`` (no prefix), whatever the
     architecture (``KLVAE.save_single_file`` checks it first)."""
     from safetensors.torch import save_file

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from .presets import list_presets, preset_config
-from .single_file import checkpoint_state_dict, load_single_file_into, single_file_mismatches
-from .single_file import save_single_file as write_single_file
+from .single_file import checkpoint_state_dict, load_single_file_into, single_file_mismatches, write_ldm_file
 
 
 class SingleFileMixin:
@@ -110,7 +109,7 @@ class SingleFileMixin:
             differing = ", ".join(f"{key}={value!r} (needs {want!r})" for key, (value, want) in mismatches.items())
             raise ValueError(f"ComfyUI/A1111 load single files as the SD KL-f8 architecture, and this config differs: "
                              f"{differing}; use save_pretrained, or force=True for tools that read its config")
-        write_single_file(self, path)
+        write_ldm_file(self, path)
 
 
 def _resolve_config(cls, config: dict | str | os.PathLike | None, *, subfolder: str | None = None, **hub) -> dict[str, Any]:

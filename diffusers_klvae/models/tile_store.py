@@ -1,6 +1,6 @@
 """Where the whole maps of a tiled call live (``tiling.py``): a store with a device budget (``MapStore``), maps read
 and written in bands of rows (``Map``; ``FileMap`` in a temporary file), and the whole-map moments merged while a
-map is written (``Moments``: its next GroupNorm's exact statistics).
+map is written (``StreamedMoments``: its next GroupNorm's exact statistics).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class MapStore:
         return self.dtype.itemsize * x.shape[0] * x.shape[1] * x.shape[3]
 
 
-class Moments:
+class StreamedMoments:
     """Whole-map per-channel moments merged band by band (count per channel, mean and M2 in float64, each (B, C))."""
 
     def __init__(self):
@@ -161,7 +161,7 @@ class Map:
 
     def begin(self) -> None:
         """Start a pass writing the map: its moments restart from nothing."""
-        self.moments = Moments() if self.track else None
+        self.moments = StreamedMoments() if self.track else None
 
     def write(self, r0: int, band: torch.Tensor) -> None:
         """Store the computed ``band`` at rows r0.., and merge its moments (of the computed values, before the

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, _act_, base_layer, computing_in, nearest_2x,
+from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, act_inplace, base_layer, computing_in, nearest_2x,
                      upscale_dtype)
-from .encoder_decoder import _hooked
-from .tile_store import STORAGE_DTYPE, Map, MapStore, Moments
+from .encoder_decoder import is_hooked
+from .tile_store import STORAGE_DTYPE, Map, MapStore, StreamedMoments
 from .upsample_phases import PhaseForm, has_phase_form, upsample_conv
 
 # Default budget: this many times the bytes of the largest map of one tile in the model's dtype. diffusers' tiled decode
@@ -84,7 +84,7 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
 def _check_unhooked(part: nn.Module, name: str) -> nn.Module:
     # Tiling calls the layers of the encoder/decoder one by one, never its forward: a hook there (block-level group
     # offloading loads the weights of conv_in, the mid block and conv_out in it) would not run.
-    if _hooked(part):
+    if is_hooked(part):
         raise ValueError(f"tiling runs the {name} layer by layer, past the hook on its forward (block-level group "
                          "offloading); use enable_group_offload(..., offload_type='leaf_level') with tiling")
     return part
@@ -278,7 +278,7 @@ def _scale_shift(norm: GroupNorm, x, store: MapStore) -> tuple[torch.Tensor, tor
 def _norm_act(norm: GroupNorm, act: nn.Module, x, store: MapStore):
     """``act(norm(band))`` for bands of x, with the GroupNorm statistics of the whole map x."""
     scale, shift = _scale_shift(norm, x, store)
-    return lambda band: _act_(act, band.mul_(scale).add_(shift))  # in place: bands read from a map are new tensors
+    return lambda band: act_inplace(act, band.mul_(scale).add_(shift))  # in place: bands read from a map are new tensors
 
 
 def _sweep(store: MapStore, out: Map, band_of, *, per_row: float, halo: int = 0, lag: int = 0) -> Map:
@@ -303,7 +303,7 @@ def _sweep(store: MapStore, out: Map, band_of, *, per_row: float, halo: int = 0,
 def _statistics_pass(store: MapStore, x) -> None:
     """Fill the moments of a computed map (a stored one has them from its writing pass)."""
     if x.moments is None and isinstance(x, _Computed):
-        x.moments = Moments()
+        x.moments = StreamedMoments()
         rows = store.rows((x.read_maps + 1) * store.row_bytes(x), halo=2)
         for r0 in range(0, x.shape[2], rows):
             x.moments.add(x.read(r0, min(r0 + rows, x.shape[2])))
