@@ -27,16 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def reconstruct(vae, images: torch.Tensor, *, batch_size: int = 8, autocast=None) -> torch.Tensor:
+def reconstruct_batched(vae, images: torch.Tensor, *, batch_size: int = 8, autocast=None) -> torch.Tensor:
     """[-1, 1] images -> reconstructions from the posterior mode (the evaluation protocol), float32 on the CPU."""
-    from .evaluation import reconstruct as reconstruct_batch
+    from .evaluation import reconstruct
 
     was_training = vae.training
     vae.eval()
     outs = []
     for chunk in images.split(batch_size):
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-            outs.append(reconstruct_batch(vae, chunk).float().cpu())
+            outs.append(reconstruct(vae, chunk).float().cpu())
     vae.train(was_training)
     return torch.cat(outs)
 
@@ -64,7 +64,7 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
 
     raw = accelerator.unwrap_model(vae)
     with ema_weights(ema, raw):
-        recs = reconstruct(raw, images, autocast=accelerator.autocast)
+        recs = reconstruct_batched(raw, images, autocast=accelerator.autocast)
     originals, quantized = to_uint8(images), to_uint8(recs)  # the protocol scores the uint8 pictures
     metrics: dict[str, Any] = {"step": step, **(extra or {}), "weights": "ema" if ema is not None else "raw", "count": int(images.shape[0]),
                                "psnr": float(psnr(originals, quantized).mean()),

@@ -90,9 +90,9 @@ def score(vae, images: torch.Tensor, lpips_model) -> tuple[dict[str, float], tor
     """Mean PSNR / SSIM / LPIPS of the model's reconstructions (evaluation protocol: posterior mode, uint8)."""
     from diffusers_klvae.evaluation import lpips_distance, psnr, ssim
     from diffusers_klvae.imaging import to_uint8
-    from diffusers_klvae.train_outputs import reconstruct
+    from diffusers_klvae.train_outputs import reconstruct_batched
 
-    recs = reconstruct(vae, images)
+    recs = reconstruct_batched(vae, images)
     x, y = to_uint8(images), to_uint8(recs)
     return {"psnr": float(psnr(x, y).mean()), "ssim": float(ssim(x, y).mean()),
             "lpips": float(lpips_distance(x, y, lpips_model).mean())}, recs
