@@ -124,6 +124,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
     hub_futures, hub_api = [], HfApi() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     batches = iter(stream)
     images_per_update = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    history_every = max(1, cfg.max_train_steps // 2000)  # the loss curve keeps ~2000 points (it is checkpointed)
     logger.info("training steps %d..%d on %d process(es), %d images per update", step + 1, cfg.max_train_steps, world, images_per_update)
 
     # the bar closes on an error too, so that a one-line error is the last line on stderr
@@ -148,7 +149,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
             accelerator.log(logs, step=step)
             progress.update(1)
             progress.set_postfix(train_outputs.postfix(logs), refresh=False)
-            if step % train_outputs.history_every(cfg.max_train_steps) == 0 or step == cfg.max_train_steps:
+            if step % history_every == 0 or step == cfg.max_train_steps:
                 history.append({"step": step, **{k: v for k, v in logs.items() if k not in ("images_per_s", "skipped")}})
 
             # 7) validation (main process, EMA weights if on), then checkpoint (every process writes its own state)
@@ -175,18 +176,11 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
     return {**metrics, "output_dir": str(out), "skipped": stream.skipped}
 
 
-def _fail(err: BaseException) -> None:
-    """A user error: one line on stderr, exit status 2 (as every klvae command)."""
-    sys.stderr.write(f"train_autoencoder.py: error: {one_line(err)}\n")
-    sys.exit(EXIT_USAGE)
-
-
 if __name__ == "__main__":
+    # bad arguments, a model or data that cannot be opened (before any work), then the folder, the disk, the data,
+    # a model or checkpoint file, the machine: one line on stderr, exit status 2 (as every klvae command)
     try:
-        config = train_config.parse_args(sys.argv[1:])
-    except USER_ERRORS as err:  # bad arguments, a model or data that cannot be opened: one line before any work
-        _fail(err)
-    try:
-        train(config)
-    except USER_ERRORS as err:  # the folder, the disk, the data, a model or checkpoint file, the machine: one line
-        _fail(err)
+        train(train_config.parse_args(sys.argv[1:]))
+    except USER_ERRORS as err:
+        sys.stderr.write(f"train_autoencoder.py: error: {one_line(err)}\n")
+        sys.exit(EXIT_USAGE)

@@ -1,11 +1,7 @@
-"""What a checkpoint carries beyond Accelerate's own state (optimizers, schedulers, grad scaler, RNG states).
-
-Registered with the accelerator (:func:`register_checkpoint_state`), in :data:`REGISTERED_STATES` order: the
-data-stream position and the posterior/mask generator of each process (gathered: Accelerate writes registered states
-from the main process only), the EMA's counters and the loss's own parameters; and a save/load hook that writes the
-models as ``save_pretrained`` folders, the layout users load (``vae/`` with the EMA as the ``ema`` variant,
-``discriminator/``), as diffusers' training examples do. Pickles are read with ``torch.load(weights_only=True)``
-only (see :func:`_refuse_unsafe_pickles`). ``checkpoints.py`` writes, finds and retires the checkpoint folders.
+"""What a checkpoint carries beyond Accelerate's own state (optimizers, schedulers, grad scaler, RNG states): the
+registered per-process data positions and generators, the EMA's counters, the loss's own parameters, and the hooks
+that write the models as ``save_pretrained`` folders (layout in docs/training.md). ``checkpoints.py`` writes, finds
+and retires the checkpoint folders.
 """
 
 from __future__ import annotations
@@ -108,11 +104,12 @@ class LossParameters:
 def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, data_stream, loss_fn=None) -> None:
     """Register with ``accelerator`` what ``checkpoints.save_checkpoint`` / ``load_checkpoint`` must carry beyond
     Accelerate's own: the stream position and the generator (per process), the EMA, the loss's own parameters
-    (``--learn_logvar``), and the models as
-    ``save_pretrained`` folders. Call once, after ``accelerator.prepare`` (the VAE first, the discriminator second)."""
+    (``--learn_logvar``), and the models as ``save_pretrained`` folders. Call once, after ``accelerator.prepare``
+    (the VAE first, the discriminator second)."""
     per_process = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     states = {"data_stream": PerProcessState(data_stream, **per_process),
-              "generator": PerProcessState(GeneratorState(generator), **per_process), "ema_counters": EMACounters(ema), "loss_parameters": LossParameters(loss_fn)}
+              "generator": PerProcessState(GeneratorState(generator), **per_process),
+              "ema_counters": EMACounters(ema), "loss_parameters": LossParameters(loss_fn)}
     accelerator.register_for_checkpointing(*(states[name] for name in REGISTERED_STATES))
     gathered = [states["data_stream"], states["generator"]]
     accelerator.register_save_state_pre_hook(partial(_save_models, accelerator, ema, gathered))

@@ -1,14 +1,7 @@
-"""Checkpoints of a training run: ``output_dir/checkpoint-<step>/`` on Accelerate's own state machinery.
+"""Checkpoints of a training run: ``output_dir/checkpoint-<step>/`` on Accelerate's own state machinery, written
+atomically and together by every process, found, checked, retired, and the one-run-per-folder lock.
 
-``accelerator.save_state`` / ``load_state`` write and read a checkpoint, with what ``checkpoint_state.py`` registers
-(per-process data positions and generators, the EMA, the models as ``save_pretrained`` folders). Around it, what a
-kill, a full disk or a second run must not break:
-
-- a checkpoint is written to ``.tmp-checkpoint-<step>/``, ``training_state.json`` (:data:`CHECKPOINT_MARKER`) last,
-  then renamed: a kill leaves the whole checkpoint or a temporary folder ``latest`` ignores; a write failing on one
-  process fails on all of them (:func:`write_together`), so none waits at a barrier for a process already gone;
-- :func:`find_latest_checkpoint` skips marked checkpoints that miss a file; :func:`set_aside_newer_checkpoints`
-  moves the newer ones aside when a run resumes from an older one; :func:`output_dir_lock` admits one run per folder.
+``checkpoint_state.py`` registers what a checkpoint carries beyond Accelerate's state; docs/training.md has the layout.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Image data for autoencoder training: any source as a ``datasets.IterableDataset``, decoded by ``imaging``'s one
-reader, preprocessed to [-1, 1] crops, with held-out validation images excluded by content.
+reader, preprocessed to [-1, 1] crops, with held-out validation images excluded by content (see docs/data.md).
 
-What ``train_autoencoder.py`` does::
-
-    ds = load_image_dataset(train_data_dir="assets/photos")   # or dataset_name=, data_files=, image_paths=
-    val = take_validation_images(ds, 2, resolution=128)
-    stream = make_train_stream(ds, resolution=128, batch_size=4, seed=0, exclude=val.keys,
-                               process_index=accelerator.process_index, num_processes=accelerator.num_processes)
-    for step, batch in zip(range(max_steps), stream):   # endless; checkpoint with stream.state_dict()
-        ...
-
-The training stream (``make_train_stream``, ``ImageStream``: endless, resumable, counts what it skips) lives in
-``train_stream``; both names are importable from here. Pixels are float32 RGB in [-1, 1], shape (3, H, W).
+The training stream itself (``make_train_stream``, ``ImageStream``) lives in ``train_stream``; both names are
+importable from here.
 """
 
 from __future__ import annotations
@@ -150,22 +141,18 @@ def _path_dataset(image_paths: Sequence[str | os.PathLike], num_shards: int) -> 
     return table.to_iterable_dataset(num_shards=max(1, min(num_shards, len(table))))
 
 
-def _column_names(dataset: "datasets.IterableDataset") -> list[str]:
+def check_image_column(dataset: "datasets.IterableDataset", image_column: str | None = None) -> str:
+    """Return the image column's name; ``None`` auto-detects one of ``IMAGE_COLUMN_CANDIDATES``.
+
+    Raises ``ValueError`` listing the dataset's columns when the column is missing (before any training work).
+    """
     names = dataset.column_names
     if names is None:  # features unknown until read (some streamed formats): look at the first example
         first = next(iter(dataset.take(1)), None)
         if first is None:
             raise ValueError("the dataset is empty")
         names = list(first)
-    return list(names)
-
-
-def check_image_column(dataset: "datasets.IterableDataset", image_column: str | None = None) -> str:
-    """Return the image column's name; ``None`` auto-detects one of ``IMAGE_COLUMN_CANDIDATES``.
-
-    Raises ``ValueError`` listing the dataset's columns when the column is missing (before any training work).
-    """
-    names = _column_names(dataset)
+    names = list(names)
     if image_column is None:
         for candidate in IMAGE_COLUMN_CANDIDATES:
             if candidate in names:

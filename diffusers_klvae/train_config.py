@@ -174,11 +174,6 @@ class _TrainConfigParser(HfArgumentParser):
         HfArgumentParser._parse_dataclass_field(group, field)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``train_autoencoder.py``: one flag per :class:`TrainConfig` field (and its aliases)."""
-    return _TrainConfigParser()
-
-
 def parse_args(argv: Sequence[str] | None = None, *, check_data: bool = True) -> TrainConfig:
     """Command line -> :class:`TrainConfig`, validated before any work.
 
@@ -190,7 +185,7 @@ def parse_args(argv: Sequence[str] | None = None, *, check_data: bool = True) ->
         `ValueError` with a message naming the bad argument and what was expected; argparse's own errors
         (unknown option, bad choice) exit with status 2 as usual.
     """
-    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    cfg = TrainConfig(**vars(_TrainConfigParser().parse_args(argv)))
     validate_config(cfg, check_data=check_data)
     return cfg
 

@@ -170,8 +170,8 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
     from .model_card import render_model_card
     from .eval_results import validation_result
 
-    out = Path(cfg.output_dir)
-    save_model_folder(accelerator.unwrap_model(vae), out, ema=ema)
+    out, raw = Path(cfg.output_dir), accelerator.unwrap_model(vae)
+    save_model_folder(raw, out, ema=ema)
     curve = plot_loss_curve(history, out / "loss_curve.png")
     images = [p for p in (metrics.get("grid"), curve) if p]
     card_metrics = None
@@ -179,7 +179,6 @@ def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], 
         card_metrics = validation_result({k: metrics[k] for k in ("psnr", "ssim", "lpips") if k in metrics},
                                          count=metrics["count"], resolution=cfg.resolution, weights=metrics["weights"],
                                          step=metrics["step"])
-    raw = accelerator.unwrap_model(vae)
     base_model = cfg.pretrained_model_name_or_path if _looks_like_hub_id(cfg.pretrained_model_name_or_path) else None
     datasets = [cfg.dataset_name] if _looks_like_hub_id(cfg.dataset_name) else None
     card = render_model_card(raw, repo_id=cfg.hub_model_id or f"your-name/{out.resolve().name}", metrics=card_metrics,
@@ -205,11 +204,6 @@ def _looks_like_hub_id(value: str | None) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # progress display and debug logs
 # ----------------------------------------------------------------------------------------------------------
-
-
-def history_every(max_train_steps: int, points: int = 2000) -> int:
-    """Record the loss curve every n steps so a long run keeps ~``points`` points (the history is checkpointed)."""
-    return max(1, max_train_steps // points)
 
 
 _POSTFIX_KEYS = {"loss": "loss", "rec": "rec", "lpips": "lpips", "kl": "kl", "g": "g", "d_loss": "d",

@@ -1,5 +1,5 @@
 """The training stream: shard -> block shuffle -> decode (``imaging``'s one reader) -> crop/flip -> [-1, 1] batches,
-forever, exactly resumable. ``data`` re-exports ``make_train_stream`` and ``ImageStream`` (see its docstring for the API).
+forever, exactly resumable. ``data`` re-exports ``make_train_stream`` and ``ImageStream`` (API: docs/data.md).
 
 Why not ``datasets``' own shuffle buffer: ``IterableDataset.state_dict()`` does not hold the buffer's content, so a
 resumed run refills the buffer and sees different images (the library documents this). We shuffle in windows
