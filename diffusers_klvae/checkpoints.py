@@ -180,10 +180,11 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os
         return None
     if resume_from_checkpoint == "latest":
         latest = find_latest_checkpoint(output_dir)
-        broken = list_checkpoints(output_dir)
-        if latest is None and broken:  # checkpoints, none usable: starting over would be refused as "an earlier run"
-            raise ValueError(f"no usable checkpoint in {output_dir}: " + "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in broken))
         if latest is None:
+            broken = list_checkpoints(output_dir)
+            if broken:  # checkpoints, none usable: starting over would be refused as "an earlier run"
+                raise ValueError(f"no usable checkpoint in {output_dir}: "
+                                 + "; ".join(f"{p.name}: {checkpoint_problem(p)}" for p in broken))
             logger.info("no complete checkpoint in %s yet: starting a new run", output_dir)
         return latest
     path = Path(resume_from_checkpoint)

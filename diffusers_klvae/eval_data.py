@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli_support import int_at_least
-from .data import raw_image_column, read_image_value, check_image_column, load_image_dataset, preprocess_image
+from .data import check_image_column, load_image_dataset, preprocess_image, raw_image_column, read_image_value
 from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, to_rgb
 

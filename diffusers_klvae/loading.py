@@ -183,8 +183,11 @@ def model_config_path(model: str | os.PathLike, flag: str) -> Path:
     """The ``config.json`` of a local diffusers-format model folder (``vae/config.json`` of a pipeline folder), for a
     tool that writes into it; ``flag`` names the option that needs one."""
     folder = Path(model)
-    if folder.is_dir() and any((folder / sub / CONFIG_NAME).is_file() for sub in ("", "vae")):
-        return folder / (_model_subfolder(folder) or "") / CONFIG_NAME
+    if folder.is_dir():
+        try:
+            return folder / (_model_subfolder(folder) or "") / CONFIG_NAME
+        except ValueError:  # no config.json there: say which option needs one
+            pass
     raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from .data import default_min_size, image_fingerprint, raw_image_column, read_image_value, check_image_column, preprocess_image
+from .data import (check_image_column, default_min_size, image_fingerprint, preprocess_image, raw_image_column,
+                   read_image_value)
 from .imaging import UnreadableImage, decode_image
 
 if TYPE_CHECKING:
