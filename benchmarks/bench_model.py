@@ -90,7 +90,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    weights = os.path.join(tempfile.mkdtemp(), "weights.safetensors")
+    tmp = tempfile.TemporaryDirectory(prefix="bench_model-")  # 330 MB of weights, removed when main returns
+    weights = os.path.join(tmp.name, "weights.safetensors")
     from safetensors.torch import save_file
 
     save_file(perturbed_state(), weights)
