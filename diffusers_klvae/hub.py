@@ -21,7 +21,7 @@ from .cli_support import OneLineParser, check_output_folder, run_main, writing
 from .eval_results import load_metrics
 from .imaging import load_image
 from .loading import (CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae,
-                      save_model_folder, stored_dtype)
+                      save_model_folder, stored_dtype, update_config)
 from .model_card import DEFAULT_LICENSE, render_model_card, same_path, single_file_tools
 from .publish_checks import CARD_NAME, LICENSE_ID, REPO_ID, sanitize_training_args, validate_folder
 
@@ -62,13 +62,6 @@ def _as_klvae(vae):
     clone = KLVAE.from_config(vae.config)
     clone.load_state_dict(vae.state_dict())
     return clone
-
-
-def _strip_local_name(config_path: Path) -> None:
-    """from_pretrained records the local folder as ``_name_or_path``; that absolute path must not be published."""
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.pop("_name_or_path", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _stage_images(images: Sequence, folder: Path) -> list[Path]:
@@ -139,7 +132,7 @@ def stage_folder(
         if ema_vae is not None:
             _check_ema(vae, ema_vae)
         save_model_folder(vae, folder, ema=ema_vae)
-        _strip_local_name(folder / CONFIG_NAME)
+        update_config(folder / CONFIG_NAME, {}, remove=("_name_or_path",))  # from_pretrained's local path: not published
         single_file_name = None
         if single_file or (single_file is None and single_file_tools(vae.config)):
             single_file_name = f"{repo_id.split('/')[-1]}.safetensors"

@@ -191,14 +191,17 @@ def model_config_path(model: str | os.PathLike, flag: str) -> Path:
     raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
 
 
-def update_config(config_path: Path, fields: dict) -> None:
-    """Set ``fields`` in a model's config.json (the weights are not touched); a full disk is named."""
+def update_config(config_path: Path, fields: dict, remove: tuple[str, ...] = ()) -> None:
+    """Set ``fields`` in a model's config.json and drop the keys in ``remove`` (the weights are not touched); a full
+    disk is named."""
     from .cli_support import writing
 
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     config.update(fields)
+    for key in remove:
+        config.pop(key, None)
     with writing(config_path):
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:

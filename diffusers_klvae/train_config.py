@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence
 
 from transformers import HfArgumentParser
 
-from .cli_support import OneLineParser
+from .cli_support import OneLineParser, check_output_folder
 from .loading import load_vae_config
 from .models.config import downsampling_factor_of
 from .publish_checks import REPO_ID
@@ -229,8 +229,7 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
             raise ValueError(f"--{flag} needs --hub_model_id (e.g. your-name/your-vae)")
     if cfg.hub_model_id is not None and not REPO_ID.fullmatch(cfg.hub_model_id):  # before the run, not after it
         raise ValueError(f"--hub_model_id must look like 'user/name' or 'name', got {cfg.hub_model_id!r}")
-    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ValueError(f"--output_dir {cfg.output_dir!r} is a file, not a folder")
+    check_output_folder(cfg.output_dir, "--output_dir")
     logs = Path(cfg.output_dir) / cfg.logging_dir
     if logs.exists() and not logs.is_dir():
         raise ValueError(f"--logging_dir {cfg.logging_dir!r} is a file in --output_dir, not a folder")

@@ -263,6 +263,15 @@ def test_no_token_secret_or_local_path_in_any_published_file(vaes, images, tmp_p
     assert all(call[2].get("token") == TOKEN for call in api.calls)  # the token went to the API only
 
 
+def test_a_loaded_models_local_folder_is_not_published(vaes, tmp_path):
+    vae, _ = vaes
+    vae.save_pretrained(tmp_path / "local")
+    loaded = KLVAE.from_pretrained(tmp_path / "local")
+    assert str(loaded.config._name_or_path) == str(tmp_path / "local")  # what diffusers would write into config.json
+    config = (hub.stage_folder(loaded, tmp_path / "repo", repo_id=REPO_ID) / "config.json").read_text()
+    assert "_name_or_path" not in json.loads(config) and str(tmp_path) not in config
+
+
 def test_publish_makes_one_repo_and_one_commit(vaes, images, tmp_path):
     vae, ema = vaes
     api = RecordingApi()

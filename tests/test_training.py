@@ -116,7 +116,7 @@ def test_arguments_parse_into_frozen_config(photos_dir, tmp_path):
         (["--adam_beta1", "2"], "--adam_beta1 must be in [0, 1), got 2.0"),
         (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be >= 1, got 0"),
         (["--hub_model_id", "bad id/"], "--hub_model_id must look like 'user/name' or 'name', got 'bad id/'"),
-        (["--output_dir", __file__], f"--output_dir {__file__!r} is a file, not a folder"),
+        (["--output_dir", __file__], f"--output_dir {__file__!r} exists and is not a folder"),
         (["--output_dir", Path(__file__).parent, "--logging_dir", "conftest.py"],
          "--logging_dir 'conftest.py' is a file in --output_dir, not a folder"),
     ],
