@@ -222,14 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _subcommand(sub, "reconstruct", cmd_reconstruct, "encode and decode images; write PNGs and an optional comparison grid", "decode(encode(x)) for each image (posterior mean unless --sample); writes OUT/<name>.png.")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", default=None, help="also write original | reconstruction | amplified error rows to this .png (images of one size)")
     _add_posterior_sample(p, "decode")
     _add_resolution(p)
 
     p = _subcommand(sub, "encode", cmd_encode, "encode images to a .safetensors file of latents", "Writes tensor 'latents' (B, C, H/f, W/f): raw latents (VAE space) unless --scaled; metadata records the space, the scaling_factor and the file names.")
-    p.add_argument("images", nargs="+", help="image files (one size, or pass --resolution)")
+    p.add_argument("images", nargs="+", help="image files or folders (one size, or pass --resolution)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file")
     p.add_argument("--scaled", action="store_true", help="store diffusion-space latents ((z - shift) * scaling_factor), what a diffusion model sees")
     _add_posterior_sample(p, "store")

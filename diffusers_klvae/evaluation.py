@@ -2,7 +2,8 @@
 under a named protocol, written into every result; the protocols' steps are in docs/evaluation.md#protocols.
 
 The metrics live in ``metrics``, the sources and protocols in ``eval_data``, the results in ``eval_results``, the
-files in ``eval_report``, the model loader in ``loading``; their public names are importable from here::
+files in ``eval_report``, the model loader in ``loading``. The ones a user needs (``evaluate``, ``compare``,
+``reconstruct``, ``load_vae``, the result dataclasses, ``PROTOCOLS``, ``ImageSource``) are importable from here::
 
     from diffusers_klvae.evaluation import evaluate
     result = evaluate("stabilityai/sd-vae-ft-mse", "path/to/images", resolution=256)

@@ -57,7 +57,7 @@ class TrainConfig:
     # --- data (see diffusers_klvae.data)
     dataset_name: str | None = data(help='Hub dataset id or a `datasets` builder ("imagefolder", "parquet", ...).')
     dataset_config_name: str | None = data()
-    train_data_dir: str | None = data(help="local image folder (read as imagefolder).")
+    train_data_dir: str | None = data(help="local image folder, listed recursively (docs/data.md).")
     data_files: tuple[str, ...] = data((), "parquet / webdataset shards or image globs.")
     image_column: str | None = data(help='default: auto-detect ("image", "img", "jpg", "png", ...).')
     streaming: bool | None = data(help="stream the dataset (default: on for Hub datasets, off for local folders).",
