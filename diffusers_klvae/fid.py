@@ -2,8 +2,7 @@
 
 :func:`load_fid_inception` returns what ``FrechetInceptionDistance(feature=2048, antialias=False)`` builds inside
 (torchmetrics' ``NoTrainInceptionV3``: torch-fidelity's port of TF's ``pt_inception-2015-12-05`` graph, FID as
-defined by Heusel et al. 2017); only its weights file varies, see docs/evaluation.md and ``offline_weights``. Tests
-use :func:`random_feature_extractor`, a small seeded CNN with the same interface, and say so.
+defined by Heusel et al. 2017); only its weights file varies, see docs/evaluation.md and ``offline_weights``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .offline_weights import hub_cache_file, offline_file_or_raise, standard_file_usable
@@ -74,26 +72,3 @@ def _inception(path: Path | None) -> nn.Module:
     # default antialias=True is another resize). torch-fidelity reads `path` with weights_only=False, as it reads its own
     # standard file: the setup step wrote it, into the same cache
     return NoTrainInceptionV3("inception-v3-compat", [str(FID_FEATURES)], path and str(path), antialias=False)
-
-
-class _RandomFeatures(nn.Module):
-    """uint8 (B, 3, H, W) -> (B, d): resize to 32x32, two random convs, mean pool. For tests only."""
-
-    def __init__(self, num_features: int, seed: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, num_features, 3, stride=2, padding=1)
-        self.num_features = num_features  # read by torchmetrics' FrechetInceptionDistance
-        self.source = f"random test CNN (seed {seed}), NOT Inception"  # a result made with it cannot pass for rFID
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images.float(), size=(32, 32), mode="bilinear", align_corners=False)
-        x = self.conv2(torch.relu(self.conv1((x - 128) / 128)))  # (B, d, 8, 8)
-        return x.mean(dim=(2, 3))
-
-
-def random_feature_extractor(num_features: int = 16, seed: int = 0) -> nn.Module:
-    """A small seeded random CNN with the FID network's interface: fast unit tests, never reported numbers."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-        torch.manual_seed(seed)
-        return _RandomFeatures(num_features, seed).eval().requires_grad_(False)

@@ -81,7 +81,7 @@ def rfid(originals: Iterable[torch.Tensor], reconstructions: Iterable[torch.Tens
 
     Args:
         originals, reconstructions: iterables of uint8 batches (at least 2 images each).
-        feature_extractor: ``fid.load_fid_inception()`` for a real rFID (``fid.random_feature_extractor`` in tests).
+        feature_extractor: ``fid.load_fid_inception()`` for a real rFID (the tests use a small random CNN).
     """
     metric = make_fid_metric(feature_extractor)
     for batch in originals:

@@ -10,7 +10,6 @@ from PIL import Image
 from scipy import linalg
 
 from diffusers_klvae import KLVAE
-from diffusers_klvae import fid as fid_module
 from diffusers_klvae.evaluation import (
     MetricSummary,
     evaluate,
@@ -54,6 +53,25 @@ def _uint8_pairs(seed=0, shape=(3, 3, 24, 20), noise=40):
     a = rng.integers(0, 256, shape, dtype=np.uint8)
     b = np.clip(a.astype(np.int64) + rng.integers(-noise, noise + 1, shape), 0, 255).astype(np.uint8)
     return a, b
+
+
+class RandomFeatures(torch.nn.Module):
+    """A small seeded random CNN with the FID network's interface (uint8 (B, 3, H, W) -> (B, d)): fast tests of the
+    FID arithmetic and plumbing, never reported numbers; its ``source`` says so in every result."""
+
+    def __init__(self, num_features: int, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # leave the test's random stream untouched
+            torch.manual_seed(seed)
+            self.conv1 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.conv2 = torch.nn.Conv2d(16, num_features, 3, stride=2, padding=1)
+        self.num_features = num_features  # read by torchmetrics' FrechetInceptionDistance
+        self.source = f"random test CNN (seed {seed}), NOT Inception"
+        self.eval().requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float(), size=(32, 32), mode="bilinear", align_corners=False)
+        return self.conv2(torch.relu(self.conv1((x - 128) / 128))).mean(dim=(2, 3))
 
 
 def _photo_crops(photo_paths, n, size, seed=0):
@@ -139,7 +157,7 @@ def _fid_reference(real, fake, extractor):
 
 
 def test_rfid_self_is_zero_blur_is_positive_and_matches_scipy(photo_paths):
-    extractor = fid_module.random_feature_extractor(num_features=8)
+    extractor = RandomFeatures(num_features=8)
     images = _photo_crops(photo_paths, 24, 32)
     blurred = to_uint8(torch.nn.functional.avg_pool2d(images.float() / 127.5 - 1, 5, stride=1, padding=2, count_include_pad=False))
     batches = lambda x: x.split(10)  # noqa: E731 - streamed in uneven batches like evaluate does
@@ -221,7 +239,7 @@ class _IdentityVAE(torch.nn.Module):
 
 
 def test_perfect_reconstruction_is_handled_cleanly(photo_paths, fast_lpips, tmp_path):
-    extractor = fid_module.random_feature_extractor(num_features=4)
+    extractor = RandomFeatures(num_features=4)
     images = [load_image(p) for p in photo_paths]
     result = evaluate(_IdentityVAE(), images, resolution=RES, lpips_model=fast_lpips, fid_extractor=extractor, progress=False)
     assert result.metrics["psnr"].mean == float("inf")
