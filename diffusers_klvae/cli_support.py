@@ -36,19 +36,27 @@ class DiskFull(OSError):
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
     """Turn a full disk (``OSError`` ENOSPC, or the iostream/IO error torch and safetensors raise) inside the block into
-    :class:`DiskFull` naming ``path``; other errors pass through."""
+    :class:`DiskFull` naming ``path``, and remove ``path`` if it is a file left half-written (a truncated JSON or PNG
+    must not pass for a result); other errors pass through."""
     try:
         yield
     except DiskFull:
         raise
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise DiskFull(path) from err
+            raise _disk_full(path) from err
         raise
     except Exception as err:  # noqa: BLE001 - RuntimeError (torch), SafetensorError (safetensors): told apart by text
         if any(text in str(err) for text in _DISK_FULL_TEXTS) or (isinstance(err, RuntimeError) and _nearly_full(path)):
-            raise DiskFull(path) from err
+            raise _disk_full(path) from err
         raise
+
+
+def _disk_full(path: str | os.PathLike) -> DiskFull:
+    if os.path.isfile(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return DiskFull(path)
 
 
 def _nearly_full(path: str | os.PathLike) -> bool:

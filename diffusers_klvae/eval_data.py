@@ -229,7 +229,10 @@ def autocast_dtype(dtype) -> torch.dtype | None:
 def resolve_device(device=None, model=None) -> torch.device:
     """``device`` when given, else where a caller's ``model`` (a module) lives, else CUDA when available, else the CPU."""
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:  # torch lists every device type it knows, over several lines
+            raise ValueError(f"device {device!r} is not a torch device: expected e.g. cpu, cuda, cuda:1 or mps") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (use --device cpu)")
         return device

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +16,7 @@ from .cli_support import writing
 from .eval_results import EvaluationResult, ProtocolRecord, results_to_dict
 from .metrics import SSIM_KERNEL_SIZE, SSIM_SIGMA
 
+logger = logging.getLogger(__name__)
 
 _COLUMNS = (  # (metric key, header, digits)
     ("psnr", "PSNR ↑", 2),
@@ -62,9 +64,13 @@ def write_report(results: Sequence[EvaluationResult], output_dir: str | os.PathL
         files["grid"] = out / "grid.png"
         table += f"\nGrid ({files['grid'].name}): one row per image: original | " + " | ".join(r.model for r in results) \
                  + " | amplified error of each, same order.\n"
+    elif (out / "grid.png").is_file():  # an earlier run's grid would sit beside these numbers as if it showed them
+        (out / "grid.png").unlink()
+        logger.info("removed the earlier run's %s", out / "grid.png")
+    # file names that are not UTF-8 (os.listdir's surrogate escapes) are written with backslash escapes
     writers = {
         "json": lambda path: path.write_text(json.dumps(results_to_dict(results), indent=2) + "\n"),
-        "markdown": lambda path: path.write_text(table),
+        "markdown": lambda path: path.write_text(table, encoding="utf-8", errors="backslashreplace"),
         "csv": lambda path: _write_csv(results, path),
         "grid": lambda path: grid.save(path),
     }
@@ -76,7 +82,7 @@ def write_report(results: Sequence[EvaluationResult], output_dir: str | os.PathL
 
 def _write_csv(results: Sequence[EvaluationResult], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in results for k in r.per_image))
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "image", *keys])
         for r in results:

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from . import __version__
+from .cli_io import check_finite
 from .cli_support import OneLineParser, check_output_folder, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
     PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
@@ -178,6 +179,7 @@ def evaluate(
                 x = x.to(device)
                 with meters.timed("reconstruct"), autocast():
                     x_rec = reconstruct(vae, x, sample_posterior=sample_posterior, generator=generator)
+                check_finite(x_rec, f"the reconstructions of {name or model_name(vae_or_path)}")  # not scored as black
                 meters.update(to_uint8(x), to_uint8(x_rec))  # metrics outside autocast: float32 (float64 for FID sums)
                 if "masked_psnr" in metrics:
                     with autocast():

@@ -205,6 +205,10 @@ def compute_latent_statistics(
     whole = acc.moments()
     if whole.count < 2:
         raise ValueError(f"latent statistics need at least 2 images, got {whole.count}")
+    broken = [c for c, std in enumerate(whole.channel_std) if not std > 0]  # zero or NaN: nothing to scale by
+    if broken:
+        raise ValueError(f"latent channel(s) {broken} have zero or non-finite variance over {whole.count} images "
+                         "(a dead channel or NaN weights): no scaling factor can be fitted")
     half, batch = acc.moments(whole.count // 2), acc.moments(first_batch)
     return LatentStatistics(
         all=whole, first_half=half, first_batch=batch, scaling_factor=1.0 / whole.std, shift_factor=whole.mean,

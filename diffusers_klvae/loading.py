@@ -107,12 +107,20 @@ def _locate(spec: str, subfolder: str | None):
     if path.is_dir():
         return "folder", path, subfolder if subfolder is not None else _model_subfolder(path)
     if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:  # e.g. an image given as --model: not a pickle error
+            raise ValueError(f"cannot load model {spec!r}: a file that is not a model; expected a single file "
+                             f"({', '.join(SINGLE_FILE_SUFFIXES)}), a model folder, a preset or a Hub id")
         return "file", path, None
     if spec.startswith("https://") and spec.endswith(SINGLE_FILE_SUFFIXES):
         return "file", spec, None
     if spec in list_presets():
         return "preset", spec, None
+    if path.exists():  # a FIFO, a socket...
+        raise ValueError(f"cannot load model {spec!r}: not a folder or a regular file")
     if looks_like_hub_id(spec):
+        if Path(spec.split("/")[0]).is_dir():  # "outputs/my-run" with outputs/ here: a mistyped path, not a repo
+            raise ValueError(f"cannot load model {spec!r}: no such folder or file (read as a local path, not a Hub "
+                             f"id, because {spec.split('/')[0]!r} is a folder here)")
         parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
         return "hub", "/".join(parts[:2]), subfolder or "/".join(parts[2:]) or None
     return None, spec, subfolder

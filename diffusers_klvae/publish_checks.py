@@ -148,7 +148,7 @@ def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> N
         token (`str`, *optional*, defaults to `None`): the token about to be used; it must not appear in any file.
 
     Checks: ``config.json`` (a diffusers config with ``_class_name``) and ``diffusion_pytorch_model.safetensors``
-    at the root; every ``.safetensors`` readable and non-empty (single file and ``ema`` variant included);
+    at the root; every ``.safetensors`` readable, non-empty and finite (single file and ``ema`` variant included);
     ``README.md`` with YAML metadata holding ``library_name``, ``license`` and ``tags``; no Hub token, given token or
     local absolute path in any text file.
     """
@@ -161,6 +161,7 @@ def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> N
 
 
 def _weight_problems(folder: Path) -> list[str]:
+    import torch
     from safetensors import safe_open
 
     problems = []
@@ -180,6 +181,9 @@ def _weight_problems(folder: Path) -> list[str]:
             with safe_open(os.fspath(path), framework="pt") as f:
                 if not list(f.keys()):
                     problems.append(f"{rel} holds no tensors")
+                bad = sum(int((~torch.isfinite(f.get_tensor(key))).sum()) for key in f.keys())
+                if bad:  # a diverged run: every image it decodes would be black
+                    problems.append(f"{rel} holds {bad} NaN/Inf weights")
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             problems.append(f"{rel} is not a readable safetensors file: {err}")
     return problems

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -306,6 +307,31 @@ def test_cli_compares_models_and_writes_files(tmp_path, image_dir, tiny_vae, cap
     assert "PSNR" in (out / "metrics.md").read_text()
 
 
+def test_cli_writes_non_utf8_file_names_and_drops_a_stale_grid(tmp_path, photo_paths, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    load_image(photo_paths[0]).resize((RES, RES)).save(data / "plain.png")
+    with open(os.fsencode(data) + b"/caf\xe9.png", "wb") as f:  # a Latin-1 name, as old archives have
+        load_image(photo_paths[1]).resize((RES, RES)).save(f, format="PNG")
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--data", str(data), "--resolution", str(RES), "--metrics", "psnr", "--output", str(out)]
+    assert main(argv + ["--grid-images", "2"]) == 0 and (out / "grid.png").is_file()
+    with open(out / "per_image.csv", encoding="utf-8") as f:
+        assert sorted(row["image"] for row in csv.DictReader(f)) == ["caf\\udce9.png", "plain.png"]
+    assert sorted(json.loads((out / "metrics.json").read_text())["results"][0]["image_names"]) == ["caf\udce9.png", "plain.png"]
+    assert main(argv + ["--grid-images", "0"]) == 0
+    assert not (out / "grid.png").exists()  # the first run's grid does not stay beside the second run's numbers
+    capsys.readouterr()
+
+
+def test_a_model_that_reconstructs_nan_is_refused_not_scored(image_dir):
+    vae = KLVAE.from_preset("tiny").eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")  # NaN pixels would be scored as black ones
+    with pytest.raises(ValueError, match=r"the reconstructions of broken contain \d+ NaN/Inf values"):
+        evaluate(vae, image_dir, resolution=RES, metrics=("psnr",), name="broken", progress=False)
+
+
 def test_cli_one_line_errors(tmp_path, image_dir, capsys):
     assert main(["--model", str(tmp_path / "missing"), "--data", str(image_dir), "--metrics", "psnr"]) == 2
     err = capsys.readouterr().err
@@ -314,6 +340,9 @@ def test_cli_one_line_errors(tmp_path, image_dir, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["--model", "tiny", "--data", str(image_dir), "--metrics", "psnr,fid50k"]) == 2
     assert "metrics must be" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--data", str(image_dir), "--metrics", "psnr", "--device", "banana"]) == 2
+    assert capsys.readouterr().err == ("klvae-eval: error: device 'banana' is not a torch device: expected e.g. cpu, "
+                                       "cuda, cuda:1 or mps\n")
 
 
 def test_results_table_rows():

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_klvae import KLVAE
 from diffusers_klvae import hub, model_card
@@ -290,6 +290,12 @@ def _drop_weights(folder: Path):
     (folder / "diffusion_pytorch_model.safetensors").unlink()
 
 
+def _nan_in_weights(folder: Path):
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    weights["decoder.conv_out.bias"][0] = float("nan")  # a diverged run
+    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+
+
 def _card_without_metadata(folder: Path):
     text = (folder / "README.md").read_text()
     (folder / "README.md").write_text(text.split("\n---\n", 1)[1])
@@ -312,6 +318,7 @@ def _home_in_card(folder: Path):
 
 @pytest.mark.parametrize("damage, message", [
     (_drop_weights, "missing weights diffusion_pytorch_model.safetensors"),
+    (_nan_in_weights, "diffusion_pytorch_model.safetensors holds 1 NaN/Inf weights"),
     (_home_in_card, f"README.md contains the local path '{Path.home()}'"),  # the path itself, not a pattern
     (_card_without_metadata, "README.md has no YAML metadata block"),
     (_card_without_license, "README.md metadata lacks license"),

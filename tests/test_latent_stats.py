@@ -80,3 +80,12 @@ def test_cli_writes_stats_histogram_and_config(tmp_path, tiny_vae, photos_dir, c
 def test_cli_write_config_needs_a_folder(photos_dir, capsys):
     assert main(["--model", "tiny", "--data", str(photos_dir), "--write-config"]) == 2
     assert "needs a local diffusers-format model folder" in capsys.readouterr().err
+
+
+def test_a_dead_latent_channel_is_named_not_divided_by(images):
+    vae = KLVAE.from_preset("tiny").eval()
+    with torch.no_grad():
+        vae.quant_conv.weight[1] = 0  # channel 1 of the posterior mean is always 0
+        vae.quant_conv.bias[1] = 0
+    with pytest.raises(ValueError, match=r"latent channel\(s\) \[1\] have zero or non-finite variance over 5 images"):
+        compute_latent_statistics(vae, images, resolution=RES, batch_size=2, sample_posterior=False, progress=False)

@@ -1,5 +1,7 @@
 """The one model loader (``loading.load_vae``): every spec kind, variants, dtype, Hub arguments, one-line errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -59,6 +61,9 @@ def test_hub_ids_pass_subfolder_revision_and_variant(monkeypatch):
     ("bad.safetensors", "cannot load model .*bad.safetensors"),
     ("noweights", "folder 'noweights' has config.json but no weights: expected diffusion_pytorch_model.safetensors"),
     ("listconfig", r"'listconfig/config.json' is not a JSON object: expected a diffusers model config"),
+    ("photo.png", r"'photo.png': a file that is not a model; expected a single file \(.safetensors, .ckpt"),
+    ("fifo", "cannot load model 'fifo': not a folder or a regular file"),
+    ("empty/my-run", r"'empty/my-run': no such folder or file \(read as a local path, not a Hub id, because 'empty' "),
 ])
 def test_errors_are_one_line_naming_what_was_expected(spec, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -68,6 +73,8 @@ def test_errors_are_one_line_naming_what_was_expected(spec, message, tmp_path, m
     (tmp_path / "noweights" / "config.json").write_text("{}")
     (tmp_path / "listconfig").mkdir()
     (tmp_path / "listconfig" / "config.json").write_text("[1, 2, 3]")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG not a model")
+    os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ValueError, match=message) as info:
         load_vae(spec)
     assert "\n" not in str(info.value)
