@@ -13,7 +13,8 @@ single checkpoint file (``.safetensors``/``.ckpt``, original LDM layout), a pres
 Hub id. Image arguments may be files or folders (listed recursively); images are read by ``imaging``'s one
 reader, and one that it refuses (undecodable, decompression bomb, dangling symlink, FIFO...) is skipped with a
 warning naming it and the reason (``interpolate`` needs both of its images). Bad arguments, paths and shapes,
-non-finite latents or pixels (NaN/Inf) and a full disk end with a one-line error and exit code 2.
+non-finite latents or pixels (NaN/Inf), an output that would replace an input and a full disk end with a one-line
+error and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ import sys
 
 from .cli_io import (
     check_finite,
+    check_not_inputs,
     check_output_file,
+    find_images,
     load_images,
     make_output_dir,
+    output_names,
     output_stems,
     raw_latents,
     read_latents,
     save_image,
+    scaling_metadata,
     seeded_generator,
     stack_same_size,
 )
-from .cli_support import OneLineParser, int_at_least, positive_float, run_main, writing
+from .cli_support import OneLineParser, check_output_folder, int_at_least, positive_float, run_main, writing
 from .loading import model_config_path, update_config
 
 logger = logging.getLogger(__name__)
@@ -53,11 +58,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     """``--model`` -> an eval-mode VAE on ``device`` (default: cuda if available, else cpu), loaded by
-    ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id)."""
+    ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id), whose
+    decoder refuses to output NaN/Inf."""
     from .eval_data import resolve_device
     from .loading import load_vae
 
-    return load_vae(spec, dtype=dtype).to(resolve_device(device)).eval()
+    vae = load_vae(spec, dtype=dtype).to(resolve_device(device)).eval()
+    # NaN weights, a NaN scaling_factor or a float16 overflow decode to NaN, which PIL writes as black pixels; sample
+    # and interpolate turn pixels into PIL images inside `latents`, so check them where every command's pixels are made
+    vae.decoder.register_forward_hook(lambda module, inputs, pixels: check_finite(pixels, "the decoded images"))
+    return vae
 
 
 def cmd_reconstruct(args) -> None:
@@ -67,17 +77,21 @@ def cmd_reconstruct(args) -> None:
     from .latents import decode_latents, encode_images
 
     grid = check_output_file(args.grid, ".png") if args.grid else None  # before any work
+    inputs = find_images(args.images)
+    stems = dict(zip(inputs, output_stems(inputs)))  # numbered when two inputs share a name, even one skipped later
+    out = check_output_folder(args.out, "--out")
+    check_not_inputs([out / f"{stem}.png" for stem in stems.values()] + ([grid] if grid else []), inputs)
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    out = make_output_dir(args.out)
-    paths, images = load_images(args.images, args.resolution, vae)
+    make_output_dir(args.out)
+    paths, images = load_images(args.images, args.resolution, vae)  # lists them as find_images did: paths are keys of stems
     x_all = stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
     generator = seeded_generator(args.seed)
     recs = []
-    for path, stem, x in zip(paths, output_stems(paths), images):  # one at a time: photos may differ in size
+    for path, x in zip(paths, images):  # one at a time: photos may differ in size
         latents = encode_images(vae, x, sample=args.sample, generator=generator)
         rec = decode_latents(vae, latents)[0].cpu()
         check_finite(rec, f"the reconstruction of {path!r}")
-        save_image(rec, out / f"{stem}.png")
+        save_image(rec, out / f"{stems[path]}.png")
         recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
     if grid:
@@ -98,10 +112,11 @@ def cmd_encode(args) -> None:
     check_finite(latents, "the encoded latents")  # a model overflowing (e.g. float16) must not leave a file of NaNs
     if args.scaled:
         latents = scale_latents(vae, latents)
+        check_finite(latents, f"the latents scaled with the model's scaling_factor {vae.config.scaling_factor}")
     metadata = {
         "format": "klvae-latents",
         "space": "diffusion" if args.scaled else "raw",
-        "scaling_factor": str(vae.config.scaling_factor),
+        **scaling_metadata(vae),  # decode unscales with these, even after the model's config is refitted
         "files": json.dumps([os.path.basename(p) for p in paths]),
     }
     with writing(out):
@@ -114,32 +129,40 @@ def cmd_decode(args) -> None:
 
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     latents, metadata = read_latents(args.latents, args.key)
-    out = make_output_dir(args.out)
-    images = decode_latents(vae, raw_latents(vae, latents, metadata, args.space)).cpu()
+    latents = raw_latents(vae, latents, metadata, args.space, args.latents)
+    out = check_output_folder(args.out, "--out")
+    paths = [out / f"{stem}.png" for stem in output_stems(output_names(metadata, len(latents), args.latents))]
+    # the names are those of the encoded images: --out may be their folder, and nothing tells them from earlier decodes
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing:
+        raise ValueError(f"--out {args.out!r} already holds {existing[0].name} (decode never replaces a file, which may be "
+                         "an image the latents were encoded from): expected a new or empty folder")
+    images = decode_latents(vae, latents).cpu()
     check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
-    names = json.loads(metadata["files"]) if "files" in metadata else []
-    if len(names) != len(images):
-        names = [f"{i:04d}" for i in range(len(images))]
-    for stem, image in zip(output_stems(names), images):
-        save_image(image, out / f"{stem}.png")
+    make_output_dir(args.out)
+    for path, image in zip(paths, images):
+        save_image(image, path)
     logger.info("wrote %d images to %s", len(images), out)
 
 
 def cmd_interpolate(args) -> None:
     from .latents import interpolate
 
-    vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = check_output_file(args.output, ".png")
-    frames_dir = make_output_dir(args.frames_dir, "--frames-dir") if args.frames_dir else None
+    frames_dir = check_output_folder(args.frames_dir, "--frames-dir") if args.frames_dir else None
+    frames = [frames_dir / f"frame_{i:03d}.png" for i in range(args.steps)] if frames_dir else []
+    check_not_inputs([out] + frames, [args.image_a, args.image_b])
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
+    if frames_dir:
+        make_output_dir(args.frames_dir, "--frames-dir")
     _, (a, b) = load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
     stack_same_size([a, b])
     with writing(out):
-        frames = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
-    if frames_dir:
-        for i, frame in enumerate(frames):
-            with writing(frames_dir / f"frame_{i:03d}.png"):
-                frame.save(frames_dir / f"frame_{i:03d}.png")
-    logger.info("wrote %d frames to %s", len(frames), out)
+        images = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
+    for path, image in zip(frames, images):
+        with writing(path):
+            image.save(path)
+    logger.info("wrote %d frames to %s", len(images), out)
 
 
 def cmd_sample(args) -> None:
@@ -163,10 +186,14 @@ def cmd_preview(args) -> None:
     if not args.images and not args.latents:
         raise ValueError("give images to preview or --latents FILE")
     config_path = model_config_path(args.model, "--store") if args.store else None  # before any work
-    vae = load_model(args.model, device=args.device, dtype=args.dtype)
     out = check_output_file(args.output, ".png")
+    check_not_inputs([out], (find_images(args.images) if args.images else []) + (find_images(args.fit) if args.fit else [])
+                     + ([args.latents] if args.latents else []))
+    vae = load_model(args.model, device=args.device, dtype=args.dtype)
     factor = downsampling_factor(vae)
     factors = fit_preview_map(vae, load_images(args.fit, args.resolution, vae)[1]) if args.fit else vae  # else the model's map
+    if args.fit:
+        check_finite(factors, "the fitted preview map")  # NaN latents fit a NaN map: neither shown nor stored
     if config_path and args.fit:
         update_config(config_path, {"latent_rgb_factors": factors.tolist()})
         logger.info("stored latent_rgb_factors in %s", config_path)
@@ -174,9 +201,11 @@ def cmd_preview(args) -> None:
     rows = []
     if args.latents:
         latents, metadata = read_latents(args.latents, args.key)
-        rows += [[show(z[None])] for z in raw_latents(vae, latents, metadata, args.space).cpu()]
-    for x in (load_images(args.images, args.resolution, vae)[1] if args.images else []):
-        rows.append([to_pil(x), show(encode_images(vae, x).cpu())])
+        rows += [[show(z[None])] for z in raw_latents(vae, latents, metadata, args.space, args.latents).cpu()]
+    for path, x in zip(*load_images(args.images, args.resolution, vae)) if args.images else []:
+        z = encode_images(vae, x).cpu()
+        check_finite(z, f"the latents of {path!r}")  # NaN latents would preview as black
+        rows.append([to_pil(x), show(z)])
     with writing(out):
         save_grid(rows, out)
     logger.info("wrote %d previews to %s", len(rows), out)
@@ -235,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_posterior_sample(p, "store")
     _add_resolution(p)
 
-    p = _subcommand(sub, "decode", cmd_decode, "decode a .safetensors file of latents to PNGs", "Decodes tensor --key (B, C, h, w). The latent space comes from the file's metadata (written by 'klvae encode'), else raw; --space overrides it.")
+    p = _subcommand(sub, "decode", cmd_decode, "decode a .safetensors file of latents to PNGs", "Decodes tensor --key (B, C, h, w) to new files OUT/<name>.png (an existing file is never replaced). The latent space comes from the file's metadata (written by 'klvae encode'), else raw; --space overrides it. Diffusion-space latents are unscaled with the scaling_factor/shift_factor the file records, else the model's.")
     p.add_argument("latents", help=".safetensors file")
     p.add_argument("--out", required=True, help="output folder")
     _add_latents_key(p, "the file")

@@ -4,29 +4,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from .cli_support import check_output_folder, writing
 
 logger = logging.getLogger("diffusers_klvae.cli")  # the messages users see from `klvae`
+SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")  # what latents.scale_latents reads
 
 
-def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = True):
-    """Image arguments (a folder: its image files, sorted) -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes
-    must be multiples of the model's downsampling factor unless resized.
+def find_images(paths) -> list[str]:
+    """Image arguments (files, or folders: their image files, sorted) -> the files, unread."""
+    from .imaging import list_image_paths
 
-    An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
-    it raises); none readable raises ``ValueError``.
-    """
-    from .imaging import UnreadableImage, list_image_paths, load_image, resize_and_crop, to_tensor
-    from .latent_masks import downsampling_factor
-
-    factor = downsampling_factor(vae)
-    if resolution and resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
-    kept, images, skipped, found = [], [], [], []
+    found = []
     for arg in paths:
         if os.path.isdir(arg):
             found += list_image_paths(arg)
@@ -36,7 +31,24 @@ def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = T
             found.append(arg)
     if not found:
         raise ValueError(f"no image files found in {', '.join(map(repr, map(os.fspath, paths)))}")
-    for path in found:
+    return found
+
+
+def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = True):
+    """Image arguments (a folder: its image files, sorted) -> (kept paths, list of [-1, 1] tensors (3, H, W)); sizes
+    must be multiples of the model's downsampling factor unless resized.
+
+    An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
+    it raises); none readable raises ``ValueError``.
+    """
+    from .imaging import UnreadableImage, load_image, resize_and_crop, to_tensor
+    from .latent_masks import downsampling_factor
+
+    factor = downsampling_factor(vae)
+    if resolution and resolution % factor:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
+    kept, images, skipped = [], [], []
+    for path in find_images(paths):
         try:
             img = load_image(path)
         except UnreadableImage as err:
@@ -65,6 +77,16 @@ def check_finite(x, what: str) -> None:
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
+
+
+def check_not_inputs(outputs, inputs) -> None:
+    """Refuse, before any work, an output path that is one of the input files (resolved: links, ``..``): writing it
+    would replace an original by its own result."""
+    resolved = {os.path.realpath(p): p for p in inputs}
+    for out in outputs:
+        if os.path.realpath(out) in resolved:
+            raise ValueError(f"output {os.fspath(out)!r} is the input {os.fspath(resolved[os.path.realpath(out)])!r}: "
+                             "it would be overwritten; expected an output path that is not an input")
 
 
 def save_image(image, path: Path) -> None:
@@ -121,8 +143,10 @@ def check_output_file(path: str, suffix: str) -> Path:
 def read_latents(path: str, key: str):
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no such latents file: {path!r}")
+    if not os.path.isfile(path):  # a folder, FIFO, device or dangling symlink: safetensors would block or fail obscurely
+        raise ValueError(f"latents {path!r} is not a regular file: expected a .safetensors file")
     try:
         with safe_open(path, framework="pt") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
@@ -134,7 +158,42 @@ def read_latents(path: str, key: str):
     return tensor, metadata
 
 
-def raw_latents(vae, latents, metadata: dict, space: str | None):
+def scaling_metadata(vae) -> dict[str, str]:
+    """The model's latent scaling as safetensors metadata (JSON), so that decode undoes exactly the scaling applied."""
+    return {key: json.dumps(getattr(vae.config, key, None)) for key in SCALING_KEYS}
+
+
+def _recorded_scaling(vae, metadata: dict, path: str) -> SimpleNamespace:
+    """The scaling the file's latents were made with: what its metadata records (``klvae encode`` writes it), else
+    the model's config. A recorded value that differs from the config wins, with a warning: the config may have been
+    refitted since, and decoding with a factor the latents were not scaled with gives wrong images silently."""
+    scaling = {key: getattr(vae.config, key, None) for key in SCALING_KEYS}
+    channels = vae.config.latent_channels
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for key in SCALING_KEYS:
+        if key not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[key])
+        except ValueError:
+            value = metadata[key]
+        if key == "scaling_factor":
+            ok = number(value) and value != 0
+        else:
+            ok = value is None or number(value) or (isinstance(value, list) and len(value) == channels and all(map(number, value)))
+        if not ok:
+            expected = "a finite non-zero number" if key == "scaling_factor" else f"null, a finite number or {channels} of them"
+            raise ValueError(f"{path!r}: metadata {key!r} is {metadata[key][:60]!r}: expected {expected}")
+        if value != (list(scaling[key]) if isinstance(scaling[key], tuple) else scaling[key]):
+            logger.warning("%s: latents scaled with %s %s (recorded in the file), the model's config has %s: using the file's",
+                           path, key, value, scaling[key])
+        scaling[key] = value
+    return SimpleNamespace(**scaling)
+
+
+def raw_latents(vae, latents, metadata: dict, space: str | None, path: str):
+    """A latents file's tensor -> raw latents (B, C, h, w), float32: diffusion-space latents are unscaled with the
+    scaling the file records (see :func:`_recorded_scaling`)."""
     from .latents import unscale_latents
 
     space = space or metadata.get("space", "raw")
@@ -144,4 +203,26 @@ def raw_latents(vae, latents, metadata: dict, space: str | None):
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit this model: expected (B, {channels}, h, w)")
     check_finite(latents, "the latents")
-    return unscale_latents(vae, latents.float()) if space == "diffusion" else latents.float()
+    if space != "diffusion":
+        return latents.float()
+    scaling = _recorded_scaling(vae, metadata, path)
+    raw = unscale_latents(SimpleNamespace(config=scaling), latents.float())  # unscale_latents reads only vae.config
+    check_finite(raw, f"the latents unscaled with scaling_factor {scaling.scaling_factor}, shift_factor {scaling.shift_factor}")
+    return raw
+
+
+def output_names(metadata: dict, count: int, path: str) -> list[str]:
+    """Names for a latents file's ``count`` images: the encoded files' names from its ``files`` metadata (a JSON list of
+    strings, as ``klvae encode`` writes), else numbered (0000, 0001...), with a warning when ``files`` is unusable."""
+    numbered = [f"{i:04d}" for i in range(count)]
+    if "files" not in metadata:
+        return numbered
+    try:
+        names = json.loads(metadata["files"])
+    except ValueError:
+        names = None
+    if not (isinstance(names, list) and len(names) == count and all(isinstance(n, str) and Path(n).stem for n in names)):
+        logger.warning("%s: metadata 'files' is %r, expected a JSON list of %d file names: numbering the images instead",
+                       path, metadata["files"][:60], count)
+        return numbered
+    return names

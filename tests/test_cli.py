@@ -106,6 +106,25 @@ def test_encode_then_decode_round_trips(work):
         assert (pixels(work / "dec_scaled" / name) - reference).abs().max() <= 1
 
 
+def test_decode_unscales_with_the_scaling_recorded_in_the_file(work, tmp_path, caplog):
+    # encode --scaled at 0.18215, then refit the config to 0.8976: decode must still undo 0.18215 (it used 0.8976)
+    model = tmp_path / "model"
+    KLVAE.from_pretrained(work / "model", shift_factor=0.25).save_pretrained(model)
+    assert run("encode", "--model", model, work / "im0.png", work / "im1.png", "-o", tmp_path / "z.safetensors", "--scaled") == 0
+    config = json.loads((model / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (0.18215, 0.25)
+    (model / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.8976, "shift_factor": 0.0}))
+    caplog.clear()
+    assert run("decode", "--model", model, tmp_path / "z.safetensors", "--out", tmp_path / "dec") == 0
+    vae = KLVAE.from_pretrained(work / "model")
+    for i, name in enumerate(("im0.png", "im1.png")):  # the tiny model's weights, the file's scaling
+        reference = to_pil(decode_latents(vae, encode_images(vae, images(work)[i : i + 1])))[0]
+        assert (pixels(tmp_path / "dec" / name) - torch.from_numpy(np.array(reference)).int()).abs().max() <= 1
+    err = caplog.text
+    assert "latents scaled with scaling_factor 0.18215 (recorded in the file), the model's config has 0.8976: using the file's" in err
+    assert "latents scaled with shift_factor 0.25 (recorded in the file), the model's config has 0.0" in err
+
+
 def test_interpolate_and_sample_write_grids(work):
     frames = work / "frames"
     assert run("interpolate", "--model", work / "model", work / "im0.png", work / "im1.png", "--steps", 4,

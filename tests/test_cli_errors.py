@@ -38,6 +38,7 @@ def work(tmp_path_factory, photo_paths):
         save_file({"latents": latents}, str(root / f"{name}.safetensors"))
     save_file({"latents": torch.zeros(1, 4, 16, 16)}, str(root / "zeros.safetensors"))
     save_file({"latents": torch.zeros(0, 4, 16, 16)}, str(root / "none.safetensors"))
+    save_file({"latents": torch.zeros(1, 4, 16, 16)}, str(root / "badscale.safetensors"), metadata={"space": "diffusion", "scaling_factor": "abc"})
     (root / "empty").mkdir()
     os.mkfifo(root / "fifo.png")
     Image.fromarray(np.full((SIZE, SIZE), np.nan, dtype=np.float32), "F").save(root / "nan.tif")
@@ -94,6 +95,10 @@ BAD = [  # (command, argv, what the one line must say)
                "--frames-dir", "{w}/zeros.safetensors"], "--frames-dir '{w}/zeros.safetensors' exists and is not a folder"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--max-images", "1"], "argument --max-images: expected an integer >= 2, got 1"),
     ("klvae-stats", ["--model", "{model}", "--data", "{w}/photos", "--per-channel"], "--per-channel only applies with --write-config"),
+    ("klvae", ["decode", "--model", "{model}", "{w}/fifo.png", "--out", "{w}/o"],
+     "latents '{w}/fifo.png' is not a regular file: expected a .safetensors file"),  # was "no such latents file"
+    ("klvae", ["decode", "--model", "{model}", "{w}/badscale.safetensors", "--out", "{w}/o"],
+     "'{w}/badscale.safetensors': metadata 'scaling_factor' is 'abc': expected a finite non-zero number"),
 ]
 
 
@@ -121,6 +126,86 @@ def test_decoded_non_finite_pixels_are_refused(work, monkeypatch, capsys):
     assert run("klvae", ["decode", "--model", str(work / "model"), str(work / "zeros.safetensors"), "--out", str(work / "dec_ovf")]) == 2
     assert "the decoded images contain" in capsys.readouterr().err
     assert not any((work / "dec_ovf").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def nan_models(work, tmp_path_factory):
+    """Copies of the tiny model: one with a NaN decoder weight, one whose config.json has "scaling_factor": NaN."""
+    root = tmp_path_factory.mktemp("nan_models")
+    vae = KLVAE.from_pretrained(work / "model")
+    KLVAE.from_pretrained(work / "model", scaling_factor=float("nan")).save_pretrained(root / "nanscale")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    vae.save_pretrained(root / "nanw")
+    return root
+
+
+@pytest.mark.parametrize("model, argv, message", [
+    ("nanw", ["sample", "-n", "1", "--height", "16", "--width", "16", "-o", "{o}/s.png"], "the decoded images contain"),
+    ("nanw", ["interpolate", "{w}/photos/im0.png", "{w}/photos/im1.png", "--steps", "2", "-o", "{o}/i.png", "--frames-dir", "{o}/f"],
+     "the decoded images contain"),
+    ("nanw", ["reconstruct", "{w}/photos", "--out", "{o}/r", "--grid", "{o}/g.png"], "the decoded images contain"),
+    ("nanscale", ["sample", "-n", "1", "--height", "16", "--width", "16", "-o", "{o}/s.png"], "the decoded images contain"),
+    ("nanscale", ["encode", "{w}/photos", "--scaled", "-o", "{o}/z.safetensors"], "the latents scaled with the model's scaling_factor nan contain"),
+])
+def test_non_finite_outputs_are_refused_and_nothing_written(work, nan_models, tmp_path, model, argv, message, capsys):
+    # before the fix sample/interpolate wrote black pixels and encode --scaled a file of NaNs, exit status 0
+    argv = [argv[0], "--model", str(nan_models / model)] + [a.format(w=work, o=tmp_path) for a in argv[1:]]
+    assert run("klvae", argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"klvae {argv[0]}: error: {message}"), err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("files", ["123", "[1,2]", '[null,"a"]', "a.png,b.png", '["a.png"]'])
+def test_unusable_files_metadata_numbers_the_images_with_a_warning(work, tmp_path, files, caplog, capsys):
+    latents = tmp_path / "m.safetensors"
+    save_file({"latents": torch.zeros(2, 4, 16, 16)}, str(latents), metadata={"files": files})
+    assert run("klvae", ["decode", "--model", str(work / "model"), str(latents), "--out", str(tmp_path / "d")]) == 0  # was a TypeError
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["0000.png", "0001.png"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert f"{latents}: metadata 'files' is {files!r}, expected a JSON list of 2 file names: numbering the images instead" in caplog.messages
+
+
+def _same_files(folder, before: dict) -> bool:
+    return {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["reconstruct", "{i}", "--out", "{i}"],
+    ["reconstruct", "{i}", "--out", "{i}/../{i.name}"],
+    ["reconstruct", "{i}", "--out", "{t}/r", "--grid", "{i}/im1.png"],
+    ["interpolate", "{i}/im0.png", "{i}/im1.png", "-o", "{i}/im1.png"],
+    ["interpolate", "{i}/frame_000.png", "{i}/im1.png", "-o", "{t}/i.png", "--frames-dir", "{i}", "--steps", "2"],
+    ["preview", "{i}", "--fit", "{i}", "-o", "{i}/im0.png"],
+])
+def test_an_output_that_is_an_input_is_refused(work, tmp_path, argv, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("im0.png", "im1.png"):
+        (inputs / name).write_bytes((work / "photos" / name).read_bytes())
+    (inputs / "frame_000.png").write_bytes((work / "photos" / "im0.png").read_bytes())  # named as --frames-dir's first frame
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    argv = [argv[0], "--model", str(work / "model")] + [a.format(i=inputs, t=tmp_path) for a in argv[1:]]
+    assert run("klvae", argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "it would be overwritten; expected an output path that is not an input" in err[0], err
+    assert _same_files(inputs, before) and not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_decode_never_replaces_a_file(work, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("im0.png", "im1.png"):
+        (photos / name).write_bytes((work / "photos" / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    model = str(work / "model")
+    assert run("klvae", ["encode", "--model", model, str(photos), "-o", str(tmp_path / "z.safetensors")]) == 0
+    capsys.readouterr()
+    assert run("klvae", ["decode", "--model", model, str(tmp_path / "z.safetensors"), "--out", str(photos)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"klvae decode: error: --out {str(photos)!r} already holds im0.png"), err
+    assert _same_files(photos, before)  # before the fix: both photos replaced by their decodes
 
 
 # ------------------------------------------------------------------------------------------------ disk full
@@ -182,6 +267,7 @@ def test_full_disk_is_one_line_naming_the_file(work, full_disk, command, argv, w
     assert run(command, argv) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].endswith(f"error: disk full while writing {full_disk / written}"), err
+    assert not (full_disk / written).exists()  # no truncated file left to pass for a result
 
 
 def test_torch_writer_on_a_full_disk_is_named(full_disk):
