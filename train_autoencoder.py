@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+import tarfile
 import time
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ from diffusers_klvae.cli_support import EXIT_USAGE, one_line, writing
 
 logger = logging.getLogger("train_autoencoder")
 # what a user's input or machine can raise (datasets' own errors included): one line and exit status 2, no traceback
-USER_ERRORS = (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, DatasetsError)
+USER_ERRORS = (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError, DatasetsError, tarfile.TarError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,13 +57,12 @@ def train(cfg: train_config.TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with checkpoints.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
         resume = checkpoints.resolve_resume_path(cfg.resume_from_checkpoint, out)
-        if resume is None:  # a new run: not over an earlier run, nor into a folder of other files
-            checkpoints.check_no_earlier_run(out)
-        else:
+        if resume is None or not resume.resolve().is_relative_to(out.resolve()):
+            # a new run, or another folder's run continued here: not over an earlier run, nor into other files
+            checkpoints.check_no_earlier_run(out, resume=resume)
+        if resume is not None:
             checkpoints.check_resume_step(resume, cfg.max_train_steps)
         with writing(out):  # a full disk anywhere in the run: one DiskFull naming the folder
-            if accelerator.is_main_process:
-                train_outputs.write_training_args(cfg, out)
             return _train(cfg, accelerator, out, seed, resume)
 
 
@@ -108,18 +108,21 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
     generator = torch.Generator().manual_seed(seed * 1000 + rank)  # posterior samples and masks; per process
     checkpoint_state.register_checkpoint_state(accelerator, ema=ema, generator=generator, data_stream=stream, loss_fn=loss_fn)
 
-    # 4) trackers, resume (last: it restores the RNG states the loop continues from)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.tracker_project_name, config=train_config.tracker_config(cfg))
+    # 4) resume (it restores the RNG states the loop continues from), then the run's arguments and trackers. Nothing
+    #    is written before the checkpoint loaded and its optimizer flags matched (a refused resume changes nothing)
     step, history, train_seconds = 0, [], 0.0
     metrics = {}
     if resume is not None:
-        if accelerator.is_main_process:
-            checkpoints.set_aside_newer_checkpoints(out, resume)
-        accelerator.wait_for_everyone()
         state = checkpoints.load_checkpoint(accelerator, resume, use_ema=ema is not None)
+        training.check_restored_hyperparameters(cfg, optimizers, lr_scale=scale, checkpoint=str(resume))
         step, history, train_seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
         metrics = state.get("metrics", {})  # the last validation, for the model card of a run killed in its final save
+        if accelerator.is_main_process:
+            checkpoints.set_aside_abandoned(out, resume)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        train_outputs.write_training_args(cfg, out)
+        accelerator.init_trackers(cfg.tracker_project_name, config=train_config.tracker_config(cfg))
     # one client for all pushes: its single worker thread uploads the checkpoints in order
     hub_futures, hub_api = [], HfApi() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None
     batches = iter(stream)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
-TRAINING_ARGS = "training_args.json"  # a run's arguments, written when it starts (klvae-push --training-args reads it)
+TRAINING_ARGS = "training_args.json"  # a run's arguments, written once it is set up (klvae-push --training-args reads it)
 LOCK_NAME = ".train.lock"
 
 
@@ -152,9 +152,13 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
 
     path = Path(path)
     try:
-        world = int(json.loads((path / CHECKPOINT_MARKER).read_text())["num_processes"])
+        state = json.loads((path / CHECKPOINT_MARKER).read_text())
+        world, step = int(state["num_processes"]), state.get("step")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable {CHECKPOINT_MARKER} ({type(err).__name__}: {err})"
+    if type(step) is not int or step != checkpoint_step(path):  # the loop continues from it; the folder name orders it
+        given = "no step" if step is None else f"step {step!r}"
+        return f"{CHECKPOINT_MARKER} has {given}, expected {checkpoint_step(path)} (the folder's number)"
     needed = [f"{VAE_FOLDER}/{WEIGHTS_NAME}", f"{DISC_FOLDER}/{WEIGHTS_NAME}",
               *(f"{name}{suffix}.bin" for name in (OPTIMIZER_NAME, SCHEDULER_NAME) for suffix in ("", "_1")),
               *(registered_state_file(".", name).name for name in REGISTERED_STATES),
@@ -217,19 +221,26 @@ class OutputDirError(ValueError):
     """The output folder cannot take this run (another run holds it, or it holds an earlier run's results)."""
 
 
-def check_no_earlier_run(output_dir: str | os.PathLike) -> None:
-    """A new run must not overwrite an earlier run's checkpoints or model, nor files that are not a run's, silently.
-    A folder where a run started (``TRAINING_ARGS``) but saved no checkpoint may start again."""
+def check_no_earlier_run(output_dir: str | os.PathLike, *, resume: Path | None = None) -> None:
+    """A new run (or ``resume``, a checkpoint of another folder, continued here) must not overwrite or mix with an
+    earlier run's checkpoints, model or validation and log files, nor with files that are not a run's. A folder
+    where a run started (``TRAINING_ARGS``) and wrote nothing else yet may start again."""
     output_dir = Path(output_dir)
     found = [p.name for p in list_checkpoints(output_dir)] + [n for n in ("config.json",) if (output_dir / n).is_file()]
     if found:
-        raise OutputDirError(f"--output_dir {output_dir} holds an earlier run ({', '.join(found)}): continue it with "
-                             "--resume_from_checkpoint latest, or choose another --output_dir")
-    if not (output_dir / TRAINING_ARGS).is_file():
-        others = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
-        if others:
-            raise OutputDirError(f"--output_dir {output_dir} is not empty and no training run started there (it holds "
-                                 f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): choose an empty or new folder")
+        advice = (": continue it with --resume_from_checkpoint latest, or choose another --output_dir" if resume is None
+                  else f", which resuming {resume} there would replace: choose another --output_dir")
+        raise OutputDirError(f"--output_dir {output_dir} holds an earlier run ({', '.join(found)}){advice}")
+    # a killed run's left-overs (a stale temporary checkpoint is removed at the first save)
+    others = sorted(p.name for p in output_dir.iterdir()
+                    if p.name not in (LOCK_NAME, TRAINING_ARGS) and not p.name.startswith(f".tmp-{CHECKPOINT_PREFIX}"))
+    listed = f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
+    if others and (output_dir / TRAINING_ARGS).is_file():  # validation/, logs/...: a new run would append to them
+        raise OutputDirError(f"--output_dir {output_dir} holds the outputs of an earlier run that saved no checkpoint "
+                             f"({listed}): nothing to resume; move them away or choose another --output_dir")
+    if others:
+        raise OutputDirError(f"--output_dir {output_dir} is not empty and no training run started there (it holds "
+                             f"{listed}): choose an empty or new folder")
 
 
 def check_resume_step(resume: Path, max_train_steps: int) -> None:
@@ -239,17 +250,28 @@ def check_resume_step(resume: Path, max_train_steps: int) -> None:
                          "that run")
 
 
-def set_aside_newer_checkpoints(output_dir: str | os.PathLike, resume: Path) -> list[Path]:
-    """Resuming from an older checkpoint abandons the newer ones: move them to ``abandoned-<time>/`` (not deleted),
-    so a later ``latest`` continues this run, not the abandoned one."""
-    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > checkpoint_step(resume)]
-    if not newer:
-        return []
+def set_aside_abandoned(output_dir: str | os.PathLike, resume: Path) -> Path | None:
+    """Resuming from an older checkpoint abandons what the run did after it: the newer checkpoints and the validation
+    outputs of later steps (grids, ``metrics.jsonl`` lines) move to ``abandoned-<time>/`` (not deleted), so a later
+    ``latest`` continues this run, not the abandoned one, and ``metrics.jsonl`` holds one line per step of the run
+    that goes on. Call once the checkpoint is loaded (nothing moves for a resume that fails). Returns the folder."""
+    from .train_outputs import set_aside_validation
+
+    step = checkpoint_step(resume)
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
     aside = Path(output_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
-    moved = [Path(shutil.move(os.fspath(p), os.fspath(aside / p.name))) for p in newer]
-    logger.warning("resuming from %s: moved the newer %s aside to %s", resume.name, ", ".join(p.name for p in newer), aside)
-    return moved
+    for path in newer:
+        aside.mkdir(exist_ok=True)
+        shutil.move(os.fspath(path), os.fspath(aside / path.name))
+    steps = set_aside_validation(output_dir, step, aside)
+    if not (newer or steps):
+        return None
+    moved = [p.name for p in newer]
+    if steps:
+        moved.append(f"validation outputs of step {steps[0]}" if len(steps) == 1 else
+                     f"validation outputs of steps {steps[0]}..{steps[-1]}")
+    logger.warning("resuming from %s: moved the newer %s aside to %s", resume.name, " and ".join(moved), aside)
+    return aside
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # datasets is a heavy import; only the functions that need it
 
 logger = logging.getLogger(__name__)
 
+FILE_URL = "file://"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "png", "webp", "jpeg")  # auto-detect order (webdataset keys last)
 
 
@@ -137,8 +139,20 @@ def _path_dataset(image_paths: Sequence[str | os.PathLike], num_shards: int) -> 
     for p in paths:
         if not os.path.lexists(p):  # a dangling symlink exists as a path: the reader counts it
             raise FileNotFoundError(f"image file not found: {p!r}")
-    table = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image(decode=False))
+    column = [_column_path(p) for p in paths]
+    table = datasets.Dataset.from_dict({"image": column}).cast_column("image", datasets.Image(decode=False))
     return table.to_iterable_dataset(num_shards=max(1, min(num_shards, len(table))))
+
+
+def _column_path(path: str) -> str:
+    """A local path as an Arrow string column can hold it. A file name that is not UTF-8 (e.g. Latin-1 ``caf\\xe9.png``
+    on Linux) reaches Python with surrogate escapes, which Arrow refuses: it becomes a percent-encoded ``file://`` URL
+    of its bytes, which :func:`read_image_value` turns back into the path."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return FILE_URL + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+    return path
 
 
 def check_image_column(dataset: "datasets.IterableDataset", image_column: str | None = None) -> str:
@@ -191,6 +205,8 @@ def read_image_value(value: Any) -> tuple[bytes, str]:
         return buffer.getvalue(), "<PIL image>"
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    if path is not None and path.startswith(FILE_URL):  # a local file (see _column_path): the path of its bytes
+        path = os.fsdecode(urllib.parse.unquote_to_bytes(path[len(FILE_URL):]))
     name = path or "<bytes>"
     if data is not None:
         return data, name

@@ -13,6 +13,8 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
+import tarfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +261,7 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
         datasets_logging.set_verbosity(datasets_logging.CRITICAL)
         try:
             check_image_column(load_image_dataset(**data_source_kwargs(cfg)), cfg.image_column)
-        except ArrowException as err:  # a corrupt parquet/arrow file: arrow's message does not name it
+        except (ArrowException, tarfile.TarError) as err:  # a corrupt parquet/arrow/tar file: the message does not name it
             source = cfg.dataset_name or cfg.train_data_dir or ", ".join(cfg.data_files)
             raise ValueError(f"cannot read the training data ({source}): {err}") from None
         finally:
@@ -278,12 +280,22 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
     from .models.presets import preset_config
 
     if cfg.model_config_name_or_path:
-        from . import KLVAE
-
-        return dict(KLVAE.load_config(cfg.model_config_name_or_path))
+        return load_model_config(cfg.model_config_name_or_path)
     if cfg.pretrained_model_name_or_path:
         return load_vae_config(cfg.pretrained_model_name_or_path, subfolder=cfg.subfolder, revision=cfg.revision)
     return preset_config(cfg.preset or DEFAULT_PRESET)
+
+
+def load_model_config(path: str) -> dict[str, Any]:
+    """``--model_config_name_or_path`` (a config.json or its folder) -> the config dict; a file that holds another
+    JSON value is refused in one line, as ``loading.load_vae`` refuses a model folder's."""
+    from . import KLVAE
+
+    config = KLVAE.load_config(path)
+    if not isinstance(config, dict):
+        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+        raise ValueError(f"{os.fspath(file)!r} is not a JSON object: expected a diffusers model config")
+    return dict(config)
 
 
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +21,8 @@ from .loading import ema_weights, looks_like_hub_id, save_model_folder
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_FOLDER, METRICS_FILE = "validation", "metrics.jsonl"  # output_dir/validation/{step-<step>.png, metrics.jsonl}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,12 +76,12 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
     if lpips_model is not None:
         metrics["lpips"] = float(lpips_distance(originals, quantized, lpips_model).mean())
 
-    folder = Path(output_dir) / "validation"
+    folder = Path(output_dir) / VALIDATION_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     grid = reconstruction_grid(images, [recs])
     grid_path = folder / f"step-{step:07d}.png"
     grid.save(grid_path)
-    with open(folder / "metrics.jsonl", "a") as f:
+    with open(folder / METRICS_FILE, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
     log_image(accelerator, "val/reconstructions", grid, step)
@@ -85,6 +89,39 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     metrics["grid"] = os.fspath(grid_path)
     return metrics
+
+
+def set_aside_validation(output_dir: str | os.PathLike, step: int, aside: str | os.PathLike) -> list[int]:
+    """Move the validation outputs of the steps after ``step`` (a branch of the run that a resume abandons) to
+    ``aside/validation/``: their grids and their ``metrics.jsonl`` lines (the other lines stay, in order). Returns
+    the steps moved, sorted; ``aside`` is created only if there is something to move."""
+    folder, target = Path(output_dir) / VALIDATION_FOLDER, Path(aside) / VALIDATION_FOLDER
+    grids = {p: int(m.group(1)) for p in folder.glob("step-*.png") if (m := re.fullmatch(r"step-(\d+)\.png", p.name))}
+    grids = {p: s for p, s in grids.items() if s > step}
+    metrics = folder / METRICS_FILE
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
+    later = {i for i, line in enumerate(lines) if (_line_step(line) or 0) > step}  # unreadable lines stay
+    if not grids and not later:
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    for path in grids:
+        shutil.move(os.fspath(path), os.fspath(target / path.name))
+    if later:  # the moved lines are written before the kept ones replace the file: a kill loses none
+        with open(target / METRICS_FILE, "a") as f:
+            f.write("".join(lines[i] for i in sorted(later)))
+        tmp = metrics.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(line for i, line in enumerate(lines) if i not in later))
+        os.replace(tmp, metrics)
+    return sorted(set(grids.values()) | {_line_step(lines[i]) for i in later})
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line (None for a line that is not one)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if type(step) is int else None
 
 
 def log_image(accelerator, name: str, image, step: int) -> None:

@@ -7,13 +7,14 @@ References: CompVis latent-diffusion ``contperceptual.py`` (the G/D recipe), nan
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
 
 import torch
 
-from .train_config import DEFAULT_PRESET, TrainConfig
+from .train_config import DEFAULT_PRESET, TrainConfig, load_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def build_vae(*, pretrained_model_name_or_path: str | None = None, model_config_
     if pretrained_model_name_or_path:  # the one loader of every tool: folder, pipeline folder, single file, Hub id
         return load_vae(pretrained_model_name_or_path, revision=revision, subfolder=subfolder)
     if model_config_name_or_path:
-        return KLVAE.from_config(KLVAE.load_config(model_config_name_or_path))
+        return KLVAE.from_config(load_model_config(model_config_name_or_path))
     return KLVAE.from_preset(preset or DEFAULT_PRESET)
 
 
@@ -108,6 +109,27 @@ def build_schedulers(optimizers, *, name: str, warmup_steps: int, max_train_step
 
     return tuple(get_scheduler(name, optimizer=opt, num_warmup_steps=warmup_steps * num_processes,
                                num_training_steps=max_train_steps * num_processes) for opt in optimizers)
+
+
+def check_restored_hyperparameters(cfg: TrainConfig, optimizers, *, lr_scale: float, checkpoint: str) -> None:
+    """After a resume: refuse optimizer flags that differ from what the restored state holds.
+
+    Accelerate restores the optimizers' parameter groups (rate, betas, eps, weight decay) and the schedulers' base
+    rates, so a changed flag would be silently ignored while ``training_args.json`` and the model card recorded it.
+    (The schedule's shape, ``--lr_scheduler``, ``--lr_warmup_steps`` and ``--max_train_steps``, is not saved: it
+    follows the command line.) ``lr_scale`` is ``--scale_lr``'s factor, 1 without it.
+    """
+    group_vae, group_disc = (opt.param_groups[0] for opt in optimizers)
+    restored = {"learning_rate": group_vae.get("initial_lr", group_vae["lr"]) / lr_scale,
+                "disc_learning_rate": group_disc.get("initial_lr", group_disc["lr"]) / lr_scale,
+                "adam_beta1": group_vae["betas"][0], "adam_beta2": group_vae["betas"][1],
+                "adam_weight_decay": group_vae["weight_decay"], "adam_epsilon": group_vae["eps"]}
+    for flag, saved in restored.items():
+        if not math.isclose(getattr(cfg, flag), saved, rel_tol=1e-5):  # printed with 6 digits: passing those back works
+            scaled = f" (with --scale_lr x{lr_scale:g})" if lr_scale != 1 and flag.endswith("learning_rate") else ""
+            raise ValueError(f"--{flag} {getattr(cfg, flag):g}{scaled} differs from the {saved:g} of the run saved in "
+                             f"{checkpoint}, whose optimizer state a resume restores: pass --{flag} {saved:g} to continue "
+                             "that run, or start a new run for the new value")
 
 
 def prepare(accelerator, vae, disc, optimizers, schedulers):

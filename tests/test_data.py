@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -242,3 +243,20 @@ def test_webdataset_tar_loads(tmp_path, photo_paths, reference):
     assert check_image_column(dataset) == "jpg"
     stream = make_train_stream(dataset, resolution=RES, batch_size=1, center_crop=True, random_flip=False)
     assert sorted(match(image, reference) for image in one_epoch(stream)) == sorted(p.name for p in photo_paths[:3])
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path, photo_paths, reference):
+    """A Latin-1 name (``caf\\xe9.jpg`` on Linux) reaches Python with surrogate escapes, which Arrow refuses: it used to
+    abort the whole dataset ('utf-8' codec can't encode character '\\udce9'); now the file is read like any other."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    try:
+        shutil.copy(photo_paths[0], odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this filesystem refuses non-UTF-8 file names")
+    shutil.copy(photo_paths[1], tmp_path / photo_paths[1].name)
+    dataset = load_image_dataset(train_data_dir=tmp_path)
+    stream = make_train_stream(dataset, resolution=RES, batch_size=1, center_crop=True, random_flip=False)
+    assert sorted(match(image, reference) for image in one_epoch(stream)) == sorted(p.name for p in photo_paths[:2])
+    assert stream.skipped == 0
+    val = take_validation_images(dataset, 2, resolution=RES)
+    assert sorted(val.names) == sorted([odd.name, photo_paths[1].name])  # named by its own (undecoded) name

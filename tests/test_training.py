@@ -202,6 +202,38 @@ def test_runtime_user_errors_are_one_line(photos_dir, tmp_path, monkeypatch, cap
     assert f"cannot read the training data ({bad / 'shard.parquet'}): " in err
 
 
+@pytest.mark.parametrize("content, message", [(b"", "empty file"), (b"garbage\n", "truncated header"),
+                                              ("cut", "unexpected end of data")])
+def test_a_corrupt_tar_shard_is_named_in_one_line(photos_dir, photo_paths, tmp_path, content, message):
+    """An empty, garbage or truncated webdataset shard: tarfile's ReadError was a traceback."""
+    import tarfile
+
+    shard = tmp_path / "bad.tar"
+    if content == "cut":
+        with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+            for path in photo_paths[:2]:
+                tar.add(path, arcname=path.name)
+        content = (tmp_path / "whole.tar").read_bytes()[:len(photo_paths[0].read_bytes()) // 2]
+    shard.write_bytes(content)
+    argv = base_args(photos_dir, tmp_path / "out")
+    at = argv.index("--train_data_dir")
+    with pytest.raises(ValueError, match=re.escape(f"cannot read the training data ({shard}): {message}")):
+        train_config.parse_args(argv[:at] + argv[at + 2:] + ["--data_files", str(shard)])
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_a_model_config_that_is_not_a_json_object_is_named_in_one_line(photos_dir, tmp_path, as_folder):
+    config = tmp_path / "cfg" / "config.json"
+    config.parent.mkdir()
+    config.write_text("[1, 2]")  # was a TypeError traceback from dict()
+    argv = [a for a in base_args(photos_dir, tmp_path / "out") if a not in ("--preset", "tiny")]
+    given = config.parent if as_folder else config
+    with pytest.raises(ValueError, match=re.escape(f"{str(config)!r} is not a JSON object: expected a diffusers model config")):
+        train_config.parse_args(argv + ["--model_config_name_or_path", str(given)])
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        training.build_vae(model_config_name_or_path=str(given))
+
+
 # ------------------------------------------------------------------------------------------------- resume
 
 
@@ -228,6 +260,21 @@ def test_a_checkpoint_past_the_end_is_refused():
     checkpoints.check_resume_step(Path("run/checkpoint-2"), 2)  # the final step's: may redo the final save
     with pytest.raises(ValueError, match="checkpoint-2 is past --max_train_steps 1: raise --max_train_steps"):
         checkpoints.check_resume_step(Path("run/checkpoint-2"), 1)
+
+
+@pytest.mark.parametrize("marker, has", [({"num_processes": 1}, "no step"), ({"num_processes": 1, "step": "x"}, "step 'x'"),
+                                         ({"num_processes": 1, "step": 5}, "step 5")])
+def test_a_marker_without_the_checkpoints_step_is_a_problem(tmp_path, marker, has):
+    """A marker without a usable step was a KeyError/TypeError in the middle of a resume (after newer checkpoints were
+    moved aside); now `latest` skips it and a named one is refused before anything happens."""
+    bad = tmp_path / "checkpoint-2"
+    bad.mkdir()
+    (bad / checkpoints.CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    problem = f"training_state.json has {has}, expected 2 (the folder's number)"
+    assert checkpoints.checkpoint_problem(bad) == problem
+    assert checkpoints.find_latest_checkpoint(tmp_path) is None
+    with pytest.raises(ValueError, match=re.escape(f"cannot resume from {bad}: {problem}")):
+        checkpoints.resolve_resume_path(str(bad), tmp_path)
 
 
 def test_exact_resume_after_sigkill(photos_dir, tmp_path, run_inprocess):
@@ -510,14 +557,74 @@ def test_a_checkpoint_pickle_holding_objects_is_refused_before_accelerate_unpick
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(photos_dir, tmp_path, run_inprocess):
     out = tmp_path / "rollback"
-    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "1"))
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_steps", "1"))
     abandoned = weights(out / "checkpoint-3" / "vae")
-    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "1",
                              "--resume_from_checkpoint", str(out / "checkpoint-1")))
     aside = list(out.glob("abandoned-*"))
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-2", "checkpoint-3", "validation"]
     assert_identical(weights(aside[0] / "checkpoint-3" / "vae"), abandoned, "the abandoned checkpoint (moved, not deleted)")
     assert checkpoints.find_latest_checkpoint(out) == out / "checkpoint-2"  # `latest` continues the new run
+
+    # the abandoned branch's validation goes with its checkpoints: one metrics line per step of the run that goes on
+    def steps(folder):
+        return [json.loads(line)["step"] for line in (folder / "validation" / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps(out) == [1, 2] and steps(aside[0]) == [2, 3]  # was [1, 2, 3, 2] here
+    assert sorted(p.name for p in (aside[0] / "validation").glob("*.png")) == ["step-0000002.png", "step-0000003.png"]
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-0000001.png", "step-0000002.png"]
+
+
+def test_a_refused_resume_moves_nothing_aside_and_writes_nothing(photos_dir, tmp_path, run_inprocess):
+    out = tmp_path / "refused"
+    argv = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--learning_rate", "1e-3"]
+    run_inprocess(quick_args(photos_dir, out, *argv))
+    before, args = sorted(p.name for p in out.iterdir()), (out / "training_args.json").read_text()
+    resume = ["--resume_from_checkpoint", out / "checkpoint-1"]
+    # the checkpoint cannot continue this run once loaded: checkpoint-2 and -3 had already been moved aside
+    with pytest.raises(ValueError, match="--use_ema but .*checkpoint-1 was saved without EMA"):
+        run_inprocess(quick_args(photos_dir, out, *argv, *resume, "--use_ema"))
+    # the restored optimizer and scheduler keep their own rate: a new one was ignored, yet recorded as the run's
+    with pytest.raises(ValueError, match=re.escape(f"--learning_rate 0.01 differs from the 0.001 of the run saved in "
+                                                   f"{out / 'checkpoint-1'}, whose optimizer state a resume restores: "
+                                                   "pass --learning_rate 0.001 to continue that run")):
+        run_inprocess(quick_args(photos_dir, out, *argv[:-1], "1e-2", *resume))
+    with pytest.raises(ValueError, match=re.escape("--adam_beta1 0.6 differs from the 0.5 of the run saved in")):
+        run_inprocess(quick_args(photos_dir, out, *argv, *resume, "--adam_beta1", "0.6"))
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "training_args.json").read_text() == args
+
+
+def test_resuming_another_folders_checkpoint_over_an_earlier_run_is_refused(photos_dir, tmp_path, run_inprocess):
+    other, out, new = tmp_path / "other", tmp_path / "earlier", tmp_path / "new"
+    run_inprocess(quick_args(photos_dir, other, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "1"))
+    before, args = weights(out), (out / "training_args.json").read_text()
+    foreign = ["--max_train_steps", "2", "--resume_from_checkpoint", other / "checkpoint-1"]
+    with pytest.raises(checkpoints.OutputDirError, match=re.escape(
+            f"--output_dir {out} holds an earlier run (checkpoint-1, config.json), which resuming {other / 'checkpoint-1'} "
+            "there would replace: choose another --output_dir")):
+        run_inprocess(quick_args(photos_dir, out, *foreign))  # was: exit 0, this run's model and arguments replaced
+    assert_identical(weights(out), before, "the earlier run's model")
+    assert (out / "training_args.json").read_text() == args
+    run_inprocess(quick_args(photos_dir, new, *foreign))  # a new folder may continue that run
+    assert checkpoints.find_latest_checkpoint(new) == new / "checkpoint-2"
+
+
+def test_a_killed_runs_validation_counts_as_an_earlier_run(photos_dir, tmp_path, run_inprocess):
+    """A run killed before its first checkpoint leaves validation/ (and logs/): a new run would overwrite its grids
+    and append to its metrics.jsonl."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "training_args.json").write_text("{}")
+    (out / ".tmp-checkpoint-4").mkdir()  # a kill mid-save: removed at the next save
+    checkpoints.check_no_earlier_run(out)  # a run started and wrote nothing else: it may start again
+    (out / "validation").mkdir()
+    (out / "validation" / "metrics.jsonl").write_text('{"step": 2}\n')
+    with pytest.raises(checkpoints.OutputDirError, match=re.escape(
+            f"--output_dir {out} holds the outputs of an earlier run that saved no checkpoint (validation): nothing to "
+            "resume; move them away or choose another --output_dir")):
+        run_inprocess(quick_args(photos_dir, out, "--max_train_steps", "2", "--validation_steps", "1"))
+    assert (out / "validation" / "metrics.jsonl").read_text() == '{"step": 2}\n'
 
 
 def test_learned_logvar_trains_and_resumes_exactly(photos_dir, tmp_path, run_inprocess):
