@@ -75,6 +75,11 @@ def run_validation(accelerator, vae, ema, images: torch.Tensor, step: int, outpu
                                "ssim": float(ssim(originals, quantized).mean())}
     if lpips_model is not None:
         metrics["lpips"] = float(lpips_distance(originals, quantized, lpips_model).mean())
+    bad = int((~torch.isfinite(recs)).sum())
+    if bad:  # a diverged model: its NaN pixels were scored as black ones, numbers that look like a (bad) result
+        metrics.update({k: float("nan") for k in ("psnr", "ssim", "lpips") if k in metrics})
+        logger.warning("step %d validation: the reconstructions hold %d NaN/Inf values (the model diverged?): "
+                       "metrics recorded as NaN", step, bad)
 
     folder = Path(output_dir) / VALIDATION_FOLDER
     folder.mkdir(parents=True, exist_ok=True)

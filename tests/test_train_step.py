@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import AutocastKwargs
 
-from diffusers_klvae import KLVAE, losses, training
+from diffusers_klvae import KLVAE, losses, train_outputs, training
 from diffusers_klvae.discriminator import NLayerDiscriminator
 from diffusers_klvae.losses import KLVAELoss
 
@@ -178,3 +178,15 @@ def test_adaptive_weight_survives_fp16_gradients_at_batch_32_512(monkeypatch):
     emulated = adaptive_weight_at(32, 512, fp16=True)
     assert exact > 0 and torch.isfinite(torch.tensor(emulated))
     assert emulated == pytest.approx(exact, rel=0.01)
+
+
+def test_validation_of_a_diverged_model_records_nan_not_the_score_of_black_pixels(tmp_path, caplog):
+    AcceleratorState._reset_state(True)
+    vae = KLVAE.from_preset("tiny").eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    metrics = train_outputs.run_validation(Accelerator(cpu=True), vae, None, images, 3, tmp_path)
+    assert metrics["psnr"] != metrics["psnr"] and metrics["ssim"] != metrics["ssim"]  # NaN
+    assert "step 3 validation: the reconstructions hold" in caplog.text
+    assert (tmp_path / "validation" / "step-0000003.png").is_file()  # the grid still shows what happened
