@@ -28,6 +28,7 @@ import sys
 
 from .cli_io import (
     check_finite,
+    check_new_files,
     check_not_inputs,
     check_output_file,
     find_images,
@@ -81,6 +82,7 @@ def cmd_reconstruct(args) -> None:
     stems = dict(zip(inputs, output_stems(inputs)))  # numbered when two inputs share a name, even one skipped later
     out = check_output_folder(args.out, "--out")
     check_not_inputs([out / f"{stem}.png" for stem in stems.values()] + ([grid] if grid else []), inputs)
+    check_new_files([out / f"{stem}.png" for stem in stems.values()], args.out)
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     make_output_dir(args.out)
     paths, images = load_images(args.images, args.resolution, vae)  # lists them as find_images did: paths are keys of stems
@@ -132,11 +134,7 @@ def cmd_decode(args) -> None:
     latents = raw_latents(vae, latents, metadata, args.space, args.latents)
     out = check_output_folder(args.out, "--out")
     paths = [out / f"{stem}.png" for stem in output_stems(output_names(metadata, len(latents), args.latents))]
-    # the names are those of the encoded images: --out may be their folder, and nothing tells them from earlier decodes
-    existing = [p for p in paths if os.path.lexists(p)]
-    if existing:
-        raise ValueError(f"--out {args.out!r} already holds {existing[0].name} (decode never replaces a file, which may be "
-                         "an image the latents were encoded from): expected a new or empty folder")
+    check_new_files(paths, args.out)  # the names are those of the encoded images: --out may be their folder
     images = decode_latents(vae, latents).cpu()
     check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
     make_output_dir(args.out)

@@ -80,13 +80,35 @@ def check_finite(x, what: str) -> None:
 
 
 def check_not_inputs(outputs, inputs) -> None:
-    """Refuse, before any work, an output path that is one of the input files (resolved: links, ``..``): writing it
-    would replace an original by its own result."""
-    resolved = {os.path.realpath(p): p for p in inputs}
+    """Refuse, before any work, an output that is one of the input files (the same file: through a symbolic or hard
+    link, ``..``) or that two outputs share: writing it would replace an original, or one result by another."""
+    seen = {}
     for out in outputs:
-        if os.path.realpath(out) in resolved:
-            raise ValueError(f"output {os.fspath(out)!r} is the input {os.fspath(resolved[os.path.realpath(out)])!r}: "
-                             "it would be overwritten; expected an output path that is not an input")
+        if seen.setdefault(os.path.realpath(out), out) is not out:
+            raise ValueError(f"output {os.fspath(out)!r} would be written twice (also as "
+                             f"{os.fspath(seen[os.path.realpath(out)])!r}): expected distinct outputs")
+    originals = {_file_id(p): p for p in inputs if _file_id(p)}
+    for out in outputs:
+        if _file_id(out) in originals:
+            raise ValueError(f"output {os.fspath(out)!r} is the input {os.fspath(originals[_file_id(out)])!r}: it would be "
+                             "overwritten; expected an output path that is not an input")
+
+
+def check_new_files(paths, out: str) -> None:
+    """Refuse output files that exist already: a folder output's names come from the inputs' names, so an existing
+    one may be an original image (a reconstruct or decode into the photos' own folder), not an earlier result."""
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing:
+        raise ValueError(f"--out {out!r} already holds {existing[0].name} (klvae never replaces a file there, which may "
+                         "be an original image): expected a new or empty folder")
+
+
+def _file_id(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # not there (yet)
+        return None
+    return st.st_dev, st.st_ino
 
 
 def save_image(image, path: Path) -> None:
@@ -116,10 +138,10 @@ def output_stems(names) -> list[str]:
     """One output file stem per input: its own, or all numbered (``0003-x``) when two inputs share one (a/x.jpg, b/x.png),
     so that no output replaces another."""
     stems = [Path(name).stem for name in names]
-    if len(set(stems)) == len(stems):
+    if len(set(stems)) == len(stems) and all(stem.strip(".") for stem in stems):
         return stems
-    logger.warning("inputs share file names: outputs are numbered in input order")
-    return [f"{i:04d}-{stem}" for i, stem in enumerate(stems)]
+    logger.warning("inputs share file names (or have none, like '..png'): outputs are numbered in input order")
+    return [f"{i:04d}" + (f"-{stem}" if stem.strip(".") else "") for i, stem in enumerate(stems)]
 
 
 def make_output_dir(path: str, flag: str = "--out") -> Path:

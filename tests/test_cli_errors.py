@@ -178,6 +178,7 @@ def _same_files(folder, before: dict) -> bool:
     ["interpolate", "{i}/im0.png", "{i}/im1.png", "-o", "{i}/im1.png"],
     ["interpolate", "{i}/frame_000.png", "{i}/im1.png", "-o", "{t}/i.png", "--frames-dir", "{i}", "--steps", "2"],
     ["preview", "{i}", "--fit", "{i}", "-o", "{i}/im0.png"],
+    ["reconstruct", "{i}/im0.png", "--out", "{t}/hard"],  # hard/im0.png is a hard link to the input
 ])
 def test_an_output_that_is_an_input_is_refused(work, tmp_path, argv, capsys):
     inputs = tmp_path / "in"
@@ -185,12 +186,42 @@ def test_an_output_that_is_an_input_is_refused(work, tmp_path, argv, capsys):
     for name in ("im0.png", "im1.png"):
         (inputs / name).write_bytes((work / "photos" / name).read_bytes())
     (inputs / "frame_000.png").write_bytes((work / "photos" / "im0.png").read_bytes())  # named as --frames-dir's first frame
+    (tmp_path / "hard").mkdir()
+    os.link(inputs / "im0.png", tmp_path / "hard" / "im0.png")
     before = {p.name: p.read_bytes() for p in inputs.iterdir()}
     argv = [argv[0], "--model", str(work / "model")] + [a.format(i=inputs, t=tmp_path) for a in argv[1:]]
     assert run("klvae", argv) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "it would be overwritten; expected an output path that is not an input" in err[0], err
     assert _same_files(inputs, before) and not (tmp_path / "r").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reconstruct", "{p}/im0.png", "{p}/im1.png", "--out", "{t}/r", "--grid", "{t}/r/im0.png"],
+     "output '{t}/r/im0.png' would be written twice (also as '{t}/r/im0.png'): expected distinct outputs"),
+    (["interpolate", "{p}/im0.png", "{p}/im1.png", "-o", "{t}/f/frame_000.png", "--frames-dir", "{t}/f", "--steps", "2"],
+     "output '{t}/f/frame_000.png' would be written twice"),
+    (["reconstruct", "{t}/mix/im0.jpg", "--out", "{t}/mix"],  # mix/im0.png is an original, not an input
+     "--out '{t}/mix' already holds im0.png (klvae never replaces a file there, which may be an original image)"),
+])
+def test_one_output_never_replaces_another_file(work, tmp_path, argv, message, capsys):
+    (tmp_path / "mix").mkdir()
+    Image.open(work / "photos" / "im0.png").convert("RGB").save(tmp_path / "mix" / "im0.jpg")
+    (tmp_path / "mix" / "im0.png").write_bytes((work / "photos" / "im0.png").read_bytes())
+    argv = [argv[0], "--model", str(work / "model")] + [a.format(p=work / "photos", t=tmp_path) for a in argv[1:]]
+    assert run("klvae", argv) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message.format(t=tmp_path) in err[0], err
+    assert (tmp_path / "mix" / "im0.png").read_bytes() == (work / "photos" / "im0.png").read_bytes()
+
+
+def test_outputs_of_inputs_without_a_usable_name_are_numbered(work, tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("b.png", "..png"):  # "..png" has no stem to write: it failed after b.png was written
+        (tmp_path / "in" / name).write_bytes((work / "photos" / "im0.png").read_bytes())
+    inputs = [str(tmp_path / "in" / "b.png"), str(tmp_path / "in" / "..png")]
+    assert run("klvae", ["reconstruct", "--model", str(work / "model"), *inputs, "--out", str(tmp_path / "r")]) == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["0000-b.png", "0001.png"]
 
 
 def test_decode_never_replaces_a_file(work, tmp_path, capsys):
