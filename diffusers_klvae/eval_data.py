@@ -226,6 +226,15 @@ def autocast_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def check_output_outside_data(output: str | os.PathLike, data: str) -> None:
+    """``--output`` may not be a local ``--data`` folder nor inside it: the grid and histogram PNGs written there
+    would replace an image of that name or be read as data by the next run."""
+    folder, out = Path(data).expanduser().resolve(), Path(output).expanduser().resolve()
+    if folder.is_dir() and (out == folder or folder in out.parents):
+        raise ValueError(f"--output {os.fspath(output)!r} is inside --data {data!r}: its files would mix with the "
+                         "images; expected a folder outside the data")
+
+
 def resolve_device(device=None, model=None) -> torch.device:
     """``device`` when given, else where a caller's ``model`` (a module) lives, else CUDA when available, else the CPU."""
     if device is not None:

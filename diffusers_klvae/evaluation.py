@@ -28,8 +28,8 @@ from . import __version__
 from .cli_io import check_finite
 from .cli_support import OneLineParser, check_output_folder, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
-    PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, get_protocol, iter_batches, model_name,
-    resolve_device,
+    PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, check_output_outside_data, get_protocol,
+    iter_batches, model_name, resolve_device,
 )
 from .eval_report import results_table, write_report  # noqa: F401 - public names
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.output:
         check_output_folder(args.output, "--output")  # before the long computation
+        check_output_outside_data(args.output, args.data)
     results, grid = compare(
         args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
         device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],

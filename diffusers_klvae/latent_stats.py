@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .cli_support import OneLineParser, check_output_folder, run_command, writing
-from .eval_data import ImageSource, add_source_args, autocast_dtype, iter_batches, model_name, resolve_device
+from .eval_data import (ImageSource, add_source_args, autocast_dtype, check_output_outside_data, iter_batches,
+                        model_name, resolve_device)
 from .loading import load_vae, model_config_path, update_config
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,7 @@ def _run(args: argparse.Namespace) -> None:
         model_config_path(args.model, "--write-config")  # before the long computation
     if args.output:
         check_output_folder(args.output, "--output")
+        check_output_outside_data(args.output, args.data)
     stats = compute_latent_statistics(
         args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
         sample_posterior=not args.mode, seed=args.seed, device=args.device, dtype=args.dtype, split=args.split,

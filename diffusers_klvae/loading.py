@@ -73,7 +73,10 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
             logger.warning("model %r is a preset: randomly initialised weights, not a trained model", spec)
             return _cast(KLVAE.from_preset(spec), dtype)
     except Exception as err:  # noqa: BLE001 - loaders raise OSError, EnvironmentError, RuntimeError...; all mean "cannot load"
-        raise ValueError(f"cannot load model {spec!r}: {type(err).__name__}: {err}") from err
+        local = spec.split("/")[0]  # "outputs/my-run" with outputs/ here: most likely a mistyped path, not a repo
+        hint = f"no such local folder (though {local!r} is one here), and as a Hub id: " if kind == "hub" and \
+            Path(local).is_dir() else ""
+        raise ValueError(f"cannot load model {spec!r}: {hint}{type(err).__name__}: {err}") from err
     raise _unknown(spec)
 
 
@@ -118,9 +121,6 @@ def _locate(spec: str, subfolder: str | None):
     if path.exists():  # a FIFO, a socket...
         raise ValueError(f"cannot load model {spec!r}: not a folder or a regular file")
     if looks_like_hub_id(spec):
-        if Path(spec.split("/")[0]).is_dir():  # "outputs/my-run" with outputs/ here: a mistyped path, not a repo
-            raise ValueError(f"cannot load model {spec!r}: no such folder or file (read as a local path, not a Hub "
-                             f"id, because {spec.split('/')[0]!r} is a folder here)")
         parts = spec.split("/")  # org/name[/subfolder], e.g. a pipeline repo's "vae"
         return "hub", "/".join(parts[:2]), subfolder or "/".join(parts[2:]) or None
     return None, spec, subfolder

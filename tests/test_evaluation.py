@@ -340,6 +340,11 @@ def test_cli_one_line_errors(tmp_path, image_dir, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert main(["--model", "tiny", "--data", str(image_dir), "--metrics", "psnr,fid50k"]) == 2
     assert "metrics must be" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--data", str(image_dir), "--metrics", "psnr", "--output", str(image_dir / "eval")]) == 2
+    assert capsys.readouterr().err == (f"klvae-eval: error: --output {str(image_dir / 'eval')!r} is inside --data "
+                                       f"{str(image_dir)!r}: its files would mix with the images; expected a folder "
+                                       "outside the data\n")  # its grid.png would be read as data, or replace one
+    assert not (image_dir / "eval").exists()
     assert main(["--model", "tiny", "--data", str(image_dir), "--metrics", "psnr", "--device", "banana"]) == 2
     assert capsys.readouterr().err == ("klvae-eval: error: device 'banana' is not a torch device: expected e.g. cpu, "
                                        "cuda, cuda:1 or mps\n")

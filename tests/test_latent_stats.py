@@ -89,3 +89,9 @@ def test_a_dead_latent_channel_is_named_not_divided_by(images):
         vae.quant_conv.bias[1] = 0
     with pytest.raises(ValueError, match=r"latent channel\(s\) \[1\] have zero or non-finite variance over 5 images"):
         compute_latent_statistics(vae, images, resolution=RES, batch_size=2, sample_posterior=False, progress=False)
+
+
+def test_cli_output_inside_the_data_is_refused_before_any_work(photos_dir, capsys):
+    assert main(["--model", "tiny", "--data", str(photos_dir), "--output", str(photos_dir / "stats")]) == 2
+    assert "is inside --data" in capsys.readouterr().err  # its latent_histogram.png would be read as a photo
+    assert not (photos_dir / "stats").exists()
