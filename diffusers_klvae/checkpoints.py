@@ -115,7 +115,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> d
                          f"{accelerator.num_processes}: exact resume needs the same number")
     if use_ema and not (path / VAE_FOLDER / EMA_WEIGHTS_NAME).is_file():
         raise ValueError(f"--use_ema but {path} was saved without EMA: resume without --use_ema, or start a new run")
-    accelerator.load_state(os.fspath(path))
+    try:
+        accelerator.load_state(os.fspath(path))
+    except ValueError as err:  # torch's optimizer check names neither the checkpoint nor the flag behind it
+        if "parameter group" not in str(err):
+            raise
+        raise ValueError(f"the optimizer state in {path} does not fit this run's trainable parameters: was it saved "
+                         "with another --decoder_only or --learn_logvar? Pass the same to continue that run") from err
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state
 

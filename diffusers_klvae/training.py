@@ -124,12 +124,16 @@ def check_restored_hyperparameters(cfg: TrainConfig, optimizers, *, lr_scale: fl
                 "disc_learning_rate": group_disc.get("initial_lr", group_disc["lr"]) / lr_scale,
                 "adam_beta1": group_vae["betas"][0], "adam_beta2": group_vae["betas"][1],
                 "adam_weight_decay": group_vae["weight_decay"], "adam_epsilon": group_vae["eps"]}
-    for flag, saved in restored.items():
-        if not math.isclose(getattr(cfg, flag), saved, rel_tol=1e-5):  # printed with 6 digits: passing those back works
-            scaled = f" (with --scale_lr x{lr_scale:g})" if lr_scale != 1 and flag.endswith("learning_rate") else ""
-            raise ValueError(f"--{flag} {getattr(cfg, flag):g}{scaled} differs from the {saved:g} of the run saved in "
-                             f"{checkpoint}, whose optimizer state a resume restores: pass --{flag} {saved:g} to continue "
-                             "that run, or start a new run for the new value")
+    # printed with 6 digits: passing those back works
+    differing = {flag: saved for flag, saved in restored.items() if not math.isclose(getattr(cfg, flag), saved, rel_tol=1e-5)}
+    if differing:
+        given = " and ".join(f"--{flag} {getattr(cfg, flag):g}" for flag in differing)
+        scaled = (f" (this run's --scale_lr multiplies the rates by {lr_scale:g}: batch size x accumulation x processes)"
+                  if lr_scale != 1 and any(flag.endswith("learning_rate") for flag in differing) else "")
+        raise ValueError(f"{given}{scaled} differs from the {' and '.join(f'{v:g}' for v in differing.values())} of "
+                         f"the run saved in {checkpoint}, whose optimizer state a resume restores: pass "
+                         f"{' '.join(f'--{flag} {v:g}' for flag, v in differing.items())} to continue that run, or "
+                         "start a new run for the new value")
 
 
 def prepare(accelerator, vae, disc, optimizers, schedulers):

@@ -591,6 +591,12 @@ def test_a_refused_resume_moves_nothing_aside_and_writes_nothing(photos_dir, tmp
         run_inprocess(quick_args(photos_dir, out, *argv[:-1], "1e-2", *resume))
     with pytest.raises(ValueError, match=re.escape("--adam_beta1 0.6 differs from the 0.5 of the run saved in")):
         run_inprocess(quick_args(photos_dir, out, *argv, *resume, "--adam_beta1", "0.6"))
+    with pytest.raises(ValueError, match=re.escape("--learning_rate 0.002 and --adam_epsilon 1e-06 differs from the "
+                                                   "0.001 and 1e-08 of the run saved in")):  # every flag at once
+        run_inprocess(quick_args(photos_dir, out, *argv[:-1], "2e-3", *resume, "--adam_epsilon", "1e-6"))
+    with pytest.raises(ValueError, match=r"optimizer state in .*checkpoint-1 does not fit this run's trainable "
+                                         r"parameters: was it saved with another --decoder_only or --learn_logvar\?"):
+        run_inprocess(quick_args(photos_dir, out, *argv, *resume, "--decoder_only"))  # was torch's bare message
     assert sorted(p.name for p in out.iterdir()) == before and (out / "training_args.json").read_text() == args
 
 
