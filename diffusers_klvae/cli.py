@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _subcommand(sub, "reconstruct", cmd_reconstruct, "encode and decode images; write PNGs and an optional comparison grid", "decode(encode(x)) for each image (posterior mean unless --sample); writes OUT/<name>.png.")
+    p = _subcommand(sub, "reconstruct", cmd_reconstruct, "encode and decode images; write PNGs and an optional comparison grid", "decode(encode(x)) for each image (posterior mean unless --sample); writes new files OUT/<name>.png (an existing file is never replaced).")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--grid", default=None, help="also write original | reconstruction | amplified error rows to this .png (images of one size)")
