@@ -12,6 +12,7 @@ in ``data``, the loss in ``losses``. See docs/training.md.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import sys
 import tarfile
@@ -186,4 +187,9 @@ if __name__ == "__main__":
         train(train_config.parse_args(sys.argv[1:]))
     except USER_ERRORS as err:
         sys.stderr.write(f"train_autoencoder.py: error: {one_line(err)}\n")
+        # several processes: a peer that has exited already can make gloo abort (SIGABRT) in this one's teardown
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)
         sys.exit(EXIT_USAGE)
