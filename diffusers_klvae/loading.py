@@ -53,12 +53,7 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
             raise FileNotFoundError(f"no {variant!r} weights in {spec!r}: expected "
                                     f"diffusion_pytorch_model.{variant}.safetensors beside config.json")
         weights = where / (subfolder or "")
-        try:  # a config.json that is not a JSON object makes diffusers try the Hub and blame the network
-            config_ok = isinstance(json.loads((weights / CONFIG_NAME).read_text(encoding="utf-8")), dict)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            config_ok = False
-        if not config_ok:
-            raise ValueError(f"{os.fspath(weights / CONFIG_NAME)!r} is not a JSON object: expected a diffusers model config")
+        read_model_config(weights / CONFIG_NAME)  # else diffusers tries the Hub and blames the network
         stored = (WEIGHTS_NAME, f"{WEIGHTS_NAME}.index.json", "diffusion_pytorch_model.bin")  # one file, shards, pickle
         if variant is None and not any((weights / name).is_file() for name in stored):
             raise ValueError(f"folder {os.fspath(weights)!r} has config.json but no weights: expected {WEIGHTS_NAME}")
@@ -197,6 +192,17 @@ def model_config_path(model: str | os.PathLike, flag: str) -> Path:
         except ValueError:  # no config.json there: say which option needs one
             pass
     raise ValueError(f"{flag} needs a local diffusers-format model folder with config.json, got {os.fspath(model)!r}")
+
+
+def read_model_config(path: Path) -> dict:
+    """A local config.json -> its dict; one that is not a JSON object is refused in one line naming it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"{os.fspath(path)!r} is not a JSON object: expected a diffusers model config")
+    return config
 
 
 def update_config(config_path: Path, fields: dict, remove: tuple[str, ...] = ()) -> None:

@@ -13,7 +13,6 @@ import argparse
 import copy
 import dataclasses
 import math
-import os
 import tarfile
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any, Literal, Sequence
 from transformers import HfArgumentParser
 
 from .cli_support import OneLineParser, check_output_folder
-from .loading import load_vae_config
+from .loading import CONFIG_NAME, load_vae_config, read_model_config
 from .models.config import downsampling_factor_of
 from .publish_checks import REPO_ID
 
@@ -287,15 +286,14 @@ def model_config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def load_model_config(path: str) -> dict[str, Any]:
-    """``--model_config_name_or_path`` (a config.json or its folder) -> the config dict; a file that holds another
-    JSON value is refused in one line, as ``loading.load_vae`` refuses a model folder's."""
+    """``--model_config_name_or_path`` (a config.json, its folder or a Hub id) -> the config dict; a local file that
+    holds another JSON value is refused in one line (``loading.read_model_config``)."""
     from . import KLVAE
 
-    config = KLVAE.load_config(path)
-    if not isinstance(config, dict):
-        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-        raise ValueError(f"{os.fspath(file)!r} is not a JSON object: expected a diffusers model config")
-    return dict(config)
+    local = Path(path)
+    if local.exists():
+        return read_model_config(local / CONFIG_NAME if local.is_dir() else local)
+    return dict(KLVAE.load_config(path))
 
 
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
