@@ -11,12 +11,14 @@ in ``data``, the loss in ``losses``. See docs/training.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import sys
 import tarfile
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -45,8 +47,10 @@ def train(cfg: train_config.TrainConfig) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(cfg.output_dir)
+    # several processes, no GPU: Accelerate sets up MULTI_CPU (gloo) only when asked for the CPU, else all are rank 0
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=training.multi_cpu_launch(), gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        cpu=multi_cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -56,7 +60,8 @@ def train(cfg: train_config.TrainConfig) -> dict:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
-    with checkpoints.output_dir_lock(out, enabled=accelerator.is_main_process):  # a second run on `out` refuses
+    # the main process locks `out`: a second run on it refuses
+    with checkpoints.output_dir_lock(out) if accelerator.is_main_process else nullcontext():
         resume = checkpoints.resolve_resume_path(cfg.resume_from_checkpoint, out)
         if resume is None or not resume.resolve().is_relative_to(out.resolve()):
             # a new run, or another folder's run continued here: not over an earlier run, nor into other files
@@ -111,8 +116,7 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
 
     # 4) resume (it restores the RNG states the loop continues from), then the run's arguments and trackers. Nothing
     #    is written before the checkpoint loaded and its optimizer flags matched (a refused resume changes nothing)
-    step, history, train_seconds = 0, [], 0.0
-    metrics = {}
+    step, history, train_seconds, metrics = 0, [], 0.0, {}
     if resume is not None:
         state = checkpoints.load_checkpoint(accelerator, resume, use_ema=ema is not None)
         training.check_restored_hyperparameters(cfg, optimizers, lr_scale=scale, checkpoint=str(resume))
@@ -122,7 +126,8 @@ def _train(cfg: train_config.TrainConfig, accelerator, out: Path, seed: int, res
             checkpoints.set_aside_abandoned(out, resume)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        train_outputs.write_training_args(cfg, out)
+        # what the card is made from, for klvae-push --training-args (no token in it: a token is never an argument)
+        (out / checkpoints.TRAINING_ARGS).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         accelerator.init_trackers(cfg.tracker_project_name, config=train_config.tracker_config(cfg))
     # one client for all pushes: its single worker thread uploads the checkpoints in order
     hub_futures, hub_api = [], HfApi() if (cfg.push_to_hub or cfg.hub_push_checkpoints) and accelerator.is_main_process else None

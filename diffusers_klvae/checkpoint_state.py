@@ -117,10 +117,9 @@ def register_checkpoint_state(accelerator, *, ema, generator: torch.Generator, d
 
 
 def _save_models(accelerator, ema, per_process: list[PerProcessState], models: list, weights: list, output_dir: str) -> None:
-    """Accelerate's save hook, run by every process before ``save_state`` writes anything: first the collectives
-    (the per-process states are gathered), then the VAE (raw + ``ema`` variant) and the discriminator as
-    ``save_pretrained`` folders, in place of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not
-    to write those)."""
+    """Accelerate's save hook (every process, before ``save_state`` writes anything): the collectives first (gather
+    the per-process states), then the VAE (raw + ``ema`` variant) and the discriminator as ``save_pretrained``
+    folders instead of Accelerate's ``model*.safetensors`` (emptying ``weights`` tells it not to write those)."""
     from .loading import save_model_folder
 
     for state in per_process:
@@ -169,12 +168,10 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
 
 
 def _refuse_unsafe_pickles(folder: Path) -> None:
-    """Read every pickle of the checkpoint with ``torch.load(weights_only=True)`` first.
-
-    Accelerate (1.x) reads optimizers, schedulers, the scaler and RNG states with ``weights_only=True`` (numpy arrays
-    allowed), but registered objects (``custom_checkpoint_<i>.pkl``) with ``weights_only=False``. Ours hold only
-    tensors, numbers, strings, lists and dicts; a file with anything else fails here, before that unrestricted load.
-    """
+    """Read every pickle of the checkpoint with ``torch.load(weights_only=True)`` first: Accelerate (1.x) reads its
+    own files that way, but registered objects (``custom_checkpoint_<i>.pkl``) with ``weights_only=False``. Ours
+    hold only tensors, numbers, strings, lists and dicts; a file with anything else fails here, before that
+    unrestricted load."""
     for file in sorted(folder.glob("custom_checkpoint_*.pkl")):
         try:
             torch.load(file, map_location="cpu", weights_only=True)

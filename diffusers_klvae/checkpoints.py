@@ -26,9 +26,7 @@ TRAINING_ARGS = "training_args.json"  # a run's arguments, written once it is se
 LOCK_NAME = ".train.lock"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# save, load
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------- save, load
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, *, training_state: dict | None = None,
@@ -126,9 +124,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, *, use_ema: bool) -> d
     return state
 
 
-# ----------------------------------------------------------------------------------------------------------
-# finding, checking, retiring checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------- finding, checking, retiring checkpoints
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -281,14 +277,11 @@ def set_aside_abandoned(output_dir: str | os.PathLike, resume: Path) -> Path | N
 
 
 @contextmanager
-def output_dir_lock(output_dir: str | os.PathLike, *, enabled: bool = True):
+def output_dir_lock(output_dir: str | os.PathLike):
     """An exclusive lock on ``output_dir`` for the run's life; a second run refuses with the holder's pid.
 
     ``fcntl.flock`` (POSIX) is released by the kernel when the process dies, so a killed run leaves no stale lock.
     """
-    if not enabled:
-        yield
-        return
     import fcntl
 
     path = Path(output_dir) / LOCK_NAME

@@ -26,25 +26,11 @@ import logging
 import os
 import sys
 
-from .cli_io import (
-    check_finite,
-    check_new_files,
-    check_not_inputs,
-    check_output_file,
-    find_images,
-    load_images,
-    make_output_dir,
-    output_names,
-    output_stems,
-    raw_latents,
-    read_latents,
-    save_image,
-    scaling_metadata,
-    seeded_generator,
-    stack_same_size,
-)
+from .cli_io import (SCALING_KEYS, check_finite, check_new_files, check_not_inputs, check_output_file, find_images,
+                     load_images, make_output_dir, output_names, output_stems, raw_latents, read_latents, save_image,
+                     seeded_generator, stack_same_size)
 from .cli_support import OneLineParser, check_output_folder, int_at_least, positive_float, run_main, writing
-from .loading import model_config_path, update_config
+from .loading import load_vae, model_config_path, update_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +48,6 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "float32"):
     ``loading.load_vae`` (the package's one loader: folder, pipeline folder, single file, preset, Hub id), whose
     decoder refuses to output NaN/Inf."""
     from .eval_data import resolve_device
-    from .loading import load_vae
 
     vae = load_vae(spec, dtype=dtype).to(resolve_device(device)).eval()
     # NaN weights, a NaN scaling_factor or a float16 overflow decode to NaN, which PIL writes as black pixels; sample
@@ -84,7 +69,7 @@ def cmd_reconstruct(args) -> None:
     check_not_inputs([out / f"{stem}.png" for stem in stems.values()] + ([grid] if grid else []), inputs)
     check_new_files([out / f"{stem}.png" for stem in stems.values()], args.out)
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    make_output_dir(args.out)
+    make_output_dir(out)
     paths, images = load_images(args.images, args.resolution, vae)  # lists them as find_images did: paths are keys of stems
     x_all = stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
     generator = seeded_generator(args.seed)
@@ -118,7 +103,8 @@ def cmd_encode(args) -> None:
     metadata = {
         "format": "klvae-latents",
         "space": "diffusion" if args.scaled else "raw",
-        **scaling_metadata(vae),  # decode unscales with these, even after the model's config is refitted
+        # the model's latent scaling (JSON): decode unscales with these, even after the model's config is refitted
+        **{key: json.dumps(getattr(vae.config, key, None)) for key in SCALING_KEYS},
         "files": json.dumps([os.path.basename(p) for p in paths]),
     }
     with writing(out):
@@ -137,7 +123,7 @@ def cmd_decode(args) -> None:
     check_new_files(paths, args.out)  # the names are those of the encoded images: --out may be their folder
     images = decode_latents(vae, latents).cpu()
     check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
-    make_output_dir(args.out)
+    make_output_dir(out)
     for path, image in zip(paths, images):
         save_image(image, path)
     logger.info("wrote %d images to %s", len(images), out)
@@ -152,7 +138,7 @@ def cmd_interpolate(args) -> None:
     check_not_inputs([out] + frames, [args.image_a, args.image_b])
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     if frames_dir:
-        make_output_dir(args.frames_dir, "--frames-dir")
+        make_output_dir(frames_dir)
     _, (a, b) = load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
     stack_same_size([a, b])
     with writing(out):

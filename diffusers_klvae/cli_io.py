@@ -11,7 +11,13 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from .cli_support import check_output_folder, writing
+import torch
+from safetensors import safe_open
+
+from .cli_support import writing
+from .imaging import UnreadableImage, list_image_paths, load_image, resize_and_crop, to_pil, to_tensor
+from .latent_masks import downsampling_factor
+from .latents import unscale_latents
 
 logger = logging.getLogger("diffusers_klvae.cli")  # the messages users see from `klvae`
 SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")  # what latents.scale_latents reads
@@ -19,8 +25,6 @@ SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 def find_images(paths) -> list[str]:
     """Image arguments (files, or folders: their image files, sorted) -> the files, unread."""
-    from .imaging import list_image_paths
-
     found = []
     for arg in paths:
         if os.path.isdir(arg):
@@ -41,9 +45,6 @@ def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = T
     An image the reader refuses is skipped with a warning naming it and the reason (``skip_unreadable=False``:
     it raises); none readable raises ``ValueError``.
     """
-    from .imaging import UnreadableImage, load_image, resize_and_crop, to_tensor
-    from .latent_masks import downsampling_factor
-
     factor = downsampling_factor(vae)
     if resolution and resolution % factor:
         raise ValueError(f"--resolution {resolution} is not a multiple of the model's downsampling factor {factor}")
@@ -72,8 +73,6 @@ def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = T
 
 def check_finite(x, what: str) -> None:
     """Refuse NaN/Inf: they would be written as black pixels (or poison everything decoded from them)."""
-    import torch
-
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
@@ -113,15 +112,11 @@ def _file_id(path) -> tuple[int, int] | None:
 
 def save_image(image, path: Path) -> None:
     """[-1, 1] tensor (3, H, W) -> PNG at ``path`` (a full disk is named)."""
-    from .imaging import to_pil
-
     with writing(path):
         to_pil(image).save(path)
 
 
 def stack_same_size(images):
-    import torch
-
     sizes = {tuple(x.shape[-2:]) for x in images}
     if len(sizes) > 1:
         raise ValueError(f"images differ in size ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}): pass --resolution")
@@ -129,8 +124,6 @@ def stack_same_size(images):
 
 
 def seeded_generator(seed: int | None):
-    import torch
-
     return None if seed is None else torch.Generator().manual_seed(seed)
 
 
@@ -144,11 +137,10 @@ def output_stems(names) -> list[str]:
     return [f"{i:04d}" + (f"-{stem}" if stem.strip(".") else "") for i, stem in enumerate(stems)]
 
 
-def make_output_dir(path: str, flag: str = "--out") -> Path:
-    out = check_output_folder(path, flag)
+def make_output_dir(out: Path) -> None:
+    """Create an output folder that ``check_output_folder`` has checked (a full disk is named)."""
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def check_output_file(path: str, suffix: str) -> Path:
@@ -163,8 +155,6 @@ def check_output_file(path: str, suffix: str) -> Path:
 
 
 def read_latents(path: str, key: str):
-    from safetensors import safe_open
-
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no such latents file: {path!r}")
     if not os.path.isfile(path):  # a folder, FIFO, device or dangling symlink: safetensors would block or fail obscurely
@@ -180,15 +170,9 @@ def read_latents(path: str, key: str):
     return tensor, metadata
 
 
-def scaling_metadata(vae) -> dict[str, str]:
-    """The model's latent scaling as safetensors metadata (JSON), so that decode undoes exactly the scaling applied."""
-    return {key: json.dumps(getattr(vae.config, key, None)) for key in SCALING_KEYS}
-
-
 def _recorded_scaling(vae, metadata: dict, path: str) -> SimpleNamespace:
-    """The scaling the file's latents were made with: what its metadata records (``klvae encode`` writes it), else
-    the model's config. A recorded value that differs from the config wins, with a warning: the config may have been
-    refitted since, and decoding with a factor the latents were not scaled with gives wrong images silently."""
+    """The scaling the file's latents were made with: its metadata, else the model's config. A recorded value wins
+    (with a warning): the config may have been refitted since, and a wrong factor gives wrong images silently."""
     scaling = {key: getattr(vae.config, key, None) for key in SCALING_KEYS}
     channels = vae.config.latent_channels
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
@@ -216,8 +200,6 @@ def _recorded_scaling(vae, metadata: dict, path: str) -> SimpleNamespace:
 def raw_latents(vae, latents, metadata: dict, space: str | None, path: str):
     """A latents file's tensor -> raw latents (B, C, h, w), float32: diffusion-space latents are unscaled with the
     scaling the file records (see :func:`_recorded_scaling`)."""
-    from .latents import unscale_latents
-
     space = space or metadata.get("space", "raw")
     if latents.ndim == 3:
         latents = latents[None]

@@ -53,18 +53,12 @@ def _builder_for(data_files: str | Sequence[str] | dict) -> str:
     raise ValueError(f"cannot tell the format of data_files {files[0]!r}: expected *.parquet, *.tar (webdataset), *.arrow or image files")
 
 
-def load_image_dataset(
-    *,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_data_dir: str | os.PathLike | None = None,
-    data_files: str | Sequence[str] | dict | None = None,
-    image_paths: Sequence[str | os.PathLike] | None = None,
-    split: str = "train",
-    streaming: bool | None = None,
-    cache_dir: str | None = None,
-    num_shards: int = 64,
-) -> "datasets.IterableDataset":
+def load_image_dataset(*, dataset_name: str | None = None, dataset_config_name: str | None = None,
+                       train_data_dir: str | os.PathLike | None = None,
+                       data_files: str | Sequence[str] | dict | None = None,
+                       image_paths: Sequence[str | os.PathLike] | None = None, split: str = "train",
+                       streaming: bool | None = None, cache_dir: str | None = None,
+                       num_shards: int = 64) -> "datasets.IterableDataset":
     """Open an image dataset as a ``datasets.IterableDataset`` (one code path for training, whatever the source).
 
     Exactly one source is given:
@@ -103,14 +97,11 @@ def load_image_dataset(
     if image_paths is not None:
         return _path_dataset(image_paths, num_shards)
 
-    kwargs: dict[str, Any] = {"split": split, "cache_dir": cache_dir}
-    if dataset_name is not None:
-        streaming = True if streaming is None else streaming
-        kwargs.update(path=dataset_name, name=dataset_config_name, data_files=data_files)
-    else:
-        streaming = False if streaming is None else streaming
-        kwargs.update(path=_builder_for(data_files), data_files=data_files)
-    dataset = datasets.load_dataset(streaming=streaming, **kwargs)
+    # a Hub dataset streams by default (data too large for disk); local files are read by their builder
+    path, name = (dataset_name, dataset_config_name) if dataset_name is not None else (_builder_for(data_files), None)
+    streaming = dataset_name is not None if streaming is None else streaming
+    dataset = datasets.load_dataset(path=path, name=name, data_files=data_files, split=split, cache_dir=cache_dir,
+                                    streaming=streaming)
     if isinstance(dataset, datasets.IterableDataset):
         return dataset
     return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
@@ -223,15 +214,9 @@ def read_image_value(value: Any) -> tuple[bytes, str]:
         raise UnreadableImage(path, "unreadable file", str(err)) from err
 
 
-def preprocess_image(
-    img: Image.Image,
-    *,
-    resolution: int,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    generator: torch.Generator | None = None,
-    crop_zoom: tuple[float, float] = (1.0, 1.0),
-) -> torch.Tensor:
+def preprocess_image(img: Image.Image, *, resolution: int, center_crop: bool = True, random_flip: bool = False,
+                     generator: torch.Generator | None = None,
+                     crop_zoom: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """RGB PIL image -> (3, resolution, resolution) float32 in [-1, 1]: resize shorter side, crop, maybe flip.
 
     Args:
@@ -276,14 +261,8 @@ class ValidationImages:
     keys: frozenset[str] = field(default_factory=frozenset)
 
 
-def take_validation_images(
-    dataset: "datasets.IterableDataset",
-    n: int,
-    *,
-    image_column: str | None = None,
-    resolution: int,
-    min_size: int | None = None,
-) -> ValidationImages:
+def take_validation_images(dataset: "datasets.IterableDataset", n: int, *, image_column: str | None = None,
+                           resolution: int, min_size: int | None = None) -> ValidationImages:
     """The first ``n`` decodable images of the unshuffled stream (the same on every process), center-cropped.
 
     Exclude them from training with ``make_train_stream(..., exclude=result.keys)``: exclusion is by content

@@ -42,19 +42,13 @@ class ActNorm(nn.Module):
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         self._seen_initialized = False  # caches `initialized == 1`: reading the buffer is a GPU sync
 
-
-    @torch.no_grad()
-    def _initialize(self, x: torch.Tensor) -> None:
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True)
-        self.loc.copy_(-mean)
-        self.scale.copy_(1.0 / (std + self.eps))
-        self.initialized.fill_(1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self._seen_initialized:
             if self.initialized.item() == 0:  # a loaded checkpoint arrives already initialized
-                self._initialize(x)
+                with torch.no_grad():
+                    self.loc.copy_(-x.mean(dim=(0, 2, 3), keepdim=True))
+                    self.scale.copy_(1.0 / (x.std(dim=(0, 2, 3), keepdim=True) + self.eps))
+                    self.initialized.fill_(1)
             self._seen_initialized = True
         return self.scale * (x + self.loc)
 

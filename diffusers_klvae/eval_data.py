@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .cli_support import int_at_least
+from .cli_support import check_output_folder, int_at_least
 from .data import check_image_column, load_image_dataset, preprocess_image, raw_image_column, read_image_value
 from .eval_results import KLVAE_PREPROCESSING, DataSource
 from .imaging import IMAGE_EXTENSIONS, UnreadableImage, decode_image, list_image_paths, load_image, to_rgb
@@ -28,9 +28,7 @@ DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # --dtype -> autocast dtype (None: no autocast)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# protocols
-# ----------------------------------------------------------------------------------------------------------
+# --- protocols ---
 
 
 def klvae_preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -76,9 +74,7 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# image sources
-# ----------------------------------------------------------------------------------------------------------
+# --- image sources ---
 
 
 @dataclass
@@ -112,7 +108,7 @@ class ImageSource:
             if path.is_dir() or path.is_file():
                 return DataSource("folder" if path.is_dir() else "file", path=os.fspath(path))
             return DataSource("hf-dataset", name=os.fspath(data), split=self.split)
-        if _is_hf_dataset(data):
+        if (type(data).__module__ or "").startswith("datasets.") and hasattr(data, "features"):  # a datasets object
             return DataSource("datasets-object", type=type(data).__name__)
         return DataSource("images", type=type(data).__name__, count=len(data) if hasattr(data, "__len__") else None)
 
@@ -148,7 +144,9 @@ class ImageSource:
         if source.kind == "hf-dataset":  # a string naming no folder or file
             if Path(source.name).expanduser().exists():
                 raise ValueError(f"data {source.name!r} is neither a folder nor a regular file")
-            if not _looks_like_dataset_id(source.name):
+            # "name" or "org/name" is what `datasets.load_dataset` resolves on the Hub; paths and file names are not
+            name = source.name
+            if not name or name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix:
                 raise FileNotFoundError(f"data {source.name!r}: no such folder or file (nor an HF dataset name)")
             try:
                 data = load_image_dataset(dataset_name=source.name, split=self.split, streaming=True)
@@ -174,22 +172,12 @@ class ImageSource:
             yield name, (lambda v=value, n=name: decode_image(read_image_value(v)[0], name=n))
 
 
-def _looks_like_dataset_id(text: str) -> bool:
-    """"name" or "org/name": what `datasets.load_dataset` resolves on the Hub; paths and file names are not."""
-    return bool(text) and not text.startswith((".", "/", "~")) and text.count("/") <= 1 and not Path(text).suffix
-
-
 def _list_entry(i: int, item) -> tuple[str, Callable[[], Image.Image]]:
     if isinstance(item, Image.Image):
         return f"{i:06d}", (lambda: to_rgb(item))
     if isinstance(item, (str, os.PathLike)):
         return os.path.basename(os.fspath(item)), functools.partial(load_image, item)
     raise ValueError(f"data[{i}] is a {type(item).__name__}: expected a PIL image or an image path")
-
-
-def _is_hf_dataset(data) -> bool:
-    module = type(data).__module__ or ""
-    return module.startswith("datasets.") and hasattr(data, "features")
 
 
 def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_images: int | None,
@@ -212,9 +200,7 @@ def iter_batches(source: ImageSource, *, resolution: int, batch_size: int, max_i
     return batches()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# run settings and command line, shared by klvae-eval and klvae-stats
-# ----------------------------------------------------------------------------------------------------------
+# --- run settings and command line, shared by klvae-eval and klvae-stats ---
 
 
 def autocast_dtype(dtype) -> torch.dtype | None:
@@ -227,8 +213,9 @@ def autocast_dtype(dtype) -> torch.dtype | None:
 
 
 def check_output_outside_data(output: str | os.PathLike, data: str) -> None:
-    """``--output`` may not be a local ``--data`` folder nor inside it: the grid and histogram PNGs written there
-    would replace an image of that name or be read as data by the next run."""
+    """``--output`` must pass ``cli_support.check_output_folder`` and not be a local ``--data`` folder nor inside it:
+    the grid and histogram PNGs written there would replace an image of that name or be read as data by the next run."""
+    check_output_folder(output, "--output")
     folder, out = Path(data).expanduser().resolve(), Path(output).expanduser().resolve()
     if folder.is_dir() and (out == folder or folder in out.parents):
         raise ValueError(f"--output {os.fspath(output)!r} is inside --data {data!r}: its files would mix with the "

@@ -34,9 +34,8 @@ class MetricSummary:
         array = array[~np.isnan(array)]  # NaN = metric undefined for that image (e.g. a mask without holes)
         if array.size == 0:
             return cls(float("nan"), None, 0)
-        if not np.isfinite(array).all():  # identical images: PSNR +inf; the mean is inf, the spread undefined
-            return cls(float(array.mean()), None, int(array.size))
-        return cls(float(array.mean()), float(array.std()), int(array.size))
+        # identical images: PSNR +inf; the mean is inf, the spread undefined
+        return cls(float(array.mean()), float(array.std()) if np.isfinite(array).all() else None, int(array.size))
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "MetricSummary":

@@ -26,19 +26,21 @@ from torch import nn
 
 from . import __version__
 from .cli_io import check_finite
-from .cli_support import OneLineParser, check_output_folder, int_at_least, run_command
+from .cli_support import OneLineParser, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
-    PROTOCOLS, ImageSource, Protocol, add_source_args, autocast_dtype, check_output_outside_data, get_protocol,
-    iter_batches, model_name, resolve_device,
+    PROTOCOLS, ImageSource, add_source_args, autocast_dtype, check_output_outside_data, get_protocol, iter_batches,
+    model_name, resolve_device,
 )
 from .eval_report import results_table, write_report  # noqa: F401 - public names
 from .eval_results import DataSource, EvaluationResult, MetricSummary, ProtocolRecord  # noqa: F401 - public names
+from .fid import load_fid_inception
 from .imaging import reconstruction_grid, to_uint8
 from .loading import load_vae
 from .latent_masks import downsampling_factor, masked_reconstruct, random_pixel_mask
 from .metrics import (  # noqa: F401 - public names of this module since before the split
     PER_IMAGE_KEYS, SSIM_KERNEL_SIZE, SSIM_SIGMA, lpips_distance, make_fid_metric, psnr, region_psnr, rfid, ssim,
 )
+from .perceptual import load_lpips
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,8 @@ GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --
 
 @torch.no_grad()
 def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> reconstructions (B, 3, H, W), float32, not clamped.
-
-    Uses the posterior's ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``.
-    """
+    """Images in [-1, 1] (B, 3, H, W) -> reconstructions (B, 3, H, W), float32, not clamped. Uses the posterior's
+    ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``."""
     weight = next(vae.parameters())
     posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
     z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
@@ -193,8 +193,20 @@ def evaluate(
         vae.train(was_training)  # a model evaluated during training goes back to training mode
     if not names:
         raise ValueError(f"no readable image in {source.describe()} ({source.skipped} skipped)")
-    record = _protocol_record(chosen, resolution=resolution, sample_posterior=sample_posterior, seed=seed, metrics=metrics,
-                              lpips_net=lpips_net, lpips_model=lpips_model, fid_extractor=fid_extractor)
+    # what makes these numbers comparable with others (docs/evaluation.md#protocols, steps 1-8)
+    record = ProtocolRecord(
+        name=chosen.name, resolution=resolution, preprocessing=chosen.preprocessing,
+        posterior=f"sample (seed {seed})" if sample_posterior else "mode",
+        quantization="uint8: round((x + 1) * 127.5), clamped to [0, 255]",
+        psnr="per image over CxHxW, peak 255, then mean over images",
+        ssim=f"torchmetrics, gaussian kernel {SSIM_KERNEL_SIZE}, sigma {SSIM_SIGMA}, data_range 255",
+        lpips_net=lpips_net if lpips_model is not None else None,
+        lpips_weights=getattr(lpips_model, "weights_source", type(lpips_model).__name__) if lpips_model is not None else None,
+        fid_network=getattr(fid_extractor, "source", type(fid_extractor).__name__) if fid_extractor is not None else None,
+        fid_features=getattr(fid_extractor, "num_features", None) if fid_extractor is not None else None,
+        masked_psnr=f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
+        if "masked_psnr" in metrics else None,
+    )
     samples = (torch.cat(kept[0]), torch.cat(kept[1])) if kept[0] else None
     settings = {"metrics": list(metrics), "batch_size": batch_size, "max_images": max_images, "device": str(device),
                 "autocast_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32 (no autocast)",
@@ -229,59 +241,28 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 
 def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
-    if "lpips" in metrics and lpips_model is None:
-        from .perceptual import load_lpips
-
-        lpips_model = load_lpips(lpips_net, device=device)
+    if lpips_model is not None or "lpips" in metrics:
+        lpips_model = (load_lpips(lpips_net, device=device) if lpips_model is None else lpips_model).to(device).eval()
     if "rfid" in metrics and fid_extractor is None:
-        from .fid import load_fid_inception
-
         fid_extractor = load_fid_inception(device=device)
-    if lpips_model is not None:
-        lpips_model = lpips_model.to(device).eval()
     return (lpips_model if "lpips" in metrics else None), (fid_extractor if "rfid" in metrics else None)
 
 
-def _protocol_record(protocol: Protocol, *, resolution, sample_posterior, seed, metrics, lpips_net, lpips_model,
-                     fid_extractor) -> ProtocolRecord:
-    """What makes these numbers comparable with others (docs/evaluation.md#protocols, steps 1-8)."""
-    return ProtocolRecord(
-        name=protocol.name, resolution=resolution, preprocessing=protocol.preprocessing,
-        posterior=f"sample (seed {seed})" if sample_posterior else "mode",
-        quantization="uint8: round((x + 1) * 127.5), clamped to [0, 255]",
-        psnr="per image over CxHxW, peak 255, then mean over images",
-        ssim=f"torchmetrics, gaussian kernel {SSIM_KERNEL_SIZE}, sigma {SSIM_SIGMA}, data_range 255",
-        lpips_net=lpips_net if lpips_model is not None else None,
-        lpips_weights=getattr(lpips_model, "weights_source", type(lpips_model).__name__) if lpips_model is not None else None,
-        fid_network=getattr(fid_extractor, "source", type(fid_extractor).__name__) if fid_extractor is not None else None,
-        fid_features=getattr(fid_extractor, "num_features", None) if fid_extractor is not None else None,
-        masked_psnr=f"random boxes on the latent grid (seed {seed}), latent holes = 0, pixel holes mid-gray"
-        if "masked_psnr" in metrics else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# comparison of several models, command line
-# ----------------------------------------------------------------------------------------------------------
+# --- comparison of several models, command line ---
 
 
 def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net: str = "vgg", device=None,
             metrics: Sequence[str] = DEFAULT_METRICS, lpips_model=None, fid_extractor=None, **kwargs) -> tuple[list[EvaluationResult], Image.Image | None]:
     """Evaluate each model on the same images; returns the results and a grid (original | each model | each error).
-
-    The LPIPS and Inception networks are loaded once and shared. ``kwargs`` go to :func:`evaluate`.
-    """
+    The LPIPS and Inception networks are loaded once and shared. ``kwargs`` go to :func:`evaluate`."""
     if not models:
         raise ValueError("give at least one model")
     metrics = _check_metrics(metrics)
     device = resolve_device(device)
     lpips_model, fid_extractor = _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device)
-    results = []
-    for spec in models:
-        vae = load_vae(spec)
-        results.append(evaluate(vae, data, metrics=metrics, lpips_net=lpips_net, device=device, lpips_model=lpips_model,
-                                fid_extractor=fid_extractor, keep_images=grid_images, name=model_name(spec), **kwargs))
-        del vae  # one model in memory at a time
+    results = [evaluate(spec, data, metrics=metrics, lpips_net=lpips_net, device=device, lpips_model=lpips_model,
+                        fid_extractor=fid_extractor, keep_images=grid_images, name=model_name(spec), **kwargs)
+               for spec in models]  # each evaluate loads its model and drops it: one model in memory at a time
     samples = [r.samples for r in results if r.samples is not None]
     grid = reconstruction_grid(samples[0][0], [s[1] for s in samples]) if samples else None  # all or none kept images
     return results, grid
@@ -315,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     if args.output:
-        check_output_folder(args.output, "--output")  # before the long computation
-        check_output_outside_data(args.output, args.data)
+        check_output_outside_data(args.output, args.data)  # before the long computation
     results, grid = compare(
         args.model, args.data, grid_images=args.grid_images if args.output else 0, lpips_net=args.lpips_net,
         device=args.device, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],

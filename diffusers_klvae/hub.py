@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import huggingface_hub
+from PIL import Image
 
-from .cli_support import OneLineParser, check_output_folder, run_main, writing
+from . import KLVAE
+from .cli_support import OneLineParser, check_output_folder, run_command, writing
 from .eval_results import load_metrics
 from .imaging import load_image
 from .loading import (CONFIG_NAME, EMA_VARIANT, EMA_WEIGHTS_NAME, WEIGHTS_NAME, has_variant, load_vae,
@@ -38,12 +40,9 @@ DEFAULT_COMMIT_MESSAGE = "Upload KL autoencoder with diffusers-klvae"
 
 
 # ----------------------------------------------------------------------------------------------- staging
-
-
 def _check_ema(vae, ema) -> None:
-    """``ema_vae`` is diffusers' `EMAModel` or a model of ``vae``'s config (the two weight files share one
-    config.json)."""
-    if hasattr(ema, "shadow_params") and hasattr(ema, "copy_to") and hasattr(ema, "store"):
+    """``ema_vae`` is diffusers' `EMAModel` or a model of ``vae``'s config (the weight files share one config.json)."""
+    if all(hasattr(ema, name) for name in ("shadow_params", "copy_to", "store")):
         return
     if not (hasattr(ema, "save_pretrained") and hasattr(ema, "to_json_string")):
         raise ValueError(f"ema_vae must be a model with save_pretrained or a diffusers EMAModel, got {type(ema).__name__}")
@@ -57,8 +56,6 @@ def _as_klvae(vae):
     """A diffusers `AutoencoderKL` has no `save_single_file`; the same weights in a `KLVAE` do."""
     if hasattr(vae, "save_single_file"):
         return vae
-    from diffusers_klvae import KLVAE
-
     clone = KLVAE.from_config(vae.config)
     clone.load_state_dict(vae.state_dict())
     return clone
@@ -66,8 +63,6 @@ def _as_klvae(vae):
 
 def _stage_images(images: Sequence, folder: Path) -> list[Path]:
     """Save images (paths or PIL images) as PNGs under ``images/``; returns paths relative to ``folder``."""
-    from PIL import Image
-
     staged, taken = [], set()
     for index, image in enumerate(images):
         name = f"image_{index}"
@@ -89,21 +84,10 @@ def _stage_images(images: Sequence, folder: Path) -> list[Path]:
     return staged
 
 
-def stage_folder(
-    vae,
-    folder: str | os.PathLike,
-    *,
-    repo_id: str,
-    ema_vae=None,
-    metrics: Any = None,
-    metrics_model: str | None = None,
-    images: Sequence = (),
-    training_args: Any = None,
-    base_model: str | None = None,
-    datasets: str | Sequence[str] | None = None,
-    license: str = DEFAULT_LICENSE,
-    single_file: bool | None = None,
-) -> Path:
+def stage_folder(vae, folder: str | os.PathLike, *, repo_id: str, ema_vae=None, metrics: Any = None,
+                 metrics_model: str | None = None, images: Sequence = (), training_args: Any = None,
+                 base_model: str | None = None, datasets: str | Sequence[str] | None = None,
+                 license: str = DEFAULT_LICENSE, single_file: bool | None = None) -> Path:
     """Write everything a Hub repo of this VAE needs into an empty ``folder``.
 
     Args:
@@ -148,26 +132,11 @@ def stage_folder(
 
 
 # ----------------------------------------------------------------------------------------------- upload
-
-
-def publish(
-    vae,
-    repo_id: str,
-    *,
-    folder: str | os.PathLike | None = None,
-    metrics: Any = None,
-    images: Sequence | None = None,
-    training_args: Any = None,
-    base_model: str | None = None,
-    datasets: str | Sequence[str] | None = None,
-    license: str = DEFAULT_LICENSE,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-    ema_vae=None,
-    metrics_model: str | None = None,
-    api=None,
-) -> str:
+def publish(vae, repo_id: str, *, folder: str | os.PathLike | None = None, metrics: Any = None,
+            images: Sequence | None = None, training_args: Any = None, base_model: str | None = None,
+            datasets: str | Sequence[str] | None = None, license: str = DEFAULT_LICENSE, private: bool = False,
+            token: str | None = None, commit_message: str = DEFAULT_COMMIT_MESSAGE, ema_vae=None,
+            metrics_model: str | None = None, api=None) -> str:
     """Stage, validate and upload a VAE as one Hub commit; returns the commit URL.
 
     Args:
@@ -211,17 +180,9 @@ def upload_staged(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
     return commit.commit_url
 
 
-def push_checkpoint_async(
-    checkpoint_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    path_in_repo: str | None = None,
-    token: str | None = None,
-    private: bool = True,
-    commit_message: str | None = None,
-    ignore_patterns: Sequence[str] | None = None,
-    api=None,
-) -> Future:
+def push_checkpoint_async(checkpoint_dir: str | os.PathLike, repo_id: str, *, path_in_repo: str | None = None,
+                          token: str | None = None, private: bool = True, commit_message: str | None = None,
+                          ignore_patterns: Sequence[str] | None = None, api=None) -> Future:
     """Upload a training checkpoint folder on a background thread, so training does not wait.
 
     The folder is first copied to a temporary snapshot (cheap next to the upload) because checkpoint rotation may
@@ -262,8 +223,6 @@ def push_checkpoint_async(
 
 
 # ----------------------------------------------------------------------------------------------- command line
-
-
 def _parser() -> OneLineParser:
     parser = OneLineParser(
         prog="klvae-push",
@@ -290,9 +249,7 @@ def _parser() -> OneLineParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``klvae-push``; a user error is one line on stderr and exit status 2."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_main("klvae-push", lambda: _run(args))
+    return run_command(_parser(), _run, argv)
 
 
 def _run(args) -> int:

@@ -90,7 +90,12 @@ def decode_image(data: bytes, *, name: str) -> Image.Image:
     """Encoded bytes -> 8-bit RGB PIL image by the rules of this module's docstring; ``UnreadableImage`` if not."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            _refuse_bomb(img, name)
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; decoding such a file can exhaust memory, so refuse
+            # it here by size (read from the header), which is thread-safe, unlike turning the warning into an error
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise UnreadableImage(name, "decompression bomb",
+                                      f"{img.width}x{img.height} > {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
             img.load()  # the full decode: truncation is caught here
             return to_rgb(ImageOps.exif_transpose(img), name=name)
     except UnreadableImage:
@@ -102,14 +107,6 @@ def decode_image(data: bytes, *, name: str) -> Image.Image:
         raise UnreadableImage(name, "undecodable", "not an image format PIL recognises") from err
     except Exception as err:  # noqa: BLE001 -- untrusted bytes: PIL's plugins raise EOFError, struct.error, IndexError...
         raise UnreadableImage(name, "undecodable", f"{type(err).__name__}: {err}") from err
-
-
-def _refuse_bomb(img: Image.Image, name: str) -> None:
-    # PIL only warns between MAX_IMAGE_PIXELS and twice that; decoding such a file can exhaust memory, so refuse it
-    # here by size (read from the header), which is thread-safe, unlike turning the warning into an error
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and img.width * img.height > limit:
-        raise UnreadableImage(name, "decompression bomb", f"{img.width}x{img.height} > {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -32,6 +32,13 @@ def downsampling_factor(vae_or_factor) -> int:
     return int(vae_or_factor)
 
 
+def _check_size(vae_or_factor, height: int, width: int, what: str) -> int:
+    factor = downsampling_factor(vae_or_factor)
+    if height % factor or width % factor:
+        raise ValueError(f"{what} size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
+    return factor
+
+
 def as_mask_tensor(mask) -> torch.Tensor:
     """A pixel or latent mask (PIL, numpy array or tensor; (H, W), (1, H, W), (B, H, W) or (B, 1, H, W)) ->
     float tensor (B, 1, H, W) with values in [0, 1].
@@ -93,8 +100,7 @@ def mask_to_latent(mask, vae_or_factor, mode: str = "any", *, invert: bool = Fal
     if invert:
         mask = 1.0 - mask
     height, width = mask.shape[-2:]
-    if height % factor or width % factor:
-        raise ValueError(f"mask size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
+    _check_size(factor, height, width, "mask")
     if mode == "area":
         return F.avg_pool2d(mask, factor)
     # binarizing the block's min (max) equals the min (max) of the binarized block, without a full-size copy
@@ -195,10 +201,7 @@ def random_pixel_mask(
             if 0 < hole.sum() < h * w:  # at least one hole cell and one kept cell
                 break
         holes[i, 0] = hole
-    keep = 1.0 - holes
-    if grid > 1:
-        keep = keep.repeat_interleave(grid, dim=-2).repeat_interleave(grid, dim=-1)
-    return keep.to(device)
+    return latent_mask_to_pixels(1.0 - holes, grid).to(device)
 
 
 def _uniform(generator, low: float, high: float) -> float:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .cli_support import OneLineParser, check_output_folder, run_command, writing
+from .cli_support import OneLineParser, run_command, writing
 from .eval_data import (ImageSource, add_source_args, autocast_dtype, check_output_outside_data, iter_batches,
                         model_name, resolve_device)
 from .loading import load_vae, model_config_path, update_config
@@ -79,14 +79,12 @@ class LatentStatistics:
         return text
 
     def config_update(self, per_channel: bool = False) -> dict[str, Any]:
-        """The config fields to store.
-
-        Global (default): ``scaling_factor = 1/std`` and ``shift_factor = mean``, read by every diffusers pipeline
-        (SD 1.x/2.x use the scale only; SD3/FLUX also the shift). ``per_channel=True``: ``latents_mean`` and
-        ``latents_std`` per channel, read by SDXL-family pipelines as ``(z - mean) * scaling_factor / std``, so
-        ``scaling_factor`` becomes 1.0 and ``shift_factor`` None (pipelines that ignore the per-channel fields
-        would then see unscaled latents: use this mode only for pipelines that read them).
-        """
+        """The config fields to store. Global (default): ``scaling_factor = 1/std`` and ``shift_factor = mean``, read by
+        every diffusers pipeline (SD 1.x/2.x use the scale only; SD3/FLUX also the shift). ``per_channel=True``:
+        ``latents_mean`` and ``latents_std`` per channel, read by SDXL-family pipelines as
+        ``(z - mean) * scaling_factor / std``, so ``scaling_factor`` becomes 1.0 and ``shift_factor`` None (pipelines
+        that ignore the per-channel fields would then see unscaled latents: use this mode only for pipelines that read
+        them)."""
         if per_channel:
             return {"latents_mean": _rounded(self.all.channel_mean), "latents_std": _rounded(self.all.channel_std),
                     "scaling_factor": 1.0, "shift_factor": None}
@@ -125,8 +123,7 @@ class _Accumulator:
     def __init__(self):
         self.sums, self.squares = [], []  # each (B, C) per batch
         self.numel = 0  # values per image and channel (iter_batches gives every image one size)
-        self.edges: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
+        self.edges = self.counts = None  # histogram bin edges and per-channel counts, from the first batch on
         self.clipped = 0
 
     def update(self, z: torch.Tensor) -> None:
@@ -243,10 +240,9 @@ def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
     cols = min(4, channels)
     rows = -(-channels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for c, ax in enumerate(axes.flat):
-        if c >= channels:
-            ax.axis("off")
-            continue
+    for ax in axes.flat[channels:]:
+        ax.axis("off")
+    for c, ax in enumerate(axes.flat[:channels]):
         density = counts[c] / max(counts[c].sum() * width, 1e-12)
         mean, std = stats.all.channel_mean[c], stats.all.channel_std[c]
         ax.bar(centers, density, width=width, color="tab:blue", alpha=0.6)
@@ -265,9 +261,7 @@ def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
 
 def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_channel: bool = False) -> Path:
     """Store the statistics in a diffusers-format model folder's ``config.json`` (``vae/config.json`` of a pipeline).
-
-    Only the fields of :meth:`LatentStatistics.config_update` change; weights are not touched.
-    """
+    Only the fields of :meth:`LatentStatistics.config_update` change; weights are not touched."""
     config_path = model_config_path(model_dir, "--write-config")
     channels = json.loads(config_path.read_text()).get("latent_channels", 4)
     if per_channel and len(stats.all.channel_mean) != channels:
@@ -302,7 +296,6 @@ def _run(args: argparse.Namespace) -> None:
     if args.write_config:
         model_config_path(args.model, "--write-config")  # before the long computation
     if args.output:
-        check_output_folder(args.output, "--output")
         check_output_outside_data(args.output, args.data)
     stats = compute_latent_statistics(
         args.model, args.data, resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,

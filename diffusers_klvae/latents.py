@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .imaging import image_grid, to_pil, to_tensor
-from .latent_masks import downsampling_factor
+from .latent_masks import _check_size
 
 SLERP_PARALLEL_EPS = 1e-4  # |cos| above 1 - eps: vectors are (anti)parallel, slerp degenerates to lerp
 
@@ -34,13 +34,6 @@ def images_to_tensor(images) -> torch.Tensor:
     if tensor.ndim != 4 or tensor.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(tensor.shape)}")
     return tensor
-
-
-def _check_size(vae, height: int, width: int, what: str) -> int:
-    factor = downsampling_factor(vae)
-    if height % factor or width % factor:
-        raise ValueError(f"{what} size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
-    return factor
 
 
 @torch.no_grad()

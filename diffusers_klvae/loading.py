@@ -13,7 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+
+from . import KLVAE
+from .cli_support import writing
+from .models.presets import list_presets, preset_config
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +49,6 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(spec, nn.Module):
         return _cast(spec, dtype)
-    from . import KLVAE
-
     spec = os.fspath(spec)
     kind, where, subfolder = _locate(spec, subfolder)
     if kind == "folder":
@@ -78,9 +81,6 @@ def load_vae(spec: str | os.PathLike | nn.Module, *, variant: str | None = None,
 def load_vae_config(spec: str | os.PathLike, *, subfolder: str | None = None, revision: str | None = None) -> dict:
     """The config of the model ``load_vae(spec)`` loads, without reading weights (an original-layout single file:
     the KL-f8 architecture of that family). Raises as ``load_vae``."""
-    from . import KLVAE
-    from .models.presets import preset_config
-
     spec = os.fspath(spec)
     kind, where, subfolder = _locate(spec, subfolder)
     if kind == "file":
@@ -96,11 +96,7 @@ def load_vae_config(spec: str | os.PathLike, *, subfolder: str | None = None, re
 
 
 def _locate(spec: str, subfolder: str | None):
-    """A spec -> ``(kind, where, subfolder)``: ``"folder"`` (a Path; ``subfolder`` found: a pipeline folder's
-    ``vae``), ``"file"`` (a local single file or a Hub file URL), ``"preset"``, ``"hub"`` (``org/name`` with the
-    subfolder of ``org/name/subfolder``), or ``None``."""
-    from .models.presets import list_presets
-
+    """A spec -> ``(kind, where, subfolder)``; kind: "folder", "file" (local or a Hub URL), "preset", "hub" or None."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return "folder", path, subfolder if subfolder is not None else _model_subfolder(path)
@@ -122,8 +118,6 @@ def _locate(spec: str, subfolder: str | None):
 
 
 def _unknown(spec: str) -> ValueError:
-    from .models.presets import list_presets
-
     return ValueError(f"cannot load model {spec!r}: not an existing folder or file, not a preset "
                       f"({', '.join(list_presets())}) and not a Hub id (org/name)")
 
@@ -208,8 +202,6 @@ def read_model_config(path: Path) -> dict:
 def update_config(config_path: Path, fields: dict, remove: tuple[str, ...] = ()) -> None:
     """Set ``fields`` in a model's config.json and drop the keys in ``remove`` (the weights are not touched); a full
     disk is named."""
-    from .cli_support import writing
-
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config.update(fields)
     for key in remove:
@@ -221,8 +213,6 @@ def update_config(config_path: Path, fields: dict, remove: tuple[str, ...] = ())
 def stored_dtype(model: str | os.PathLike) -> torch.dtype | None:
     """The dtype a local model folder's weights are stored in (``None`` for anything else), so that a tool that
     re-saves a model (``klvae-push``) keeps an fp16 folder fp16."""
-    from safetensors import safe_open
-
     folder = Path(model).expanduser()
     try:
         file = folder / (_model_subfolder(folder) or "") / WEIGHTS_NAME

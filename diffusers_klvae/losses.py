@@ -229,11 +229,9 @@ class KLVAELoss(nn.Module):
             if self.discriminator_active(global_step):
                 logits_fake = self._logits_without_disc_grad(x_rec)
                 g_loss = -logits_fake.mean()
-                if not torch.is_grad_enabled():
-                    d_weight = torch.zeros((), device=x.device)
-                elif last_layer is None:
+                if torch.is_grad_enabled() and last_layer is None:  # under no_grad (validation) d_weight stays 0
                     d_weight = torch.tensor(self.disc_weight, device=x.device)
-                else:
+                elif torch.is_grad_enabled():
                     patches = logits_fake[0].numel()
                     d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer, g_scale=patches)
                 loss = loss + d_weight * self.disc_factor * g_loss
@@ -270,11 +268,8 @@ class KLVAELoss(nn.Module):
         return d_loss, logs
 
     def _logits_without_disc_grad(self, x_rec: torch.Tensor) -> torch.Tensor:
-        """D(x_rec) with the gradient flowing into x_rec only, never into the discriminator's weights.
-
-        Calls the plain module (not a DDP wrapper: no gradient sync is wanted here) with detached views of
-        its parameters, so no ``requires_grad`` flag is toggled and the D optimiser's ``.grad`` stays clean.
-        """
+        """D(x_rec) with the gradient flowing into x_rec only: the plain module (no DDP gradient sync) called with
+        detached views of its parameters, so no ``requires_grad`` flag is toggled and D's ``.grad`` stays clean."""
         disc = getattr(self.discriminator, "module", self.discriminator)  # DDP keeps the model in .module
         params = {name: p.detach() for name, p in disc.named_parameters()}
         return functional_call(disc, params, (x_rec,)).float()

@@ -12,8 +12,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import yaml  # a dependency of huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from .eval_results import EvaluationResult, MetricSummary, load_metrics
 from .models.config import downsampling_factor_of
+from .models.single_file import single_file_mismatches
 from .publish_checks import flatten, is_local_path, plain, read_json, sanitize_training_args
 
 logger = logging.getLogger(__name__)
@@ -50,8 +54,6 @@ _TRAINING_FIELDS = (
 
 
 # ----------------------------------------------------------------------------------------------- training
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -84,8 +86,6 @@ def training_rows(args: Mapping, withheld: Iterable[str] = ()) -> list[tuple[str
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-
-
 def card_results(metrics: Any) -> list[EvaluationResult]:
     """Results that have a PSNR/SSIM/LPIPS/rFID value, from anything ``load_metrics`` reads; ``[]`` for `None`."""
     if metrics is None:
@@ -133,8 +133,6 @@ def pick_result(results: list[EvaluationResult], name: str | os.PathLike | None)
 
 def eval_results(result: EvaluationResult) -> list:
     """One result -> `huggingface_hub.EvalResult` list for the card's model-index."""
-    from huggingface_hub import EvalResult
-
     dataset = result.data_source.public_name() or "custom"  # model-index requires a dataset id
     resolution = result.protocol.resolution
     return [
@@ -169,8 +167,6 @@ def _eval_protocol(result: EvaluationResult) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- architecture
-
-
 def architecture_rows(vae) -> list[tuple[str, str]]:
     """(label, value) rows describing the autoencoder, read from its config and parameters."""
     config = dict(vae.config)
@@ -208,8 +204,6 @@ def single_file_tools(config: Mapping) -> str | None:
     """The tools that decode this architecture's original-layout file correctly, for the card; `None` when none do
     (then no single file is staged): ComfyUI and AUTOMATIC1111 build the SD KL-f8 VAE, ComfyUI also its 16-channel
     variant without quant convs."""
-    from .models.single_file import single_file_mismatches
-
     if single_file_mismatches(config):
         return None
     return "ComfyUI" if config["latent_channels"] == 16 else "ComfyUI and AUTOMATIC1111"
@@ -251,32 +245,11 @@ def _limitations(config: Mapping, base_model: str | None, pipeline_base: str, ha
 
 
 # ----------------------------------------------------------------------------------------------- the card
-
-
-def _card_images(images: Iterable[Path]) -> tuple[list[dict], list[dict]]:
-    """Paths inside the staged folder -> (reconstruction images, loss-curve images) for the template."""
-    recon, loss = [], []
-    for path in images:
-        entry = {"path": path.as_posix(), "caption": path.stem.replace("_", " ").replace("-", " ")}
-        (loss if "loss" in path.stem.lower() else recon).append(entry)
-    return recon, loss
-
-
-def render_model_card(
-    vae,
-    *,
-    repo_id: str,
-    metrics: Any = None,
-    metrics_model: str | None = None,
-    images: Sequence[str | os.PathLike] = (),
-    training_args: Any = None,
-    base_model: str | None = None,
-    datasets: str | Sequence[str] | None = None,
-    license: str = DEFAULT_LICENSE,
-    single_file_name: str | None = None,
-    has_ema: bool = False,
-    template_path: str | os.PathLike = TEMPLATE_PATH,
-):
+def render_model_card(vae, *, repo_id: str, metrics: Any = None, metrics_model: str | None = None,
+                      images: Sequence[str | os.PathLike] = (), training_args: Any = None,
+                      base_model: str | None = None, datasets: str | Sequence[str] | None = None,
+                      license: str = DEFAULT_LICENSE, single_file_name: str | None = None, has_ema: bool = False,
+                      template_path: str | os.PathLike = TEMPLATE_PATH):
     """Build the model card (`huggingface_hub.ModelCard`) for a VAE.
 
     Args:
@@ -301,9 +274,6 @@ def render_model_card(
     Returns:
         `huggingface_hub.ModelCard`
     """
-    import yaml  # a dependency of huggingface_hub
-    from huggingface_hub import ModelCard, ModelCardData
-
     config = dict(vae.config)
     results = card_results(metrics)
     ours = pick_result(results, metrics_model) if results else None
@@ -328,7 +298,10 @@ def render_model_card(
     cls = model_class(vae)  # the class name the saved config.json will carry
     import_line = (f"from diffusers import AutoencoderKL, {pipeline_class}" if cls == "AutoencoderKL" else
                    f"from diffusers import {pipeline_class}\nfrom diffusers_klvae import KLVAE")
-    recon_images, loss_images = _card_images(Path(p) for p in images)
+    recon_images, loss_images = [], []  # names holding "loss" are shown under Training
+    for path in map(Path, images):
+        entry = {"path": path.as_posix(), "caption": path.stem.replace("_", " ").replace("-", " ")}
+        (loss_images if "loss" in path.stem.lower() else recon_images).append(entry)
     args_yaml = yaml.safe_dump(args, sort_keys=False, allow_unicode=True).strip() if args else ""
     card = ModelCard.from_template(
         card_data, template_path=os.fspath(template_path), model_name=model_name, repo_id=repo_id,

@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
 from .loading import CONFIG_NAME, WEIGHTS_NAME
 
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
@@ -39,10 +43,6 @@ def leaks(value: str, env_values: Sequence[str] | None = None) -> bool:
     env_values = _env_values() if env_values is None else env_values
     return (is_local_path(value) or bool(_EMBEDDED_PATH_RE.search(value)) or bool(HF_TOKEN_RE.search(value))
             or any(env in value for env in env_values))
-
-
-def is_secret_key(key: str) -> bool:
-    return any(word in key.lower() for word in SECRET_WORDS)
 
 
 def _env_values() -> list[str]:
@@ -109,7 +109,8 @@ def sanitize_training_args(training_args: Any) -> dict:
 def _scrub(value: Any, env_values: Sequence[str]) -> Any:
     """Recursive worker of `sanitize_training_args`; returns `_DROP` for values that must go."""
     if isinstance(value, dict):
-        kept = {key: _scrub(item, env_values) for key, item in value.items() if not is_secret_key(key)}
+        kept = {key: _scrub(item, env_values) for key, item in value.items()
+                if not any(word in key.lower() for word in SECRET_WORDS)}
         return {key: item for key, item in kept.items() if item is not _DROP}
     if isinstance(value, list):
         return [item for item in (_scrub(v, env_values) for v in value) if item is not _DROP]
@@ -117,8 +118,7 @@ def _scrub(value: Any, env_values: Sequence[str]) -> Any:
 
 
 def _local_markers(folder: Path) -> list[re.Pattern]:
-    """Local absolute paths that must not appear in any published text file, as whole-path patterns (so that the
-    working directory ``/data`` does not match the dataset id ``someone/data``)."""
+    """Local paths not to publish, as whole paths (so that ``/data`` does not match the dataset ``someone/data``)."""
     paths = {os.fspath(folder.resolve()), os.fspath(Path.cwd()), tempfile.gettempdir(), os.fspath(Path.home())}
     paths = sorted(p.rstrip("/\\") for p in paths if len(p.rstrip("/\\")) > 1)
     return [re.compile(r"(?<![\w.~-])" + re.escape(p) + r"(?![\w.-])") for p in paths]
@@ -138,8 +138,6 @@ def _leak_problems(folder: Path, token: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
 def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> None:
     """Check a staged folder before anything is uploaded; raises ``ValueError`` listing every problem.
 
@@ -161,9 +159,6 @@ def validate_folder(folder: str | os.PathLike, *, token: str | None = None) -> N
 
 
 def _weight_problems(folder: Path) -> list[str]:
-    import torch
-    from safetensors import safe_open
-
     problems = []
     if not (folder / WEIGHTS_NAME).is_file():
         problems.append(f"missing weights {WEIGHTS_NAME}")
@@ -190,8 +185,6 @@ def _weight_problems(folder: Path) -> list[str]:
 
 
 def _card_problems(folder: Path) -> list[str]:
-    from huggingface_hub import ModelCard
-
     card_path = folder / CARD_NAME
     if not card_path.is_file():
         return [f"missing model card {CARD_NAME}"]

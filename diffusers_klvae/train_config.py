@@ -146,12 +146,9 @@ class TrainConfig:
 
 
 class _TrainConfigParser(HfArgumentParser):
-    """``HfArgumentParser`` plus help groups (the field's ``group``) and fixed-length/tuple fields.
-
-    HfArgumentParser knows ``list`` fields and ``bool`` flags; a frozen config keeps tuples (``--crop_zoom MIN MAX``
-    takes exactly two values) and ``--streaming`` needs its ``--no-streaming`` twin, so fields that declare their own
-    ``action`` or are tuples are added here as declared; every other field goes through HfArgumentParser.
-    """
+    """``HfArgumentParser`` plus help groups (the field's ``group``), tuple fields (a frozen config keeps tuples;
+    ``--crop_zoom MIN MAX`` takes exactly two values) and fields with their own ``action`` (``--streaming`` needs its
+    ``--no-streaming`` twin), added here as declared; every other field goes through HfArgumentParser."""
 
     def __init__(self):
         self._groups: dict[str, argparse._ArgumentGroup] = {}
@@ -196,35 +193,22 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
     sources = [s for s in (cfg.pretrained_model_name_or_path, cfg.model_config_name_or_path, cfg.preset) if s]
     if len(sources) > 1:
         raise ValueError("give only one of --pretrained_model_name_or_path, --model_config_name_or_path, --preset")
-    positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                "checkpointing_steps", "validation_steps", "shuffle_buffer_size")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    _check_range(cfg, ">= 1", lambda v: v < 1, "resolution", "train_batch_size", "gradient_accumulation_steps",
+                 "max_train_steps", "checkpointing_steps", "validation_steps", "shuffle_buffer_size")
     for f in dataclasses.fields(cfg):  # nan/inf in any number would train a NaN model and exit 0
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{f.name} must be a finite number, got {value}")
-    for name in ("learning_rate", "disc_learning_rate", "adam_epsilon"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    for name in ("perceptual_weight", "kl_weight", "disc_weight", "disc_factor", "adam_weight_decay", "max_grad_norm",
-                 "lr_warmup_steps", "dataloader_num_workers", "disc_start"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ValueError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {cfg.checkpoints_total_limit}")
+    _check_range(cfg, "> 0", lambda v: v <= 0, "learning_rate", "disc_learning_rate", "adam_epsilon")
+    _check_range(cfg, ">= 0", lambda v: v < 0, "perceptual_weight", "kl_weight", "disc_weight", "disc_factor",
+                 "adam_weight_decay", "max_grad_norm", "lr_warmup_steps", "dataloader_num_workers", "disc_start")
+    _check_range(cfg, "in [0, 1)", lambda v: not 0.0 <= v < 1.0, "adam_beta1", "adam_beta2")
+    _check_range(cfg, ">= 1", lambda v: v is not None and v < 1, "checkpoints_total_limit")
     if not 1.0 <= cfg.crop_zoom[0] <= cfg.crop_zoom[1]:
         raise ValueError(f"--crop_zoom must be MIN MAX with 1 <= MIN <= MAX, got {' '.join(map(str, cfg.crop_zoom))}")
-    if not 0.0 <= cfg.latent_mask_prob <= 1.0:
-        raise ValueError(f"--latent_mask_prob must be in [0, 1], got {cfg.latent_mask_prob}")
-    if not 0.0 < cfg.ema_decay < 1.0:
-        raise ValueError(f"--ema_decay must be in (0, 1), got {cfg.ema_decay}")
-    if cfg.num_validation_images < 0:
-        raise ValueError(f"--num_validation_images must be >= 0, got {cfg.num_validation_images}")
+    _check_range(cfg, "in [0, 1]", lambda v: not 0.0 <= v <= 1.0, "latent_mask_prob")
+    _check_range(cfg, "in (0, 1)", lambda v: not 0.0 < v < 1.0, "ema_decay")
+    _check_range(cfg, ">= 0", lambda v: v < 0, "num_validation_images")
     for flag in ("push_to_hub", "hub_push_checkpoints"):
         if getattr(cfg, flag) and cfg.hub_model_id is None:
             raise ValueError(f"--{flag} needs --hub_model_id (e.g. your-name/your-vae)")
@@ -265,6 +249,13 @@ def validate_config(cfg: TrainConfig, *, check_data: bool = True) -> None:
             raise ValueError(f"cannot read the training data ({source}): {err}") from None
         finally:
             datasets_logging.set_verbosity(verbosity)
+
+
+def _check_range(cfg: TrainConfig, expected: str, bad, *names: str) -> None:
+    """``ValueError`` "--<name> must be <expected>, got <value>" for the first of ``names`` whose value is ``bad``."""
+    for name in names:
+        if bad(getattr(cfg, name)):
+            raise ValueError(f"--{name} must be {expected}, got {getattr(cfg, name)}")
 
 
 def data_source_kwargs(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""What a training run writes besides its checkpoints: validation grids and metrics, loss and validation curves,
-the run's arguments, the final model (raw weights + the ``ema`` variant) with its model card, and the progress display.
+"""What a training run writes besides its checkpoints and arguments: validation grids and metrics, loss and validation
+curves, the final model (raw weights + the ``ema`` variant) with its model card, and the progress display.
 
 Main process only, unless a function says otherwise.
 """
@@ -25,9 +25,7 @@ logger = logging.getLogger(__name__)
 VALIDATION_FOLDER, METRICS_FILE = "validation", "metrics.jsonl"  # output_dir/validation/{step-<step>.png, metrics.jsonl}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# validation and curves
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- validation and curves
 
 
 @torch.no_grad()
@@ -192,17 +190,7 @@ def plot_validation_curve(points: Sequence[dict[str, Any]], path: str | os.PathL
     return _save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the end of a run: final model, card, Hub
-# ----------------------------------------------------------------------------------------------------------
-
-
-def write_training_args(cfg: TrainConfig, out: Path) -> None:
-    """``out/training_args.json`` at the start of a run: what the card is made from, for ``klvae-push --training-args``
-    (no token in it: a token is never an argument)."""
-    from .checkpoints import TRAINING_ARGS
-
-    (out / TRAINING_ARGS).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+# -------------------------------------------------------------------- the end of a run: final model, card, Hub
 
 
 def finish(accelerator, vae, ema, cfg: TrainConfig, *, history: Sequence[dict], metrics: dict, hub_futures=(), hub_api=None) -> None:
@@ -243,9 +231,7 @@ def _looks_like_hub_id(value: str | None) -> bool:
     return bool(value) and not Path(value).exists() and looks_like_hub_id(value) and value.count("/") == 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# progress display and debug logs
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- progress display and debug logs
 
 
 _POSTFIX_KEYS = {"loss": "loss", "rec": "rec", "lpips": "lpips", "kl": "kl", "g": "g", "d_loss": "d",
@@ -254,12 +240,8 @@ _POSTFIX_KEYS = {"loss": "loss", "rec": "rec", "lpips": "lpips", "kl": "kl", "g"
 
 def postfix(logs: dict[str, float]) -> dict[str, str]:
     """The progress bar's short view of the step's logs (whatever prefix the loss module gives its keys)."""
-    shown = {}
-    for key, value in logs.items():
-        name = _POSTFIX_KEYS.get(key.split("/")[-1])
-        if name is not None:
-            shown[name] = f"{value:.3g}" if name != "skipped" else str(int(value))
-    return shown
+    named = ((_POSTFIX_KEYS.get(key.split("/")[-1]), value) for key, value in logs.items())
+    return {name: f"{value:.3g}" if name != "skipped" else str(int(value)) for name, value in named if name is not None}
 
 
 def log_seen_images(path: Path, images: torch.Tensor) -> None:

@@ -32,6 +32,8 @@ logger = logging.getLogger("diffusers_klvae.data")  # the stream's messages keep
 MAX_SKIP_WARNINGS = 10  # log each of the first skipped images by name, then one summary line per SKIP_SUMMARY_EVERY
 SKIP_SUMMARY_EVERY = 100
 STATE_VERSION = 1
+# the stream's identity: resuming under different values cannot continue the same sequence
+_IDENTITY = ("seed", "process_index", "num_processes", "shuffle_buffer_size")
 
 
 def _example_seed(*parts: int) -> int:
@@ -60,24 +62,11 @@ class ImageStream:
     ``num_threads`` threads: results are consumed in order and the state only advances when a batch is handed out.
     """
 
-    def __init__(
-        self,
-        dataset: "datasets.IterableDataset",
-        *,
-        image_column: str | None = None,
-        resolution: int,
-        batch_size: int,
-        center_crop: bool = False,
-        random_flip: bool = True,
-        crop_zoom: tuple[float, float] = (1.0, 1.0),
-        shuffle_buffer_size: int = 1000,
-        seed: int = 0,
-        process_index: int = 0,
-        num_processes: int = 1,
-        min_size: int | None = None,
-        exclude: frozenset[str] | set[str] = frozenset(),
-        num_threads: int = 0,
-    ):
+    def __init__(self, dataset: "datasets.IterableDataset", *, image_column: str | None = None, resolution: int,
+                 batch_size: int, center_crop: bool = False, random_flip: bool = True,
+                 crop_zoom: tuple[float, float] = (1.0, 1.0), shuffle_buffer_size: int = 1000, seed: int = 0,
+                 process_index: int = 0, num_processes: int = 1, min_size: int | None = None,
+                 exclude: frozenset[str] | set[str] = frozenset(), num_threads: int = 0):
         """The training stream of one process: shard -> block shuffle -> decode -> crop/flip -> [-1, 1] batches.
 
         Args:
@@ -127,30 +116,17 @@ class ImageStream:
     def state_dict(self) -> dict:
         """Exact position (after the last batch handed out) and counters; JSON-serialisable."""
         pos = self._position
-        return {
-            "version": STATE_VERSION,
-            "epoch": pos.epoch,
-            "block": pos.block,
-            "block_start": pos.block_start,
-            "offset": pos.offset,
-            "seen": self.seen,
-            "skipped": self.skipped,
-            "skip_reasons": dict(self.skip_reasons),
-            "excluded": self.excluded,
-            # the stream's identity: resuming under different values cannot continue the same sequence
-            "seed": self.seed,
-            "process_index": self.process_index,
-            "num_processes": self.num_processes,
-            "shuffle_buffer_size": self.shuffle_buffer_size,
-        }
+        return {"version": STATE_VERSION, "epoch": pos.epoch, "block": pos.block, "block_start": pos.block_start,
+                "offset": pos.offset, "seen": self.seen, "skipped": self.skipped,
+                "skip_reasons": dict(self.skip_reasons), "excluded": self.excluded,
+                **{k: getattr(self, k) for k in _IDENTITY}}
 
     def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
         """Continue from ``state``. With ``strict=False`` a changed seed/process count/buffer restarts the saved
         epoch from its beginning (counters kept) instead of raising ``ValueError``."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown data state version {state.get('version')!r} (expected {STATE_VERSION})")
-        identity = ("seed", "process_index", "num_processes", "shuffle_buffer_size")
-        changed = [k for k in identity if state[k] != getattr(self, k)]
+        changed = [k for k in _IDENTITY if state[k] != getattr(self, k)]
         if changed:
             message = ", ".join(f"{k}: saved {state[k]} != now {getattr(self, k)}" for k in changed)
             if strict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import warnings
 
@@ -18,16 +17,7 @@ from .train_config import DEFAULT_PRESET, TrainConfig, load_model_config
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------------------
-# model, loss, optimizers, schedulers
-# ----------------------------------------------------------------------------------------------------------
-
-def multi_cpu_launch() -> bool:
-    """True under ``torchrun``/``accelerate launch`` with several processes and no GPU: Accelerate only sets up
-    MULTI_CPU (gloo) when asked for the CPU explicitly, otherwise every process would think it is rank 0."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world > 1 and not torch.cuda.is_available()
-
+# ------------------------------------------------------------------------- model, loss, optimizers, schedulers
 
 def build_vae(*, pretrained_model_name_or_path: str | None = None, model_config_name_or_path: str | None = None,
               preset: str | None = None, revision: str | None = None, subfolder: str | None = None):
@@ -99,6 +89,13 @@ def build_optimizers(vae, disc, *, learning_rate: float, disc_learning_rate: flo
     return opt_vae, opt_disc
 
 
+def build_ema(vae, *, decay: float):
+    """diffusers' ``EMAModel`` over all VAE parameters (frozen ones are copied, so they stay equal)."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(vae.parameters(), decay=decay, model_cls=type(vae), model_config=vae.config)
+
+
 def build_schedulers(optimizers, *, name: str, warmup_steps: int, max_train_steps: int, num_processes: int):
     """diffusers' ``get_scheduler`` for each optimizer.
 
@@ -148,9 +145,7 @@ def prepare(accelerator, vae, disc, optimizers, schedulers):
     return vae, disc, tuple(prepared[:2]), tuple(prepared[2:])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the step
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- the step
 
 
 def mask_batch(x: torch.Tensor, *, factor: int, prob: float, kind: str = "boxes",
@@ -259,11 +254,9 @@ def train_step(accelerator, vae, disc, loss_fn, optimizers, batch: torch.Tensor,
 def _step_optimizers(accelerator, *updates, max_grad_norm: float = 0.0) -> bool:
     """Unscale, clip and step each ``(model, optimizer, wanted)`` on its own gradient; True if the first one stepped.
 
-    Accelerate holds one GradScaler (fp16) for all optimizers, so PyTorch's recipe for several optimizers applies:
-    ``unscale_`` and ``step`` each, ``update()`` once at the end. ``accelerator.clip_grad_norm_`` would unscale
-    every optimizer and a prepared optimizer's ``step()`` calls ``update()`` after itself: with a discriminator
-    gradient accumulated over micro-batches that divides part of it by the loss scale twice.
-    """
+    Accelerate has one GradScaler (fp16) for all: ``unscale_`` and ``step`` each, ``update()`` once (PyTorch's recipe).
+    Not ``accelerator.clip_grad_norm_`` (unscales every optimizer) nor a prepared ``step()`` (``update()`` after
+    each): with a D gradient accumulated over micro-batches, part of it would be divided by the loss scale twice."""
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None
     for model, optimizer, wanted in updates:
@@ -280,15 +273,3 @@ def _step_optimizers(accelerator, *updates, max_grad_norm: float = 0.0) -> bool:
         return updates[0][2]
     scaler.update()  # lowers the scale when any step was skipped
     return updates[0][2] and scaler.get_scale() >= scale
-
-
-# ----------------------------------------------------------------------------------------------------------
-# EMA, and the one layout of a model folder
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_ema(vae, *, decay: float):
-    """diffusers' ``EMAModel`` over all VAE parameters (frozen ones are copied, so they stay equal)."""
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(vae.parameters(), decay=decay, model_cls=type(vae), model_config=vae.config)

@@ -66,25 +66,15 @@ def test_band_edges_cover_every_row(small_bands):
         assert (got_square - want_square).abs().max() < 1e-5
 
 
-def test_downsample_bands_and_bfloat16_storage(small_bands):
-    """Stride-2 downsampling in bands equals the whole-map op for odd and even sizes. Maps stored in bfloat16 for a
-    float32 model (tiling's whole maps, inside ``computing_in(float32)``) are computed in float32 band by band: they
-    stay bfloat16, and differ from the float32 result by bfloat16 rounding only."""
+def test_downsample_bands_equal_the_whole_map_op(small_bands):
+    """Stride-2 downsampling in bands equals the whole-map op for odd and even sizes."""
     torch.manual_seed(0)
     down = blocks.Downsample(channels=4).eval()
-    up = blocks.Upsample(channels=4).eval()
-    block = blocks.ResnetBlock(in_channels=4, out_channels=6, groups=2).eval()
     for h, w in ((3, 3), (6, 5), (9, 8)):
-        x = torch.randn(1, 4, h, w).bfloat16().float()  # exactly representable in bfloat16
+        x = torch.randn(1, 4, h, w)
         with torch.no_grad():
             want = down.conv(torch.nn.functional.pad(x, (0, 1, 0, 1)))
             assert (down(x) - want).abs().max() < 1e-5
-            for layer, ref in ((down, want), (up, up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0))),
-                               (block, block(x))):
-                with blocks.computing_in(torch.float32):
-                    got = layer(x.bfloat16())
-                assert got.dtype == torch.bfloat16 and got.shape == ref.shape
-                assert (got.float() - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
 def test_channels_last_and_gradients(pair):

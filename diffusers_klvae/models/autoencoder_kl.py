@@ -337,14 +337,8 @@ class KLVAE(ModelMixin, AttentionMixin, AutoencoderMixin, ConfigMixin, PeftAdapt
         super().unfuse_qkv_projections()
 
     # ------------------------------------------------------------------ presets and files (single files: SingleFileMixin)
-    @classmethod
-    def preset_config(cls, name: str) -> dict:
-        """Preset name → ``KLVAE`` keyword arguments (see ``list_presets()``)."""
-        return preset_config(name)
-
-    @staticmethod
-    def list_presets() -> list[str]:
-        return list_presets()
+    preset_config = staticmethod(preset_config)
+    list_presets = staticmethod(list_presets)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "KLVAE":

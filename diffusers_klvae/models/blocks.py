@@ -8,8 +8,6 @@ state dict moves between ``KLVAE`` and ``AutoencoderKL`` with no key mapping.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,30 +18,10 @@ ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GE
 
 
 # Inference on maps larger than this (128 MB in float32: 1024² decodes and up; below, banding costs ~8% time for memory
-# that is not the problem) runs the convolutions in bands of rows of about this many elements. Maps stored narrower
-# than they are computed in (tiling's, inside ``computing_in``) always run in bands.
+# that is not the problem) runs the convolutions in bands of rows of about this many elements. Maps are computed in
+# their own dtype, never the weights' (``enable_layerwise_casting`` stores those narrower and casts them inside their
+# module's forward), which is also why every conv runs as a module call, never as ``F.conv2d(x, conv.weight)``.
 BAND_ELEMENTS = 2**25
-
-# The dtype maps are computed in while ``computing_in`` is active; otherwise a map is computed in its own dtype. It is
-# never read from the weights (``enable_layerwise_casting`` stores them narrower and casts them inside their module's
-# forward), which is also why every conv runs as a module call, never as ``F.conv2d(x, conv.weight)``.
-_COMPUTE_DTYPE: torch.dtype | None = None
-
-
-@contextmanager
-def computing_in(dtype: torch.dtype):
-    """Inside the ``with`` block, maps stored in another dtype (bfloat16 whole maps of tiling) are computed in ``dtype``."""
-    global _COMPUTE_DTYPE
-    previous, _COMPUTE_DTYPE = _COMPUTE_DTYPE, dtype
-    try:
-        yield
-    finally:
-        _COMPUTE_DTYPE = previous
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype x is computed in: the ``computing_in`` dtype when set, else x's own."""
-    return _COMPUTE_DTYPE or x.dtype
 
 
 def base_layer(module: nn.Module) -> nn.Module:
@@ -93,8 +71,7 @@ class GroupNorm(nn.GroupNorm):
         mean = mean.repeat_interleave(per_group, dim=1)
         scale = rstd if self.weight is None else rstd * self.weight.float()
         shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
-        dtype = compute_dtype(x)
-        return scale[..., None, None].to(dtype), shift[..., None, None].to(dtype)
+        return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
 
 
 def merge_moments(a: tuple, b: tuple) -> tuple:
@@ -152,71 +129,64 @@ def nearest_2x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _banded(x: torch.Tensor) -> bool:
-    """Whether inference on x takes the row-band path: large maps, and maps stored in another dtype than they are
-    computed in (``computing_in``)."""
+    """Whether inference on x runs in row bands: maps larger than ``BAND_ELEMENTS``."""
     if torch.is_grad_enabled():
         return False
-    return x.dtype != compute_dtype(x) or (x.numel() > BAND_ELEMENTS and x.shape[2] > 2)
+    return x.numel() > BAND_ELEMENTS and x.shape[2] > 2
 
 
 def _band_rows(x: torch.Tensor) -> int:
     return max(1, BAND_ELEMENTS // (x.numel() // x.shape[2]))
 
 
-def conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False, out_dtype=None,
-              inplace: bool = False) -> torch.Tensor:
+def conv_rows(conv: nn.Conv2d, x: torch.Tensor, pre, *, upsample: bool = False, inplace: bool = False) -> torch.Tensor:
     """``conv(pre(x))`` — or ``conv(nearest_2x(x))`` when ``upsample`` — for a 3×3 stride-1 conv with padding 1,
     computed in bands of rows: each band reads its rows of x plus one halo row on each side, so ``pre(x)`` and the
     upsampled map are never whole. The conv runs as a module call on the band: its own zero padding is right at the
     map's border, and the output rows of the halo (padded with zeros instead of their neighbours) are dropped.
-    Bands are computed in x's compute dtype; the result is stored in ``out_dtype`` (default: x's dtype), or over x
-    itself when ``inplace`` (same shape; the one row of ``pre(x)`` above each band is kept before it is overwritten).
-    ``pre`` must return a new tensor when ``inplace``."""
+    The result is a new tensor, or x itself when ``inplace`` (same shape; the one row of ``pre(x)`` above each band is
+    kept before it is overwritten; ``pre`` must then return a new tensor)."""
     b, _, h, w = x.shape
     s = 2 if upsample else 1
     channels_out = base_layer(conv).out_channels
-    dtype = compute_dtype(x)
-    out = x if inplace else torch.empty(b, channels_out, s * h, s * w, dtype=out_dtype or x.dtype, device=x.device)
+    out = x if inplace else torch.empty(b, channels_out, s * h, s * w, dtype=x.dtype, device=x.device)
     rows = max(1, BAND_ELEMENTS // (s * s * w * max(x.shape[1], channels_out)))  # the larger of band in and out
     above = None  # inplace: pre(x) of the row above the band, saved before that row was overwritten
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         a, e = max(r0 - 1, 0), min(r1 + 1, h)  # input rows of the band, with a one-row halo
         if inplace:  # rows above r0 are overwritten already: the halo row above comes from `above`
-            band = pre(x[:, :, r0:e].to(dtype))
+            band = pre(x[:, :, r0:e])
             band = band if above is None else torch.cat([above, band], dim=2)
             above = band[:, :, r1 - 1 - a: r1 - a].clone()
         else:
-            band = pre(x[:, :, a:e].to(dtype))
+            band = pre(x[:, :, a:e])
         if upsample:
             band = nearest_2x(band)
         out[:, :, s * r0: s * r1] = conv(band)[:, :, s * (r0 - a): s * (r1 - a)]
     return out
 
 
-def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *, out_dtype=None,
+def norm_act_conv(norm: GroupNorm, act: nn.Module, conv: nn.Conv2d, x: torch.Tensor, *,
                   inplace: bool = False) -> torch.Tensor:
-    """``conv(act(norm(x)))``; in inference on large or narrow-stored maps, in row bands (see ``conv_rows``), written
+    """``conv(act(norm(x)))``; in inference on large maps, in row bands (see ``conv_rows``), written
     over x when ``inplace`` (a map the caller no longer needs, as many channels in as out)."""
     geometry = base_layer(conv)
     if not _banded(x) or geometry.kernel_size != (3, 3) or geometry.stride != (1, 1):
-        out = conv(norm_act(norm, act, x))
-        return out if out_dtype is None else out.to(out_dtype)
+        return conv(norm_act(norm, act, x))
     scale, shift = norm(x, return_scale_shift=True)
-    return conv_rows(conv, x, lambda band: act_inplace(act, torch.addcmul(shift, band, scale)), out_dtype=out_dtype,
-                     inplace=inplace and out_dtype in (None, x.dtype))
+    return conv_rows(conv, x, lambda band: act_inplace(act, torch.addcmul(shift, band, scale)), inplace=inplace)
 
 
 def _downsample_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(pad(x, (0, 1, 0, 1)))`` for the 3×3 stride-2 conv of ``Downsample``, in bands of output rows (output row
-    j reads input rows 2j .. 2j + 2; the zero row below the map is the asymmetric padding)."""
+    """``Downsample``'s ``conv(pad(x, (0, 1, 0, 1)))`` in bands of output rows (row j reads input rows 2j..2j + 2)."""
     b, _, h, w = x.shape
     out = torch.empty(b, base_layer(conv).out_channels, (h - 2) // 2 + 1, (w - 2) // 2 + 1, dtype=x.dtype,
                       device=x.device)
     rows = max(1, _band_rows(x) // 2)  # output rows per band
     for j0 in range(0, out.shape[2], rows):
         j1 = min(j0 + rows, out.shape[2])
-        band = x[:, :, 2 * j0: 2 * j1 + 1].to(compute_dtype(x))
+        band = x[:, :, 2 * j0: 2 * j1 + 1]
         band = F.pad(band, (0, 1, 0, 2 * (j1 - j0) + 1 - band.shape[2]))
         out[:, :, j0:j1] = conv(band)
     return out
@@ -241,11 +211,10 @@ class SqueezeExcitation(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(h)  # not the weights': layerwise casting may store them narrower
-        if self.stats_hook is None:
-            pooled = h.mean(dim=(2, 3), keepdim=True, dtype=dtype)
+        if self.stats_hook is None:  # h's dtype, not the weights': layerwise casting may store them narrower
+            pooled = h.mean(dim=(2, 3), keepdim=True)
         else:
-            pooled = self.stats_hook(self, h)[0][..., None, None].to(dtype)
+            pooled = self.stats_hook(self, h)[0][..., None, None].to(h.dtype)
         gate = self.fc2(self.act(self.fc1(pooled)))  # (B, C, 1, 1)
         return h * (2.0 * torch.sigmoid(gate)).to(h.dtype)
 
@@ -276,7 +245,7 @@ class ResnetBlock(nn.Module):
         if self.conv_shortcut is not None and _banded(x):  # added band by band: no full-size temporary
             rows = _band_rows(x)
             for r0 in range(0, x.shape[2], rows):
-                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows].to(compute_dtype(x))))
+                h[:, :, r0: r0 + rows].add_(self.conv_shortcut(x[:, :, r0: r0 + rows]))
             return h
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         if not torch.is_grad_enabled():

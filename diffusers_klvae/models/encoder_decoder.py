@@ -27,10 +27,8 @@ class _CheckpointedStages(nn.Module):
 
     @staticmethod
     def _stages(blocks: nn.ModuleList) -> list[nn.Module]:
-        """The blocks (with grad, the unit of checkpointing), or in inference their layers one by one: a caller that
-        runs ``x = block(x)`` holds the block's input for the whole block, one more full-size map at the peak.
-        A block whose forward is wrapped (diffusers' group offloading, accelerate's hooks) runs whole: its hook loads
-        its weights."""
+        """The blocks (with grad), or in inference their layers one by one: ``x = block(x)`` would hold the block's
+        input for the whole block. A hooked block (group offloading, accelerate) runs whole: its hook loads weights."""
         if torch.is_grad_enabled():
             return list(blocks)
         return [layer for block in blocks for layer in ([block] if is_hooked(block) else block.layers())]

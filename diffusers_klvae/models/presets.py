@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import copy
 
-_F8_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+_SD = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
 
 PRESETS: dict[str, dict] = {
-    "sd-kl-f8": dict(**_F8_BLOCKS, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                     sample_size=512, scaling_factor=0.18215),
-    "sdxl": dict(**_F8_BLOCKS, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                 sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-    "kl-f8-16ch": dict(**_F8_BLOCKS, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                       sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                       use_post_quant_conv=False),
-    "small": dict(**_F8_BLOCKS, block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=4,
-                  sample_size=256, norm_num_groups=32),
+    "sd-kl-f8": {**_SD, "sample_size": 512, "scaling_factor": 0.18215},
+    "sdxl": {**_SD, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    "kl-f8-16ch": {**_SD, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                   "use_quant_conv": False, "use_post_quant_conv": False},
+    "small": {**_SD, "block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "sample_size": 256,
+              "norm_num_groups": 32},
     "tiny": dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                  block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32),
 }

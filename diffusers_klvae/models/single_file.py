@@ -15,6 +15,8 @@ import torch
 
 PREFIXES = ("first_stage_model.", "vae.", "model.")  # SD full checkpoints, some VAE-only exports, Lightning modules
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# attention projection weights, named in either layout
+_PROJECTION = re.compile(r"\.mid(_block\.attentions\.0|\.attn_1)\.(to_q|to_k|to_v|to_out\.0|q|k|v|proj_out)\.weight$")
 _TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # The architecture that ComfyUI and AUTOMATIC1111 build for a VAE file, whatever it holds (ComfyUI's ddconfig:
 # ch 128, ch_mult 1,2,4,4, 2 res blocks, SiLU, 32 groups, attention in the mid blocks), in KLVAE config keys.
@@ -78,29 +80,25 @@ def _diffusers_to_ldm_key(key: str, levels: int) -> str:
     return re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
 
 
-def _is_attention_projection(key: str) -> bool:
-    return bool(re.search(r"\.mid(_block\.attentions\.0|\.attn_1)\.(to_q|to_k|to_v|to_out\.0|q|k|v|proj_out)\.weight$", key))
+def _convert(state: dict[str, torch.Tensor], rename, levels: int, ndim: int) -> dict[str, torch.Tensor]:
+    """``state`` with keys renamed, and attention projection weights (1×1 convs in LDM, linear in diffusers) of the
+    other layout reshaped to ``ndim`` dimensions."""
+    out = {}
+    for key, value in state.items():
+        if value.ndim == 6 - ndim and _PROJECTION.search(key):  # 4 (conv) ⇄ 2 (linear): the other layout's
+            value = value[:, :, 0, 0] if ndim == 2 else value[:, :, None, None]
+        out[rename(key, levels)] = value
+    return out
 
 
 def ldm_to_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """LDM-layout VAE state dict → diffusers layout (1×1-conv attention weights become linear)."""
-    out = {}
-    for key, value in state.items():
-        new_key = _ldm_to_diffusers_key(key, levels)
-        if _is_attention_projection(key) and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        out[new_key] = value
-    return out
+    return _convert(state, _ldm_to_diffusers_key, levels, ndim=2)
 
 
 def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """diffusers-layout VAE state dict → LDM layout (linear attention weights become 1×1 convs)."""
-    out = {}
-    for key, value in state.items():
-        if _is_attention_projection(key) and value.ndim == 2:
-            value = value[:, :, None, None]
-        out[_diffusers_to_ldm_key(key, levels)] = value
-    return out
+    return _convert(state, _diffusers_to_ldm_key, levels, ndim=4)
 
 
 def checkpoint_state_dict(source, *, revision: str | None = None, disable_mmap: bool = False,

@@ -115,12 +115,10 @@ class SingleFileMixin:
 def _resolve_config(cls, config: dict | str | os.PathLike | None, *, subfolder: str | None = None, **hub) -> dict[str, Any]:
     """``from_single_file``'s ``config``: None (the SD preset), a dict, a preset name, a local folder or config.json,
     or a Hub repo id (``subfolder`` and Hub options as in ``ConfigMixin.load_config``) → a config dict."""
-    if config is None:
-        return preset_config("sd-kl-f8")
     if isinstance(config, dict):
         return dict(config)
-    if str(config) in list_presets():
-        return preset_config(str(config))
+    if config is None or str(config) in list_presets():
+        return preset_config("sd-kl-f8" if config is None else str(config))
     path = os.fspath(config)
     if os.path.isfile(path):  # a config.json itself
         path, subfolder = os.path.dirname(path) or ".", None

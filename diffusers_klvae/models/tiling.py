@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from .blocks import (Downsample, GroupNorm, ResnetBlock, Upsample, act_inplace, base_layer, computing_in, nearest_2x,
-                     upscale_dtype)
+from .blocks import Downsample, GroupNorm, ResnetBlock, Upsample, act_inplace, base_layer, nearest_2x, upscale_dtype
 from .encoder_decoder import is_hooked
 from .tile_store import STORAGE_DTYPE, Map, MapStore, StreamedMoments
 from .upsample_phases import PhaseForm, has_phase_form, upsample_conv
@@ -39,21 +38,13 @@ def tiled_decode(vae, z: torch.Tensor) -> torch.Tensor:
     layers = [layer for block in decoder.up_blocks for layer in block.layers()]
     up_dtype = upscale_dtype(decoder)  # as Decoder.forward: the mid block may run in another dtype (upcast_vae)
     store = _new_store(vae, z, up_dtype, layers, vae.tile_latent_min_size**2)
-    with computing_in(z.dtype):  # z's dtype, not a weight's: layerwise casting stores those narrower
-        # post_quant_conv (1×1) runs on conv_in's bands: not even the latents are transformed whole
-        x = _conv_pass(store, decoder.conv_in, Map.wrap(store, z), pre=vae.post_quant_conv)
-        x = _mid_block(store, decoder.mid_block, x)
-    store.dtype = up_dtype
-    with computing_in(up_dtype):
-        for layer in layers:
-            x = _layer(store, layer, x)
-        b, _, h, w = x.shape
-        out = Map.wrap(store, torch.empty(b, base_layer(decoder.conv_out).out_channels, h, w, dtype=up_dtype,
-                                           device=z.device))
-        _statistics_pass(store, x)
-        _conv_pass(store, decoder.conv_out, x, out, pre=_norm_act(decoder.conv_norm_out, decoder.conv_act, x, store))
-    x.free()
-    return out.tensor
+    # post_quant_conv (1×1) runs on conv_in's bands: not even the latents are transformed whole
+    x = _conv_pass(store, decoder.conv_in, Map.wrap(store, z), pre=vae.post_quant_conv)
+    x = _mid_block(store, decoder.mid_block, x)
+    store.dtype = up_dtype  # bands are read in the store's dtype, not a weight's (layerwise casting: narrower)
+    for layer in layers:
+        x = _layer(store, layer, x)
+    return _output(store, decoder, x)
 
 
 def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
@@ -66,18 +57,23 @@ def tiled_encode(vae, x: torch.Tensor) -> torch.Tensor:
         return moments if vae.quant_conv is None else vae.quant_conv(moments)
     layers = [encoder.conv_in] + [layer for block in encoder.down_blocks for layer in block.layers()]
     store = _new_store(vae, x, x.dtype, layers, vae.tile_sample_min_size**2)
-    with computing_in(x.dtype):  # x's dtype, not a weight's: layerwise casting stores those narrower
-        h = _conv_pass(store, encoder.conv_in, Map.wrap(store, x))
-        for layer in layers[1:]:
-            h = _layer(store, layer, h)
-        h = _mid_block(store, encoder.mid_block, h)
-        b, _, rows, cols = h.shape
-        channels = base_layer(vae.quant_conv or encoder.conv_out).out_channels
-        out = Map.wrap(store, torch.empty(b, channels, rows, cols, dtype=x.dtype, device=x.device))
-        # quant_conv (1×1) runs on conv_out's bands, written straight into the returned moments
-        _conv_pass(store, encoder.conv_out, h, out, pre=_norm_act(encoder.conv_norm_out, encoder.conv_act, h, store),
-                   post=vae.quant_conv)
-    h.free()
+    h = _conv_pass(store, encoder.conv_in, Map.wrap(store, x))
+    for layer in layers[1:]:
+        h = _layer(store, layer, h)
+    h = _mid_block(store, encoder.mid_block, h)
+    # quant_conv (1×1) runs on conv_out's bands, written straight into the returned moments
+    return _output(store, encoder, h, post=vae.quant_conv)
+
+
+def _output(store: MapStore, part: nn.Module, x, post=None) -> torch.Tensor:
+    """``post(part.conv_out(act(norm(x))))``, the encoder's or decoder's last layers, as a new tensor in the store's
+    dtype (``post``: a 1×1 conv of each output band); x is freed."""
+    b, _, h, w = x.shape
+    channels = base_layer(post or part.conv_out).out_channels
+    out = Map.wrap(store, torch.empty(b, channels, h, w, dtype=store.dtype, device=store.device))
+    _statistics_pass(store, x)
+    _conv_pass(store, part.conv_out, x, out, pre=_norm_act(part.conv_norm_out, part.conv_act, x, store), post=post)
+    x.free()
     return out.tensor
 
 
@@ -91,8 +87,7 @@ def _check_unhooked(part: nn.Module, name: str) -> nn.Module:
 
 
 def _new_store(vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module], tile_pixels: int) -> MapStore:
-    """The store of a tiled call on ``x``, with the model's tiling settings; the default budget is ``DEVICE_TILES``
-    times the largest map of one tile of ``tile_pixels`` input pixels through ``layers``, in ``dtype``."""
+    """The store of a tiled call on ``x``; default budget: ``DEVICE_TILES`` times the largest map of one tile."""
     storage = vae.tile_storage_dtype or (STORAGE_DTYPE if dtype == torch.float32 else dtype)
     budget = vae.tile_max_device_bytes
     if budget is None:
@@ -104,8 +99,7 @@ def _new_store(vae, x: torch.Tensor, dtype: torch.dtype, layers: list[nn.Module]
 
 # ------------------------------------------------------------------ layers, streamed
 class _Computed:
-    """A map that is never stored: its rows are computed from other maps wherever they are read (an upsampler's ×2
-    output when host memory cannot hold it). ``moments`` as ``Map``'s, filled by ``_statistics_pass``."""
+    """A map never stored: its rows are computed when read (an upsampler's ×2 output beyond host memory)."""
 
     def __init__(self, shape: tuple[int, ...], rows, sources: list, read_maps: float):
         self.shape, self.read, self.sources, self.moments = torch.Size(shape), rows, sources, None  # read(r0, r1)
@@ -134,12 +128,15 @@ def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
 
 
 def _upsampled(store: MapStore, conv: nn.Module, x):
-    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``. A 3×3 ``nn.Conv2d`` runs in its four-phase form on x
-    (``upsample_phases``: 16/36 of the multiply-adds, the same result up to float rounding); a wrapped one (a PEFT
-    adapter, whose extra terms would see x instead of the upsampled rows) runs on the upsampled rows."""
+    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``, in the four-phase form (``upsample_phases``) except
+    for a wrapped conv (a PEFT adapter's extra terms would see x instead of the upsampled rows)."""
     b, _, h, w = x.shape
     if not has_phase_form(conv):
-        near = _Computed((b, x.shape[1], 2 * h, 2 * w), lambda r0, r1: _nearest_rows(x, r0, r1), [], read_maps=1)
+        def nearest(r0: int, r1: int) -> torch.Tensor:  # rows r0:r1 of x upsampled ×2
+            a = r0 // 2
+            return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
+
+        near = _Computed((b, x.shape[1], 2 * h, 2 * w), nearest, [], read_maps=1)
         return lambda r0, r1: _conv_rows(conv, near, r0, r1)
     phase_form = PhaseForm()
 
@@ -152,15 +149,8 @@ def _upsampled(store: MapStore, conv: nn.Module, x):
     return rows
 
 
-def _nearest_rows(x, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of x upsampled ×2 (nearest)."""
-    a = r0 // 2
-    return nearest_2x(x.read(a, (r1 + 1) // 2))[:, :, r0 - 2 * a: r1 - 2 * a]
-
-
 def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
-    """Rows r0:r1 of ``conv(pre(x))`` for a stride-1 conv padding as much as its kernel's half: reads the halo rows
-    each side (the conv's own zero padding is right at the map's border; the output rows of a halo are dropped)."""
+    """Rows r0:r1 of ``conv(pre(x))`` (stride 1, padding half the kernel), from the band with its halo rows."""
     halo = base_layer(conv).kernel_size[0] // 2
     a, e = max(r0 - halo, 0), min(r1 + halo, x.shape[2])
     band = x.read(a, e)
@@ -168,12 +158,8 @@ def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
 
 
 def _resnet(store: MapStore, block: ResnetBlock, x) -> Map:
-    """``block(x)`` in two passes (three with a squeeze-and-excitation gate); x is freed.
-
-    conv1 writes a new map h; conv2 writes over h (a few rows behind its reads) and adds the shortcut of x band by
-    band: two maps at a time, as the untiled inference path. When host memory cannot hold h beside x (same channels,
-    no gate), conv1 runs twice instead: a sweep for the statistics of h, then one that computes h band by band (with
-    its halo) and writes the block's output over x."""
+    """``block(x)``: conv1 writes h, conv2 writes over h and adds the shortcut (a gate: one more pass); x is freed.
+    When host memory cannot hold h beside x, h is computed twice instead (statistics, then output written over x)."""
     _statistics_pass(store, x)
     b, _, h_rows, w = x.shape
     c_out = base_layer(block.conv1).out_channels
@@ -224,12 +210,9 @@ def _mid_block(store: MapStore, mid, x: Map) -> Map:
 
 
 def _attention(store: MapStore, attn, x: Map) -> Map:
-    """``attn(x)`` (single-head self-attention over all pixels, with residual); x is freed.
-
-    With diffusers' default processor (``AttnProcessor2_0``, what it computes is known), streamed: the keys and values
-    of the whole map are computed band by band and held on the device (counted against the budget while they live,
-    allowed beyond it), then each band of queries attends to all of them. Any other processor (a custom one,
-    ``FusedAttnProcessor2_0``) gets the whole map on the device, as untiled."""
+    """``attn(x)`` (single-head self-attention with residual); x is freed. With ``AttnProcessor2_0`` (known to us),
+    the keys and values of the whole map are held on the device and each band of queries attends to them; any other
+    processor gets the whole map, as untiled."""
     b, c, h, w = x.shape
     if type(attn.processor) is not AttnProcessor2_0 or attn.heads != 1:
         y = attn(x.read(0, h))
@@ -350,8 +333,7 @@ def _statistics_of(modules: list[nn.Module], hook):
 
 
 def _map_sizes(layers: list[nn.Module], pixels: int) -> tuple[int, int]:
-    """Values (per sample) of the largest map any of ``layers`` reads or writes, and of the largest a resnet writes,
-    for an input of ``pixels``."""
+    """Values per sample of the largest map ``layers`` read or write, and of the largest a resnet writes."""
     largest = resnet_out = 0
     for layer in layers:
         conv = layer.conv1 if isinstance(layer, ResnetBlock) else getattr(layer, "conv", layer)  # up/down: .conv
