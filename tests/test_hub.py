@@ -470,16 +470,19 @@ def test_klvae_push_dry_run_stages_and_lists_without_uploading(vaes, images, tmp
     assert code == 2 and "is not klvae-eval's metrics.json" in err and len(err.strip().splitlines()) == 1
 
 
-def meta_vae(preset: str, **overrides) -> KLVAE:
+def meta_vae(preset: str, cls=KLVAE, **overrides) -> KLVAE:
     """A full-size preset on the meta device: its card is rendered from config and parameter counts alone."""
     with torch.device("meta"):
-        return KLVAE(**{**KLVAE.preset_config(preset), **overrides})
+        return cls(**{**KLVAE.preset_config(preset), **overrides})
 
 
+@pytest.mark.parametrize("cls", ["KLVAE", "AutoencoderKL"])
 @pytest.mark.parametrize("preset, tools", [("sd-kl-f8", "ComfyUI and AUTOMATIC1111"), ("sdxl", "ComfyUI and AUTOMATIC1111"),
                                            ("kl-f8-16ch", "ComfyUI"), ("small", None)])
-def test_single_file_and_its_instructions_only_for_architectures_the_tools_decode(preset, tools):
-    vae = meta_vae(preset)
+def test_single_file_and_its_instructions_only_for_architectures_the_tools_decode(preset, tools, cls):
+    from diffusers import AutoencoderKL
+
+    vae = meta_vae(preset, cls=KLVAE if cls == "KLVAE" else AutoencoderKL)  # diffusers' config lacks KLVAE's extras
     assert hub.single_file_tools(vae.config) == tools
     name = f"{REPO_ID.split('/')[-1]}.safetensors" if tools else None
     text = hub.render_model_card(vae, repo_id=REPO_ID, single_file_name=name).text

@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from .config import EXTRA_CONFIG_DEFAULTS
+
 PREFIXES = ("first_stage_model.", "vae.", "model.")  # SD full checkpoints, some VAE-only exports, Lightning modules
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 # attention projection weights, named in either layout
@@ -145,7 +147,7 @@ def single_file_mismatches(config) -> dict[str, tuple]:
     file without quant convs is the one variant it detects); AUTOMATIC1111 loads strictly into SD's VAE. A file of
     another architecture fails there, or loads and decodes wrong (a different activation or group count loads with
     every key matching)."""
-    config = dict(config)
+    config = {**EXTRA_CONFIG_DEFAULTS, **config}  # a diffusers AutoencoderKL's config has no KLVAE-only keys
     target = SD_ARCHITECTURE_16CH if config.get("latent_channels") == 16 else SD_ARCHITECTURE
     return {key: (_plain(config.get(key)), want) for key, want in target.items() if _plain(config.get(key)) != want}
 
