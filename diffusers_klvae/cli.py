@@ -69,7 +69,7 @@ def cmd_reconstruct(args) -> None:
     check_not_inputs([out / f"{stem}.png" for stem in stems.values()] + ([grid] if grid else []), inputs)
     check_new_files([out / f"{stem}.png" for stem in stems.values()], args.out)
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    make_output_dir(out)
+    make_output_dir(out, "--out")
     paths, images = load_images(args.images, args.resolution, vae)  # lists them as find_images did: paths are keys of stems
     x_all = stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
     generator = seeded_generator(args.seed)
@@ -123,7 +123,7 @@ def cmd_decode(args) -> None:
     check_new_files(paths, args.out)  # the names are those of the encoded images: --out may be their folder
     images = decode_latents(vae, latents).cpu()
     check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
-    make_output_dir(out)
+    make_output_dir(out, "--out")
     for path, image in zip(paths, images):
         save_image(image, path)
     logger.info("wrote %d images to %s", len(images), out)
@@ -138,7 +138,7 @@ def cmd_interpolate(args) -> None:
     check_not_inputs([out] + frames, [args.image_a, args.image_b])
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
     if frames_dir:
-        make_output_dir(frames_dir)
+        make_output_dir(frames_dir, "--frames-dir")
     _, (a, b) = load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
     stack_same_size([a, b])
     with writing(out):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from .cli_support import writing
+from .cli_support import check_output_folder, writing
 from .imaging import UnreadableImage, list_image_paths, load_image, resize_and_crop, to_pil, to_tensor
 from .latent_masks import downsampling_factor
 from .latents import unscale_latents
@@ -137,8 +137,9 @@ def output_stems(names) -> list[str]:
     return [f"{i:04d}" + (f"-{stem}" if stem.strip(".") else "") for i, stem in enumerate(stems)]
 
 
-def make_output_dir(out: Path) -> None:
-    """Create an output folder that ``check_output_folder`` has checked (a full disk is named)."""
+def make_output_dir(out: Path, flag: str) -> None:
+    """Create the output folder, checked again: the model loaded since the first check (a full disk is named)."""
+    check_output_folder(out, flag)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
 

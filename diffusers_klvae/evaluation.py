@@ -51,8 +51,10 @@ GRID_IMAGES = 4  # images shown in the comparison grid written by `klvae-eval --
 
 @torch.no_grad()
 def reconstruct(vae: nn.Module, images: torch.Tensor, *, sample_posterior: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> reconstructions (B, 3, H, W), float32, not clamped. Uses the posterior's
-    ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``."""
+    """Images in [-1, 1] (B, 3, H, W) -> reconstructions (B, 3, H, W), float32, not clamped.
+
+    Uses the posterior's ``mode()``, the evaluation protocol; ``sample_posterior=True`` draws from it with ``generator``.
+    """
     weight = next(vae.parameters())
     posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
     z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
@@ -242,7 +244,8 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
     if lpips_model is not None or "lpips" in metrics:
-        lpips_model = (load_lpips(lpips_net, device=device) if lpips_model is None else lpips_model).to(device).eval()
+        lpips_model = load_lpips(lpips_net, device=device) if lpips_model is None else lpips_model
+        lpips_model = lpips_model.to(device).eval()
     if "rfid" in metrics and fid_extractor is None:
         fid_extractor = load_fid_inception(device=device)
     return (lpips_model if "lpips" in metrics else None), (fid_extractor if "rfid" in metrics else None)
@@ -254,7 +257,9 @@ def _metric_networks(metrics, lpips_net, lpips_model, fid_extractor, device):
 def compare(models: Sequence, data, *, grid_images: int = GRID_IMAGES, lpips_net: str = "vgg", device=None,
             metrics: Sequence[str] = DEFAULT_METRICS, lpips_model=None, fid_extractor=None, **kwargs) -> tuple[list[EvaluationResult], Image.Image | None]:
     """Evaluate each model on the same images; returns the results and a grid (original | each model | each error).
-    The LPIPS and Inception networks are loaded once and shared. ``kwargs`` go to :func:`evaluate`."""
+
+    The LPIPS and Inception networks are loaded once and shared. ``kwargs`` go to :func:`evaluate`.
+    """
     if not models:
         raise ValueError("give at least one model")
     metrics = _check_metrics(metrics)

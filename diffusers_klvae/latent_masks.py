@@ -32,7 +32,7 @@ def downsampling_factor(vae_or_factor) -> int:
     return int(vae_or_factor)
 
 
-def _check_size(vae_or_factor, height: int, width: int, what: str) -> int:
+def check_size(vae_or_factor, height: int, width: int, what: str) -> int:
     factor = downsampling_factor(vae_or_factor)
     if height % factor or width % factor:
         raise ValueError(f"{what} size {width}x{height} (width x height) is not a multiple of the downsampling factor {factor}")
@@ -100,7 +100,7 @@ def mask_to_latent(mask, vae_or_factor, mode: str = "any", *, invert: bool = Fal
     if invert:
         mask = 1.0 - mask
     height, width = mask.shape[-2:]
-    _check_size(factor, height, width, "mask")
+    check_size(factor, height, width, "mask")
     if mode == "area":
         return F.avg_pool2d(mask, factor)
     # binarizing the block's min (max) equals the min (max) of the binarized block, without a full-size copy

@@ -79,12 +79,14 @@ class LatentStatistics:
         return text
 
     def config_update(self, per_channel: bool = False) -> dict[str, Any]:
-        """The config fields to store. Global (default): ``scaling_factor = 1/std`` and ``shift_factor = mean``, read by
-        every diffusers pipeline (SD 1.x/2.x use the scale only; SD3/FLUX also the shift). ``per_channel=True``:
-        ``latents_mean`` and ``latents_std`` per channel, read by SDXL-family pipelines as
-        ``(z - mean) * scaling_factor / std``, so ``scaling_factor`` becomes 1.0 and ``shift_factor`` None (pipelines
-        that ignore the per-channel fields would then see unscaled latents: use this mode only for pipelines that read
-        them)."""
+        """The config fields to store.
+
+        Global (default): ``scaling_factor = 1/std`` and ``shift_factor = mean``, read by every diffusers pipeline
+        (SD 1.x/2.x use the scale only; SD3/FLUX also the shift). ``per_channel=True``: ``latents_mean`` and
+        ``latents_std`` per channel, read by SDXL-family pipelines as ``(z - mean) * scaling_factor / std``, so
+        ``scaling_factor`` becomes 1.0 and ``shift_factor`` None (pipelines that ignore the per-channel fields
+        would then see unscaled latents: use this mode only for pipelines that read them).
+        """
         if per_channel:
             return {"latents_mean": _rounded(self.all.channel_mean), "latents_std": _rounded(self.all.channel_std),
                     "scaling_factor": 1.0, "shift_factor": None}
@@ -261,7 +263,9 @@ def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
 
 def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_channel: bool = False) -> Path:
     """Store the statistics in a diffusers-format model folder's ``config.json`` (``vae/config.json`` of a pipeline).
-    Only the fields of :meth:`LatentStatistics.config_update` change; weights are not touched."""
+
+    Only the fields of :meth:`LatentStatistics.config_update` change; weights are not touched.
+    """
     config_path = model_config_path(model_dir, "--write-config")
     channels = json.loads(config_path.read_text()).get("latent_channels", 4)
     if per_channel and len(stats.all.channel_mean) != channels:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .imaging import image_grid, to_pil, to_tensor
-from .latent_masks import _check_size
+from .latent_masks import check_size
 
 SLERP_PARALLEL_EPS = 1e-4  # |cos| above 1 - eps: vectors are (anti)parallel, slerp degenerates to lerp
 
@@ -46,7 +46,7 @@ def encode_images(vae, images, *, sample: bool = False, generator: torch.Generat
         batch_size (`int`, *optional*, defaults to 8): images per encoder call.
     """
     x = images_to_tensor(images)
-    _check_size(vae, *x.shape[-2:], "image")
+    check_size(vae, *x.shape[-2:], "image")
     chunks = []
     for batch in x.split(batch_size):
         posterior = vae.encode(batch.to(device=vae.device, dtype=vae.dtype)).latent_dist
@@ -226,7 +226,7 @@ def sample_prior(vae, n: int, height: int, width: int, generator: torch.Generato
     Returns:
         list of ``n`` PIL images.
     """
-    factor = _check_size(vae, height, width, "sample")
+    factor = check_size(vae, height, width, "sample")
     shape = (n, vae.config.latent_channels, height // factor, width // factor)
     z = torch.randn(shape, generator=generator, device=generator.device if generator is not None else "cpu") * temperature
     images = to_pil(decode_latents(vae, unscale_latents(vae, z)).cpu())

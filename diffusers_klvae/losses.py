@@ -229,11 +229,12 @@ class KLVAELoss(nn.Module):
             if self.discriminator_active(global_step):
                 logits_fake = self._logits_without_disc_grad(x_rec)
                 g_loss = -logits_fake.mean()
-                if torch.is_grad_enabled() and last_layer is None:  # under no_grad (validation) d_weight stays 0
-                    d_weight = torch.tensor(self.disc_weight, device=x.device)
-                elif torch.is_grad_enabled():
-                    patches = logits_fake[0].numel()
-                    d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer, g_scale=patches)
+                if torch.is_grad_enabled():  # validation (no_grad): d_weight stays 0
+                    if last_layer is None:
+                        d_weight = torch.tensor(self.disc_weight, device=x.device)
+                    else:
+                        patches = logits_fake[0].numel()
+                        d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer, g_scale=patches)
                 loss = loss + d_weight * self.disc_factor * g_loss
         logs.update(loss=loss, nll=nll, kl=kl, g=g_loss, d_weight=d_weight)
         logs = _to_floats(logs)

@@ -30,7 +30,9 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
 @torch.no_grad()
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of uint8 images (B, C, H, W) in [0, 255]: ``10 log10(255² / MSE)`` over C×H×W.
-    Returns float64 (B,); identical images give ``+inf``."""
+
+    Returns float64 (B,); identical images give ``+inf``.
+    """
     _check_pair(x, y)
     mse = (x.double() - y.double()).square().mean(dim=(1, 2, 3))
     return 10.0 * torch.log10(PEAK**2 / mse)  # mse == 0 -> inf, no warning
@@ -39,7 +41,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of uint8 images (B, C, H, W) in [0, 255], torchmetrics with Gaussian 11, σ 1.5, data_range 255.
-    Returns float32 (B,); identical images give 1."""
+
+    Returns float32 (B,); identical images give 1.
+    """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(x, y)
@@ -52,7 +56,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def lpips_distance(x: torch.Tensor, y: torch.Tensor, lpips_model: nn.Module) -> torch.Tensor:
     """Per-image LPIPS of uint8 images (B, 3, H, W), mapped to [-1, 1] for the network (``perceptual.load_lpips``).
-    Returns float32 (B,); identical images give 0."""
+
+    Returns float32 (B,); identical images give 0.
+    """
     _check_pair(x, y)
     device = next(lpips_model.parameters()).device
     to_signed = lambda u: u.to(device).float() / 127.5 - 1.0  # noqa: E731 - uint8 -> [-1, 1], the inverse of to_uint8
@@ -61,7 +67,9 @@ def lpips_distance(x: torch.Tensor, y: torch.Tensor, lpips_model: nn.Module) -> 
 
 def make_fid_metric(feature_extractor: nn.Module):
     """torchmetrics ``FrechetInceptionDistance`` over ``feature_extractor`` (uint8 images -> features).
-    ``update(uint8_images, real=True/False)`` streams float64 sums; ``compute()`` gives the Fréchet distance."""
+
+    ``update(uint8_images, real=True/False)`` streams float64 sums; ``compute()`` gives the Fréchet distance.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=feature_extractor, normalize=False)

@@ -64,7 +64,7 @@ class GroupNorm(nn.GroupNorm):
         return mean, var
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (scale, shift), each (B, C, 1, 1) in x's compute dtype, with ``norm(x) == x * scale + shift``."""
+        """Per-channel (scale, shift), each (B, C, 1, 1) in x's dtype, with ``norm(x) == x * scale + shift``."""
         mean, var = self.statistics(x) if self.stats_hook is None else self.stats_hook(self, x)
         per_group = x.shape[1] // self.num_groups
         rstd = torch.rsqrt(var + self.eps).repeat_interleave(per_group, dim=1)  # (B, C)

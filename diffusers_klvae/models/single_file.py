@@ -87,7 +87,8 @@ def _convert(state: dict[str, torch.Tensor], rename, levels: int, ndim: int) -> 
     other layout reshaped to ``ndim`` dimensions."""
     out = {}
     for key, value in state.items():
-        if value.ndim == 6 - ndim and _PROJECTION.search(key):  # 4 (conv) ⇄ 2 (linear): the other layout's
+        other_layout_ndim = 4 if ndim == 2 else 2  # 1×1 conv (LDM) vs linear (diffusers)
+        if value.ndim == other_layout_ndim and _PROJECTION.search(key):
             value = value[:, :, 0, 0] if ndim == 2 else value[:, :, None, None]
         out[rename(key, levels)] = value
     return out

@@ -128,8 +128,9 @@ def _layer(store: MapStore, layer: nn.Module, x) -> Map | _Computed:
 
 
 def _upsampled(store: MapStore, conv: nn.Module, x):
-    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``, in the four-phase form (``upsample_phases``) except
-    for a wrapped conv (a PEFT adapter's extra terms would see x instead of the upsampled rows)."""
+    """``rows(r0, r1)``: rows r0:r1 of ``conv(nearest_2x(x))``, in the four-phase form (``upsample_phases``: 16/36
+    of the multiply-adds, the same result up to float rounding) except for a wrapped conv (a PEFT adapter's extra
+    terms would see x instead of the upsampled rows)."""
     b, _, h, w = x.shape
     if not has_phase_form(conv):
         def nearest(r0: int, r1: int) -> torch.Tensor:  # rows r0:r1 of x upsampled ×2
@@ -159,7 +160,8 @@ def _conv_rows(conv: nn.Module, x, r0: int, r1: int, pre=None) -> torch.Tensor:
 
 def _resnet(store: MapStore, block: ResnetBlock, x) -> Map:
     """``block(x)``: conv1 writes h, conv2 writes over h and adds the shortcut (a gate: one more pass); x is freed.
-    When host memory cannot hold h beside x, h is computed twice instead (statistics, then output written over x)."""
+    When host memory cannot hold h beside x (same channels, no gate), h is computed twice instead (statistics, then
+    the output written over x)."""
     _statistics_pass(store, x)
     b, _, h_rows, w = x.shape
     c_out = base_layer(block.conv1).out_channels
@@ -211,8 +213,8 @@ def _mid_block(store: MapStore, mid, x: Map) -> Map:
 
 def _attention(store: MapStore, attn, x: Map) -> Map:
     """``attn(x)`` (single-head self-attention with residual); x is freed. With ``AttnProcessor2_0`` (known to us),
-    the keys and values of the whole map are held on the device and each band of queries attends to them; any other
-    processor gets the whole map, as untiled."""
+    the keys and values of the whole map are held on the device (counted against the budget while they live, allowed
+    beyond it) and each band of queries attends to them; any other processor gets the whole map, as untiled."""
     b, c, h, w = x.shape
     if type(attn.processor) is not AttnProcessor2_0 or attn.heads != 1:
         y = attn(x.read(0, h))
