@@ -555,3 +555,17 @@ def test_klvae_push_keeps_the_stored_dtype(vaes, tmp_path):
     assert hub.main([str(tmp_path / "model"), "--repo-id", REPO_ID, "--dry-run", "--folder", str(tmp_path / "staged")]) == 0
     staged = load_file(tmp_path / "staged" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in staged.values()} == {torch.float16}  # not doubled to fp32
+
+
+def test_a_diffusers_autoencoderkl_of_the_sd_architecture_gets_its_single_file(tmp_path):
+    """Its config has no KLVAE-only keys: still the SD architecture, so the file and the tools' instructions are staged,
+    and diffusers' own single-file loader reads the file back to the same weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**KLVAE.preset_config("sd-kl-f8"))
+    folder = hub.stage_folder(vae, tmp_path / "repo", repo_id=REPO_ID)
+    name = f"{REPO_ID.split('/')[-1]}.safetensors"
+    assert (folder / name).is_file() and "ComfyUI/models/vae" in (folder / "README.md").read_text()
+    loaded = AutoencoderKL.from_single_file(folder / name, config=str(folder)).state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in vae.state_dict().items())
