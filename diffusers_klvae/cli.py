@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 
 from .cli_io import (SCALING_KEYS, check_finite, check_new_files, check_not_inputs, check_output_file, find_images,
-                     load_images, make_output_dir, output_names, output_stems, raw_latents, read_latents, save_image,
+                     load_images, output_dir, output_names, output_stems, raw_latents, read_latents, save_image,
                      seeded_generator, stack_same_size)
 from .cli_support import OneLineParser, check_output_folder, int_at_least, positive_float, run_main, writing
 from .loading import load_vae, model_config_path, update_config
@@ -69,17 +70,17 @@ def cmd_reconstruct(args) -> None:
     check_not_inputs([out / f"{stem}.png" for stem in stems.values()] + ([grid] if grid else []), inputs)
     check_new_files([out / f"{stem}.png" for stem in stems.values()], args.out)
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    make_output_dir(out, "--out")
     paths, images = load_images(args.images, args.resolution, vae)  # lists them as find_images did: paths are keys of stems
     x_all = stack_same_size(images) if grid else None  # before writing anything: a grid needs one size
     generator = seeded_generator(args.seed)
     recs = []
-    for path, x in zip(paths, images):  # one at a time: photos may differ in size
-        latents = encode_images(vae, x, sample=args.sample, generator=generator)
-        rec = decode_latents(vae, latents)[0].cpu()
-        check_finite(rec, f"the reconstruction of {path!r}")
-        save_image(rec, out / f"{stems[path]}.png")
-        recs.append(rec)
+    with output_dir(out, "--out"):
+        for path, x in zip(paths, images):  # one at a time: photos may differ in size
+            latents = encode_images(vae, x, sample=args.sample, generator=generator)
+            rec = decode_latents(vae, latents)[0].cpu()
+            check_finite(rec, f"the reconstruction of {path!r}")
+            save_image(rec, out / f"{stems[path]}.png")
+            recs.append(rec)
     logger.info("wrote %d reconstructions to %s", len(recs), out)
     if grid:
         with writing(grid):
@@ -123,9 +124,9 @@ def cmd_decode(args) -> None:
     check_new_files(paths, args.out)  # the names are those of the encoded images: --out may be their folder
     images = decode_latents(vae, latents).cpu()
     check_finite(images, "the decoded images")  # finite latents, overflowing model (e.g. float16): say so, write nothing
-    make_output_dir(out, "--out")
-    for path, image in zip(paths, images):
-        save_image(image, path)
+    with output_dir(out, "--out"):
+        for path, image in zip(paths, images):
+            save_image(image, path)
     logger.info("wrote %d images to %s", len(images), out)
 
 
@@ -137,15 +138,14 @@ def cmd_interpolate(args) -> None:
     frames = [frames_dir / f"frame_{i:03d}.png" for i in range(args.steps)] if frames_dir else []
     check_not_inputs([out] + frames, [args.image_a, args.image_b])
     vae = load_model(args.model, device=args.device, dtype=args.dtype)
-    if frames_dir:
-        make_output_dir(frames_dir, "--frames-dir")
     _, (a, b) = load_images([args.image_a, args.image_b], args.resolution, vae, skip_unreadable=False)
     stack_same_size([a, b])
     with writing(out):
         images = interpolate(vae, a, b, steps=args.steps, method=args.method, grid_path=out)
-    for path, image in zip(frames, images):
-        with writing(path):
-            image.save(path)
+    with output_dir(frames_dir, "--frames-dir") if frames_dir else nullcontext():
+        for path, image in zip(frames, images):
+            with writing(path):
+                image.save(path)
     logger.info("wrote %d frames to %s", len(images), out)
 
 

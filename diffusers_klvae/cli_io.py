@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,11 +138,20 @@ def output_stems(names) -> list[str]:
     return [f"{i:04d}" + (f"-{stem}" if stem.strip(".") else "") for i, stem in enumerate(stems)]
 
 
-def make_output_dir(out: Path, flag: str) -> None:
-    """Create the output folder, checked again: the model loaded since the first check (a full disk is named)."""
+@contextmanager
+def output_dir(out: Path, flag: str):
+    """Create the output folder for the ``with`` block, checked again (the model loaded since the first check; a full
+    disk is named); a block that fails before writing into a folder it created removes it: nothing is left behind."""
     check_output_folder(out, flag)
+    created = not out.exists()
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def check_output_file(path: str, suffix: str) -> Path:

@@ -158,13 +158,29 @@ def publish(vae, repo_id: str, *, folder: str | os.PathLike | None = None, metri
         `ValueError`: the staged folder failed validation; nothing was uploaded.
     """
     with tempfile.TemporaryDirectory(prefix="klvae-push-") as tmp:
-        staged = stage_folder(
-            vae, Path(folder) if folder is not None else Path(tmp) / "repo", repo_id=repo_id, ema_vae=ema_vae,
-            metrics=metrics, metrics_model=metrics_model, images=images, training_args=training_args,
+        staged = _stage_and_validate(
+            vae, Path(folder) if folder is not None else Path(tmp) / "repo", repo_id=repo_id, token=token,
+            ema_vae=ema_vae, metrics=metrics, metrics_model=metrics_model, images=images, training_args=training_args,
             base_model=base_model, datasets=datasets, license=license,
         )
-        validate_folder(staged, token=token)
         return upload_staged(staged, repo_id, private=private, token=token, commit_message=commit_message, api=api)
+
+
+def _stage_and_validate(vae, folder: Path, *, repo_id: str, token: str | None = None, **options) -> Path:
+    """``stage_folder`` then ``validate_folder``. If either fails, a folder that was absent or empty is left so (no
+    half-staged weights remain, and the same command can run again); a non-empty one is refused untouched."""
+    existed = folder.exists()
+    ours = not existed or (folder.is_dir() and not any(folder.iterdir()))  # then everything in it is staged by us
+    try:
+        stage_folder(vae, folder, repo_id=repo_id, **options)
+        validate_folder(folder, token=token)
+    except BaseException:
+        if ours:
+            shutil.rmtree(folder, ignore_errors=True)
+            if existed:
+                folder.mkdir(exist_ok=True)
+        raise
+    return folder
 
 
 def upload_staged(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
@@ -267,8 +283,7 @@ def _run(args) -> int:
     if args.dry_run:
         folder = args.folder or Path(tempfile.mkdtemp(prefix="klvae-push-")) / "repo"
         try:
-            stage_folder(vae, folder, repo_id=args.repo_id, **options)
-            validate_folder(folder)
+            _stage_and_validate(vae, folder, repo_id=args.repo_id, **options)
         except BaseException:
             if args.folder is None:  # a failed dry run leaves no temporary copy of the weights behind
                 shutil.rmtree(folder.parent, ignore_errors=True)

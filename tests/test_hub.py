@@ -337,6 +337,7 @@ def test_failed_validation_uploads_nothing(vaes, tmp_path, monkeypatch, damage, 
     with pytest.raises(ValueError, match=message):
         hub.publish(vaes[0], REPO_ID, folder=tmp_path / "repo", token=TOKEN, api=api)
     assert api.calls == []
+    assert not (tmp_path / "repo").exists()  # no half-staged weights left: the same command can run again
 
 
 def test_push_checkpoint_async_uploads_a_snapshot_in_the_background(tmp_path):
@@ -569,3 +570,23 @@ def test_a_diffusers_autoencoderkl_of_the_sd_architecture_gets_its_single_file(t
     assert (folder / name).is_file() and "ComfyUI/models/vae" in (folder / "README.md").read_text()
     loaded = AutoencoderKL.from_single_file(folder / name, config=str(folder)).state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in vae.state_dict().items())
+
+
+def test_a_failed_push_leaves_the_staging_folder_as_it_found_it(vaes, tmp_path, monkeypatch):
+    """Refused: a non-empty folder, untouched. Failed validation: an empty folder stays empty (a rerun can use it)."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty"):
+        hub.publish(vaes[0], REPO_ID, folder=busy, token=TOKEN, api=RecordingApi())
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "mine"
+    monkeypatch.setattr(hub, "validate_folder", lambda folder, token=None: _raise(ValueError("bad weights")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="bad weights"):
+        hub.publish(vaes[0], REPO_ID, folder=empty, token=TOKEN, api=RecordingApi())
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def _raise(error: Exception):
+    raise error
