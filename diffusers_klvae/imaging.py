@@ -25,11 +25,14 @@ from __future__ import annotations
 import io
 import os
 import stat
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .cli_support import writing
 
 ERROR_GAIN = 4.0  # amplified-error panels: |x - x_rec| * gain, so small errors are visible
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -194,3 +197,24 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: Iterable[torch
         cells = [x, *recs, *(error_image(x, rec, gain) for rec in recs)]
         rows.append([to_pil(cell.cpu()) for cell in cells])
     return image_grid(rows)
+
+
+def pyplot():
+    """matplotlib's pyplot with the Agg backend (files only: no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure -> PNG at ``path`` (its folder created; a full disk is named), then closed."""
+    fig.tight_layout()
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path

@@ -22,6 +22,7 @@ import torch
 from .cli_support import OneLineParser, run_command, writing
 from .eval_data import (ImageSource, add_source_args, autocast_dtype, check_output_outside_data, iter_batches,
                         model_name, resolve_device)
+from .imaging import pyplot, save_figure
 from .loading import load_vae, model_config_path, update_config
 
 logger = logging.getLogger(__name__)
@@ -230,11 +231,7 @@ def _stability(half: Moments, whole: Moments) -> dict[str, float]:
 
 def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
     """Per-channel histograms of the latents with the fitted N(mean, std) of each channel, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     edges = np.asarray(stats.histogram["edges"])
     counts = np.asarray(stats.histogram["counts"], dtype=np.float64)
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -253,12 +250,7 @@ def plot_histograms(stats: LatentStatistics, path: str | os.PathLike) -> Path:
         ax.tick_params(labelsize=7)
     fig.suptitle(f"raw latents over {stats.all.count} images: std {stats.all.std:.4f} -> scaling_factor "
                  f"{stats.scaling_factor:.5f}, mean {stats.all.mean:.4f}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    with writing(path):
-        fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_config(model_dir: str | os.PathLike, stats: LatentStatistics, *, per_channel: bool = False) -> Path:

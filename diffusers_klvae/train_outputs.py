@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .imaging import pyplot, save_figure
 from .loading import ema_weights, looks_like_hub_id, save_model_folder
 from .train_config import TrainConfig
 
@@ -138,30 +139,11 @@ def log_image(accelerator, name: str, image, step: int) -> None:
             tracker.log({name: [wandb.Image(image)]}, step=step)
 
 
-def _pyplot():
-    """matplotlib's pyplot with the Agg backend (files only: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: str | os.PathLike) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path | None:
     """Loss terms over steps -> a PNG (matplotlib, Agg backend: no display needed). None if history is empty."""
     if not history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in history[-1] if k not in ("step", "lr")]
     keys = [k for k in keys if len({h.get(k) for h in history}) > 1] or keys  # GAN terms are flat 0 before disc_start
     steps = [h["step"] for h in history]
@@ -171,12 +153,12 @@ def plot_loss_curve(history: Sequence[dict[str, float]], path: str | os.PathLike
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_validation_curve(points: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Held-out PSNR and LPIPS against images seen and training seconds (``validation/metrics.jsonl`` lines) -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = [m for m in ("psnr", "lpips") if all(m in p for p in points)]
     x_keys = [k for k in ("images_seen", "train_seconds") if all(k in p for p in points)]
     fig, axes = plt.subplots(len(metrics), len(x_keys), figsize=(4.5 * len(x_keys), 2.6 * len(metrics)), squeeze=False)
@@ -187,7 +169,7 @@ def plot_validation_curve(points: Sequence[dict[str, Any]], path: str | os.PathL
             ax.set_xlabel("images seen" if x_key == "images_seen" else "training seconds")
             ax.set_ylabel(f"held-out {metric.upper()}" + (" (dB)" if metric == "psnr" else ""))
             ax.grid(alpha=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 # -------------------------------------------------------------------- the end of a run: final model, card, Hub
