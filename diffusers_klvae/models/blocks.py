@@ -57,11 +57,7 @@ class GroupNorm(nn.GroupNorm):
     def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group (mean, biased var) of x, each (B, groups) float32, from per-channel moments (no copy of x)."""
         var_c, mean_c = channel_var_mean(x)  # (B, C)
-        b = x.shape[0]
-        mean_c, var_c = mean_c.view(b, self.num_groups, -1), var_c.view(b, self.num_groups, -1)
-        mean = mean_c.mean(-1)  # every channel of a group has the same number of pixels
-        var = (var_c + (mean_c - mean[..., None]).square()).mean(-1)
-        return mean, var
+        return group_moments(mean_c, var_c, self.num_groups)
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (scale, shift), each (B, C, 1, 1) in x's dtype, with ``norm(x) == x * scale + shift``."""
@@ -72,6 +68,13 @@ class GroupNorm(nn.GroupNorm):
         scale = rstd if self.weight is None else rstd * self.weight.float()
         shift = -mean * scale if self.bias is None else self.bias.float() - mean * scale
         return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
+
+
+def group_moments(mean_c: torch.Tensor, var_c: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased var), each (B, C) -> per-group ones, each (B, groups) (equal counts per channel)."""
+    mean_c, var_c = mean_c.unflatten(1, (groups, -1)), var_c.unflatten(1, (groups, -1))
+    mean = mean_c.mean(-1)
+    return mean, (var_c + (mean_c - mean[..., None]).square()).mean(-1)
 
 
 def merge_moments(a: tuple, b: tuple) -> tuple:

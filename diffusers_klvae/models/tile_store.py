@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from .blocks import merge_moments
+from .blocks import group_moments, merge_moments
 
 # Of the budget, whole maps may take this share on the device; the rest is for the bands being computed.
 MAP_SHARE = 0.75
@@ -98,12 +98,8 @@ class StreamedMoments:
         return self.mean, self.m2 / self.n
 
     def group_stats(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group (mean, biased var) of the whole map, each (B, groups) float64 (every channel has n values)."""
-        b = self.mean.shape[0]
-        mean_c, m2_c = self.mean.view(b, groups, -1), self.m2.view(b, groups, -1)
-        mean_g = mean_c.mean(-1)
-        m2_g = m2_c.sum(-1) + self.n * (mean_c - mean_g[..., None]).square().sum(-1)
-        return mean_g, m2_g / (self.n * mean_c.shape[-1])
+        """Per-group (mean, biased var) of the whole map, each (B, groups) float64."""
+        return group_moments(self.mean, self.m2 / self.n, groups)
 
 
 class Map:
