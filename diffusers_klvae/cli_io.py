@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from .cli_support import check_output_folder, writing
+from .cli_support import check_finite, check_output_folder, writing
 from .imaging import UnreadableImage, list_image_paths, load_image, resize_and_crop, to_pil, to_tensor
 from .latent_masks import downsampling_factor
 from .latents import unscale_latents
@@ -70,13 +70,6 @@ def load_images(paths, resolution: int | None, vae, *, skip_unreadable: bool = T
     if skipped:
         logger.warning("skipped %d of %d images (%s)", len(skipped), len(skipped) + len(images), ", ".join(sorted({e.reason for e in skipped})))
     return kept, images
-
-
-def check_finite(x, what: str) -> None:
-    """Refuse NaN/Inf: they would be written as black pixels (or poison everything decoded from them)."""
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")
 
 
 def check_not_inputs(outputs, inputs) -> None:

@@ -134,3 +134,11 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def check_finite(x, what: str) -> None:
+    """Refuse a tensor holding NaN/Inf: they would be written as black pixels, scored as a (bad) result, or poison
+    everything decoded from them."""
+    bad = int((~x.isfinite()).sum())
+    if bad:
+        raise ValueError(f"{what} contain {bad} NaN/Inf values of {x.numel()}: expected finite numbers")

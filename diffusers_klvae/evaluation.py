@@ -25,8 +25,7 @@ from PIL import Image
 from torch import nn
 
 from . import __version__
-from .cli_io import check_finite
-from .cli_support import OneLineParser, int_at_least, run_command
+from .cli_support import OneLineParser, check_finite, int_at_least, run_command
 from .eval_data import (  # noqa: F401 - PROTOCOLS, ImageSource: public names
     PROTOCOLS, ImageSource, add_source_args, autocast_dtype, check_output_outside_data, get_protocol, iter_batches,
     model_name, resolve_device,
